@@ -1,0 +1,161 @@
+"""Stage 1: train expert networks on real data and store their parameter trajectories.
+
+Public entry point: :func:`build_buffer`. Each expert is one HDF5 file written
+atomically, so a crash loses at most the expert in progress, and a re-run
+skips every finished expert. Expert ``i`` draws all of its randomness from
+``derive_seed(seed, i)``: results do not depend on how experts are sharded
+across torchrun processes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .augment import Augment
+from .config import BufferConfig, save_toml
+from .data import Preprocessing, RealData, fit_preprocessing, load_data
+from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
+from .errors import DistillError, FormatError
+from .formats.trajectory import (SNAPSHOT_DTYPES, expert_path, read_buffer_preprocessing, read_expert,
+                                 write_buffer_preprocessing, write_expert)
+from .io import check_writable_dir, software_versions
+from .models import create_model, flatten_params, param_spec
+from .progress import progress
+from .seeding import generator, seeded
+from .train import TrainRecipe, accuracy, predict, train_network
+
+log = logging.getLogger(__name__)
+
+MODEL_SEED_KEY, DATA_SEED_KEY = 0, 1  # sub-streams of one expert's seed
+
+
+def validate(cfg: BufferConfig) -> None:
+    if cfg.experts < 1:
+        raise DistillError(f"--experts must be at least 1; got {cfg.experts}.")
+    if cfg.epochs < 1:
+        raise DistillError(f"--epochs must be at least 1; got {cfg.epochs}.")
+    if cfg.batch_size < 1:
+        raise DistillError(f"--batch-size must be at least 1; got {cfg.batch_size}.")
+    if not cfg.lr > 0:
+        raise DistillError(f"--lr must be positive; got {cfg.lr}.")
+    if cfg.snapshot_every < 0:
+        raise DistillError(f"--snapshot-every must be 0 (once per epoch) or a positive number of steps; got {cfg.snapshot_every}.")
+    if cfg.snapshot_dtype not in SNAPSHOT_DTYPES:
+        raise DistillError(f"--snapshot-dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {cfg.snapshot_dtype!r}.")
+
+
+def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, Preprocessing]:
+    """Load data; fit preprocessing once (rank 0) or reuse the buffer's, so every expert shares it."""
+    data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed)
+    pre_path = out / "preprocessing.h5"
+    if world.main and not pre_path.exists():
+        write_buffer_preprocessing(out, fit_preprocessing(data.train.images, zca=cfg.zca), data.fingerprint())
+    world.barrier()
+    pre, fingerprint, _ = read_buffer_preprocessing(out)
+    if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca:
+        raise DistillError(
+            f"{out} already holds a buffer for other data or preprocessing ({fingerprint['name']}, zca={pre.zca}); "
+            "choose another --out folder."
+        )
+    return data, pre
+
+
+def _expert_done(path: Path, cfg: BufferConfig) -> bool:
+    if not path.exists():
+        return False
+    try:
+        e = read_expert(path)
+    except FormatError:
+        log.warning("%s is unreadable and will be trained again.", path.name)
+        return False
+    if e.attrs.get("model") != cfg.model or int(e.attrs.get("seed", -1)) != cfg.seed or e.train.get("epochs") != cfg.epochs:
+        raise DistillError(f"{path} was made with other settings (model, seed or epochs); choose another --out folder.")
+    return True
+
+
+def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessing, pre_sha: str,
+                 device: torch.device, x_train: torch.Tensor, x_val: torch.Tensor, on_epoch=None) -> Path:
+    """Train expert ``index`` and write its trajectory file; returns the path."""
+    with seeded(cfg.seed, index, MODEL_SEED_KEY):
+        model = create_model(cfg.model, data.num_classes, data.channels, data.size)
+    model.to(device)
+    recipe = TrainRecipe(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, decay_at_half=False, augment=Augment.parse(cfg.augment))
+    gen = generator(cfg.seed, index, DATA_SEED_KEY)
+    y_train = data.train.labels.to(device)
+    snaps, steps = [flatten_params(model).cpu()], [0]
+    val_acc: list[float] = []
+
+    def after_step(step):
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            snaps.append(flatten_params(model).cpu())
+            steps.append(step)
+
+    def after_epoch(epoch, stats):
+        if not cfg.snapshot_every:
+            snaps.append(flatten_params(model).cpu())
+            steps.append(epoch * steps_per_epoch)
+        val_acc.append(accuracy(predict(model, x_val), data.val.labels) if len(x_val) else float("nan"))
+        if on_epoch is not None:
+            on_epoch()
+
+    steps_per_epoch = -(-len(x_train) // cfg.batch_size)
+    history = train_network(model, x_train, y_train, recipe, gen, after_step=after_step, after_epoch=after_epoch)
+    spec = param_spec(model)
+    path = expert_path(cfg.out, index)
+    write_expert(
+        path, torch.stack(snaps), steps, snapshot_dtype=cfg.snapshot_dtype,
+        history={"train_loss": [h["loss"] for h in history], "train_acc": [h["acc"] for h in history], "val_acc": val_acc},
+        attrs={"model": cfg.model, "num_classes": data.num_classes, "channels": data.channels, "size": data.size,
+               "expert_index": index, "seed": cfg.seed, "snapshot_every": cfg.snapshot_every,
+               "steps_per_epoch": steps_per_epoch, "preprocessing_sha256": pre_sha},
+        json_attrs={"model_kwargs": {}, "param_names": list(spec.names), "param_shapes": [list(s) for s in spec.shapes],
+                    "fingerprint": data.fingerprint(), "software": software_versions(),
+                    "train": {"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
+                              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "augment": cfg.augment}},
+    )
+    return path
+
+
+def build_buffer(cfg: BufferConfig) -> list[Path]:
+    """Train the experts of ``cfg`` that are not on disk yet (this rank's share under torchrun)."""
+    validate(cfg)
+    world = world_from_env()
+    device = resolve_device(cfg.device, world)
+    init_process_group(world, device)
+    try:
+        out = check_writable_dir(cfg.out)
+        if world.main:
+            save_toml(cfg, out / "config.toml")
+        data, pre = prepare_data(cfg, world, out)
+        # Fail early on a model/size mismatch, before any expert starts.
+        try:
+            create_model(cfg.model, data.num_classes, data.channels, data.size)
+        except ValueError as e:
+            raise DistillError(str(e)) from None
+        _, _, pre_sha = read_buffer_preprocessing(out)
+        mine = world.shard(list(range(cfg.experts)))
+        todo = [i for i in mine if not _expert_done(expert_path(out, i), cfg)]
+        if len(todo) < len(mine):
+            log.info("Skipping %d finished expert(s) in %s.", len(mine) - len(todo), out)
+        x_train = pre(data.train.images).to(device)
+        x_val = pre(data.val.images).to(device)
+        written = []
+        t0 = time.perf_counter()
+        with progress(range(len(todo) * cfg.epochs), label=f"experts (rank {world.rank})" if world.size > 1 else "experts",
+                      length=len(todo) * cfg.epochs) as bar:
+            tick = (lambda: bar.update(1)) if hasattr(bar, "update") else None
+            for i in todo:
+                written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick))
+        dt = time.perf_counter() - t0
+        if todo:
+            n_img = len(todo) * cfg.epochs * len(x_train)
+            log.info("Trained %d expert(s) in %.1f s (%.0f images/s).", len(todo), dt, n_img / max(dt, 1e-9))
+        world.barrier()
+        return written
+    finally:
+        destroy_process_group(world)
+

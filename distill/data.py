@@ -1,0 +1,388 @@
+"""Real data in: MedMNIST ``.npz`` files, MedMNIST names, image folders; normalisation and ZCA.
+
+Everything downstream sees a :class:`RealData`: uint8 images ``(N, C, H, W)``
+per split, int64 labels ``(N,)``, class names and a fingerprint of the source.
+:class:`Preprocessing` turns uint8 images into the float tensors the networks
+see, and back, so that every stage (experts, distillation, recipients) applies
+exactly the same transform.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .io import md5_file, sha256_file
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_DATA_DIR = "../shared/data"  # where this project's machines keep the MedMNIST releases
+ZCA_EPS = 0.1  # the reference MTT code's ZCA regulariser (kornia ZCAWhitening eps)
+
+
+@dataclass(frozen=True)
+class MedMNISTInfo:
+    file: str
+    md5: str  # of the official release, as listed in medmnist/info.py
+    classes: tuple[str, ...]
+
+
+# Only the releases whose checksums we can verify on these machines.
+MEDMNIST: dict[str, MedMNISTInfo] = {
+    "pneumoniamnist": MedMNISTInfo("pneumoniamnist.npz", "28209eda62fecd6e6a2d98b1501bb15f", ("normal", "pneumonia")),
+    "breastmnist": MedMNISTInfo("breastmnist.npz", "750601b1f35ba3300ea97c75c52ff8f6", ("malignant", "normal, benign")),
+    "retinamnist": MedMNISTInfo(
+        "retinamnist.npz", "bd4c0672f1bba3e3a89f0e4e876791e4", ("grade 0", "grade 1", "grade 2", "grade 3", "grade 4")
+    ),
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RealData:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    source_sha256: str  # of the file (npz) or of the sorted file list and bytes (folder)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise DataError(f"Unknown split {name!r}; choose one of {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
+    def fingerprint(self) -> dict:
+        """What later stages may know about the source: no image, path or file name."""
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "channels": self.channels,
+            "size": self.size,
+            "counts": {s: class_counts(self.split(s).labels, self.num_classes) for s in SPLITS},
+            "sha256": self.source_sha256,
+        }
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("DISTILL_DATA", DEFAULT_DATA_DIR))
+
+
+def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: int = 0,
+              val_fraction: float = 0.1, test_fraction: float = 0.2) -> RealData:
+    """Load real data from a MedMNIST name, a MedMNIST-layout ``.npz`` or an image folder.
+
+    ``size`` resizes images (bilinear, antialiased) to ``size x size``; ``None``
+    keeps the source size (folders need it unless all images share one size).
+    A folder without ``train/``, ``val/``, ``test/`` is split with ``split_seed``.
+    """
+    spec_str = str(spec)
+    if spec_str.lower() in MEDMNIST and not Path(spec_str).exists():
+        data = _load_medmnist_name(spec_str.lower())
+    else:
+        path = Path(spec_str)
+        if not path.exists():
+            names = ", ".join(MEDMNIST)
+            raise DataError(f"Data {spec_str!r} is neither an existing path nor a known MedMNIST name ({names}).")
+        if path.is_dir():
+            data = _load_folder(path, size, split_seed, val_fraction, test_fraction)
+        elif path.suffix == ".npz":
+            data = _load_npz(path, path.stem)
+        else:
+            raise DataError(f"{path.name} is not a .npz file or a folder of class sub-folders.")
+    if size is not None and size != data.size:
+        for s in SPLITS:
+            data.split(s).images = resize_uint8(data.split(s).images, size)
+    _validate(data)
+    return data
+
+
+def _load_medmnist_name(name: str) -> RealData:
+    info = MEDMNIST[name]
+    path = data_dir() / info.file
+    if not path.exists():
+        raise DataError(
+            f"MedMNIST {name!r} was not found at {path}; set DISTILL_DATA to the folder holding {info.file}."
+        )
+    md5 = md5_file(path)
+    if md5 != info.md5:
+        raise DataError(f"{path} does not match the official {name} release (MD5 {md5}, expected {info.md5}).")
+    data = _load_npz(path, name)
+    data.class_names = list(info.classes)
+    return data
+
+
+def _load_npz(path: Path, name: str) -> RealData:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # zipfile/pickle errors have many types
+        raise DataError(f"{path.name} cannot be read as a .npz file ({e}).") from None
+    with npz:
+        missing = [k for k in NPZ_KEYS if k not in npz.files]
+        if missing:
+            raise DataError(
+                f"{path.name} lacks the MedMNIST keys {', '.join(missing)} (it has {', '.join(npz.files) or 'none'})."
+            )
+        splits = {s: _npz_split(npz[f"{s}_images"], npz[f"{s}_labels"], s, path.name) for s in SPLITS}
+    num_classes = int(max(int(sp.labels.max()) for sp in splits.values() if len(sp)) + 1)
+    known = MEDMNIST.get(name.lower())
+    classes = list(known.classes) if known and len(known.classes) == num_classes else [str(i) for i in range(num_classes)]
+    return RealData(name=name, class_names=classes, source_sha256=sha256_file(path), **splits)
+
+
+def _npz_split(images: np.ndarray, labels: np.ndarray, split: str, fname: str) -> Split:
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{fname}: {split}_images has shape {images.shape}; expected (N,H,W) or (N,H,W,C) with C 1 or 3.")
+    if images.dtype != np.uint8:
+        raise DataError(f"{fname}: {split}_images has dtype {images.dtype}; expected uint8.")
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{fname}: {split}_labels has shape {labels.shape}; expected (N,) or (N,1).")
+    if len(labels) != len(images):
+        raise DataError(f"{fname}: {split} has {len(images)} images but {len(labels)} labels.")
+    if len(labels) and (labels.min() < 0 or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{fname}: {split}_labels must be non-negative integers.")
+    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float) -> RealData:
+    from PIL import Image
+
+    presplit = all((root / s).is_dir() for s in ("train", "test"))
+    split_roots = {s: root / s for s in SPLITS if (root / s).is_dir()} if presplit else {"all": root}
+    classes = sorted(d.name for d in split_roots.get("train", root).iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root} must hold at least two class sub-folders; found {len(classes)}.")
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for s, sroot in split_roots.items():
+        files[s] = []
+        for idx, c in enumerate(classes):
+            cdir = sroot / c
+            if cdir.is_dir():
+                files[s] += [(p, idx) for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not any(files.values()):
+        raise DataError(f"{root} holds no PNG or JPEG images in its class sub-folders.")
+
+    # The source hash covers names relative to root and bytes, never absolute paths.
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sorted(files):
+        for p, _ in files[s]:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+
+    def read(items):
+        imgs = []
+        for p, _ in items:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB") if im.mode not in ("L", "I;16", "I") else im.convert("L")
+                    if size is not None and im.size != (size, size):
+                        im = im.resize((size, size), Image.BILINEAR)
+                    imgs.append(np.asarray(im, dtype=np.uint8))
+            except OSError:
+                raise DataError(f"{p.relative_to(root)} cannot be read as an image.") from None
+        shapes = {a.shape for a in imgs}
+        if len(shapes) > 1:
+            raise DataError(f"Images under {root} have different sizes {sorted(shapes)[:3]}; pass --size to resize them.")
+        return imgs
+
+    all_imgs = {s: read(items) for s, items in files.items()}
+    modes = {a.ndim for imgs in all_imgs.values() for a in imgs}
+    as_rgb = 3 in modes
+
+    def to_split(imgs, items) -> Split:
+        if not imgs:
+            c = 3 if as_rgb else 1
+            return Split(torch.zeros(0, c, size or 1, size or 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+        arr = np.stack([np.repeat(a[..., None], 3, -1) if (as_rgb and a.ndim == 2) else a for a in imgs])
+        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        return Split(torch.from_numpy(np.ascontiguousarray(arr)), torch.tensor([y for _, y in items], dtype=torch.int64))
+
+    if presplit:
+        splits = {s: to_split(all_imgs.get(s, []), files.get(s, [])) for s in SPLITS}
+    else:
+        whole = to_split(all_imgs["all"], files["all"])
+        splits = dict(zip(SPLITS, stratified_split(whole, seed, val_fraction, test_fraction)))
+    return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), **splits)
+
+
+def stratified_split(data: Split, seed: int, val_fraction: float, test_fraction: float) -> tuple[Split, Split, Split]:
+    """Split per class with a seeded permutation, so class balance is kept in every part."""
+    g = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
+    for c in torch.unique(data.labels).tolist():
+        idx = torch.nonzero(data.labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test:n_test + n_val])
+        parts["train"].append(idx[n_test + n_val:])
+    out = []
+    for s in SPLITS:
+        idx = torch.sort(torch.cat(parts[s])).values
+        out.append(Split(data.images[idx], data.labels[idx]))
+    return tuple(out)
+
+
+def _validate(data: RealData) -> None:
+    if len(data.train) == 0:
+        raise DataError(f"{data.name} has an empty training split.")
+    present = torch.unique(data.train.labels)
+    if len(present) < 2:
+        raise DataError(f"{data.name} has only one class in its training split; classification needs at least two.")
+    for s in SPLITS:
+        sp = data.split(s)
+        if len(sp) and int(sp.labels.max()) >= data.num_classes:
+            raise DataError(f"{data.name}: a {s} label is {int(sp.labels.max())} but there are {data.num_classes} classes.")
+        if len(sp) and sp.images.shape[1:] != data.train.images.shape[1:]:
+            raise DataError(f"{data.name}: {s} images have shape {tuple(sp.images.shape[1:])}, train has {tuple(data.train.images.shape[1:])}.")
+    if data.train.images.shape[-1] != data.train.images.shape[-2]:
+        raise DataError(f"{data.name}: images must be square; pass --size to resize them.")
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    if len(images) == 0:
+        return images.new_zeros(0, images.shape[1], size, size)
+    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+@dataclass
+class Preprocessing:
+    """uint8 -> network input: scale to [0, 1], per-channel mean/std, then optional ZCA.
+
+    ``mean``/``std``: (C,) float32 in [0, 1] units. ZCA, when used, acts on the
+    normalised image flattened to ``C*H*W``: ``z = (x - zca_mean) @ zca_matrix``,
+    and ``x = z @ zca_inverse + zca_mean`` undoes it.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    size: int
+    channels: int
+    zca_matrix: torch.Tensor | None = None
+    zca_inverse: torch.Tensor | None = None
+    zca_mean: torch.Tensor | None = None
+    zca_eps: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def zca(self) -> bool:
+        return self.zca_matrix is not None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, C, H, W) uint8 -> float32 network input."""
+        x = images.float().div(255.0)
+        x = (x - self.mean.view(1, -1, 1, 1).to(x.device)) / self.std.view(1, -1, 1, 1).to(x.device)
+        if self.zca:
+            shape = x.shape
+            x = (x.flatten(1) - self.zca_mean.to(x.device)) @ self.zca_matrix.to(x.device)
+            x = x.view(shape)
+        return x
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """Network-space float (N, C, H, W) -> display space [0, 1], clamped."""
+        x = x.detach().float()
+        if self.zca:
+            shape = x.shape
+            x = (x.flatten(1) @ self.zca_inverse.to(x.device) + self.zca_mean.to(x.device)).view(shape)
+        x = x * self.std.view(1, -1, 1, 1).to(x.device) + self.mean.view(1, -1, 1, 1).to(x.device)
+        return x.clamp(0, 1)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"mean": self.mean.numpy(), "std": self.std.numpy()}
+        if self.zca:
+            out |= {"zca_matrix": self.zca_matrix.numpy(), "zca_inverse": self.zca_inverse.numpy(),
+                    "zca_mean": self.zca_mean.numpy()}
+        return out
+
+    def to_attrs(self) -> dict:
+        return {"size": self.size, "channels": self.channels, "zca": self.zca,
+                "zca_eps": float(self.zca_eps) if self.zca_eps is not None else -1.0}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict) -> "Preprocessing":
+        t = lambda k: torch.as_tensor(np.asarray(arrays[k], dtype=np.float32))  # noqa: E731
+        zca = bool(attrs.get("zca", False))
+        eps = float(attrs.get("zca_eps", -1.0))
+        return cls(mean=t("mean"), std=t("std"), size=int(attrs["size"]), channels=int(attrs["channels"]),
+                   zca_matrix=t("zca_matrix") if zca else None, zca_inverse=t("zca_inverse") if zca else None,
+                   zca_mean=t("zca_mean") if zca else None, zca_eps=eps if zca else None)
+
+    def same_as(self, other: "Preprocessing", atol: float = 1e-6) -> str | None:
+        """Return None when equal, else a sentence saying what differs."""
+        if (self.size, self.channels) != (other.size, other.channels):
+            return f"image geometry differs ({self.channels}x{self.size}x{self.size} vs {other.channels}x{other.size}x{other.size})"
+        if not (torch.allclose(self.mean, other.mean, atol=atol) and torch.allclose(self.std, other.std, atol=atol)):
+            return "mean/std normalisation differs"
+        if self.zca != other.zca:
+            return "one uses ZCA whitening and the other does not"
+        if self.zca and not torch.allclose(self.zca_matrix, other.zca_matrix, atol=1e-5):
+            return "ZCA transforms differ"
+        return None
+
+
+def fit_preprocessing(train_images: torch.Tensor, *, zca: bool = False, zca_eps: float = ZCA_EPS) -> Preprocessing:
+    """Fit mean/std (and ZCA, with kornia) on the training split only."""
+    x = train_images.double().div(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # a constant channel must not divide by zero
+    pre = Preprocessing(mean=mean.float(), std=std.float(), size=int(train_images.shape[-1]),
+                        channels=int(train_images.shape[1]))
+    if zca:
+        import kornia
+
+        xn = pre(train_images)
+        whitener = kornia.enhance.ZCAWhitening(eps=zca_eps, compute_inv=True, detach_transforms=True)
+        whitener.fit(xn.double())
+        pre.zca_matrix = whitener.transform_matrix.float()
+        pre.zca_inverse = whitener.transform_inv.float()
+        pre.zca_mean = whitener.mean_vector.flatten().float()
+        pre.zca_eps = zca_eps
+    return pre

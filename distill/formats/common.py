@@ -1,0 +1,78 @@
+"""Pieces shared by every HDF5 schema: JSON attributes, preprocessing groups, version checks."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import warnings
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..data import Preprocessing
+from ..errors import FormatError
+
+
+def set_json(obj: h5py.HLObject, key: str, value: Any) -> None:
+    obj.attrs[key] = json.dumps(value, sort_keys=True)
+
+
+def get_json(obj: h5py.HLObject, key: str, default: Any = ...) -> Any:
+    if key not in obj.attrs:
+        if default is ...:
+            raise FormatError(f"{obj.file.filename}: attribute {key!r} is missing at {obj.name}.")
+        return default
+    try:
+        return json.loads(_str(obj.attrs[key]))
+    except (TypeError, ValueError):
+        raise FormatError(f"{obj.file.filename}: attribute {key!r} at {obj.name} is not valid JSON.") from None
+
+
+def get_attr(obj: h5py.HLObject, key: str, default: Any = ...) -> Any:
+    if key not in obj.attrs:
+        if default is ...:
+            raise FormatError(f"{obj.file.filename}: attribute {key!r} is missing at {obj.name}.")
+        return default
+    v = obj.attrs[key]
+    if isinstance(v, (bytes, np.bytes_)):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _str(v) -> str:
+    return v.decode() if isinstance(v, (bytes, np.bytes_)) else str(v)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def check_version(filename: str, found: str, expected_major: int, current_minor: int, kind: str) -> None:
+    """Reject another major version; warn on a newer minor one."""
+    try:
+        major, minor = (int(p) for p in str(found).split(".")[:2])
+    except ValueError:
+        raise FormatError(f"{filename}: {kind} format version {found!r} is not of the form MAJOR.MINOR.") from None
+    if major != expected_major:
+        raise FormatError(f"{filename}: {kind} format version {found} is not supported (this reader reads {expected_major}.x).")
+    if minor > current_minor:
+        warnings.warn(f"{filename}: {kind} format {found} is newer than this reader ({expected_major}.{current_minor}); "
+                      "unknown fields are ignored.", stacklevel=3)
+
+
+def write_preprocessing(group: h5py.Group, pre: Preprocessing, **dataset_kw) -> None:
+    for k, v in pre.to_arrays().items():
+        group.create_dataset(k, data=np.asarray(v, dtype=np.float32), **dataset_kw)
+    for k, v in pre.to_attrs().items():
+        group.attrs[k] = v
+
+
+def read_preprocessing(group: h5py.Group) -> Preprocessing:
+    try:
+        arrays = {k: group[k][()] for k in ("mean", "std", "zca_matrix", "zca_inverse", "zca_mean") if k in group}
+        attrs = {k: get_attr(group, k) for k in ("size", "channels", "zca", "zca_eps") if k in group.attrs}
+        return Preprocessing.from_arrays(arrays, attrs)
+    except KeyError as e:
+        raise FormatError(f"{group.file.filename}: preprocessing group lacks {e}.") from None

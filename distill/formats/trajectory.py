@@ -1,0 +1,173 @@
+"""Expert trajectory files (``buffers/expert_0000.h5``) and the buffer's preprocessing file.
+
+Schema v1 of one expert file:
+
+- ``snapshots``: (T, P) parameters at T moments, flat in ``param_names`` order,
+  stored as float32, float16, or bfloat16 (as uint16 bit patterns).
+- ``snapshot_steps``: (T,) int64 optimiser step of each snapshot (0 = initial).
+- ``history/train_loss``, ``history/train_acc``, ``history/val_acc``: (epochs,) float64.
+- attributes: ``format``, ``format_version``, ``model``, ``model_kwargs`` (JSON),
+  ``num_classes``, ``channels``, ``size``, ``param_names``/``param_shapes`` (JSON),
+  ``expert_index``, ``seed``, ``train`` (JSON recipe), ``snapshot_every``
+  (steps; 0 = per epoch), ``steps_per_epoch``, ``snapshot_dtype``,
+  ``fingerprint`` (JSON: name, class names, counts, sha256 of the source),
+  ``preprocessing_sha256`` (of the buffer's ``preprocessing.h5``),
+  ``software`` (JSON), ``created``.
+
+The buffer folder also holds ``preprocessing.h5`` (see :mod:`.common`), which
+every later stage applies, and ``config.toml``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..data import Preprocessing
+from ..errors import FormatError
+from ..io import atomic_path, sha256_file
+from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
+
+TRAJECTORY_FORMAT = "distill-trajectory"
+PREPROCESSING_FORMAT = "distill-preprocessing"
+VERSION_MAJOR, VERSION_MINOR = 1, 0
+FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
+PREPROCESSING_FILE = "preprocessing.h5"
+EXPERT_PATTERN = re.compile(r"^expert_(\d{4,})\.h5$")
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def expert_path(folder: str | os.PathLike, index: int) -> Path:
+    return Path(folder) / f"expert_{index:04d}.h5"
+
+
+def list_experts(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if EXPERT_PATTERN.match(p.name))
+
+
+def encode_snapshots(flat: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return flat.float().cpu().numpy()
+    if dtype == "float16":
+        return flat.half().cpu().numpy()
+    if dtype == "bfloat16":
+        return flat.bfloat16().cpu().view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"snapshot dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {dtype!r}.")
+
+
+def decode_snapshots(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(arr)).float()
+
+
+def write_expert(path: str | os.PathLike, snapshots: torch.Tensor, snapshot_steps: list[int], *, history: dict,
+                 attrs: dict, json_attrs: dict, snapshot_dtype: str = "float32") -> None:
+    """Write one expert atomically. snapshots: (T, P) float."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = TRAJECTORY_FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["snapshot_dtype"] = snapshot_dtype
+            f.attrs["created"] = utc_now()
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            for k, v in json_attrs.items():
+                set_json(f, k, v)
+            data = encode_snapshots(snapshots, snapshot_dtype)
+            f.create_dataset("snapshots", data=data, chunks=(1, data.shape[1]))
+            f.create_dataset("snapshot_steps", data=np.asarray(snapshot_steps, dtype=np.int64))
+            h = f.create_group("history")
+            for k, v in history.items():
+                h.create_dataset(k, data=np.asarray(v, dtype=np.float64))
+
+
+@dataclass
+class ExpertFile:
+    """A lazily read expert trajectory. Snapshots are read on demand, one row at a time."""
+
+    path: Path
+    attrs: dict
+    fingerprint: dict
+    model_kwargs: dict
+    train: dict
+    param_names: list[str]
+    param_shapes: list[list[int]]
+    snapshot_steps: np.ndarray
+    num_params: int
+
+    @property
+    def num_snapshots(self) -> int:
+        return len(self.snapshot_steps)
+
+    def snapshots(self, indices: list[int] | None = None) -> torch.Tensor:
+        """(len(indices), P) float32 on the CPU."""
+        with h5py.File(self.path, "r") as f:
+            ds = f["snapshots"]
+            if indices is None:
+                arr = ds[()]
+            else:
+                arr = np.stack([ds[i] for i in indices])
+        return decode_snapshots(arr, self.attrs["snapshot_dtype"])
+
+    def history(self) -> dict[str, np.ndarray]:
+        with h5py.File(self.path, "r") as f:
+            return {k: f["history"][k][()] for k in f["history"]}
+
+
+def read_expert(path: str | os.PathLike) -> ExpertFile:
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise FormatError(f"{path} is not a readable HDF5 trajectory file.") from None
+    with f:
+        if get_attr(f, "format", None) != TRAJECTORY_FORMAT:
+            raise FormatError(f"{path} is not a distill trajectory file.")
+        check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "trajectory")
+        if "snapshots" not in f or "snapshot_steps" not in f:
+            raise FormatError(f"{path} lacks its snapshots.")
+        attrs = {k: get_attr(f, k) for k in f.attrs if k not in ("fingerprint", "model_kwargs", "train", "param_names",
+                                                                  "param_shapes", "software")}
+        out = ExpertFile(
+            path=path, attrs=attrs, fingerprint=get_json(f, "fingerprint"), model_kwargs=get_json(f, "model_kwargs"),
+            train=get_json(f, "train"), param_names=get_json(f, "param_names"), param_shapes=get_json(f, "param_shapes"),
+            snapshot_steps=f["snapshot_steps"][()], num_params=int(f["snapshots"].shape[1]),
+        )
+        if f["snapshots"].shape[0] != len(out.snapshot_steps):
+            raise FormatError(f"{path}: {f['snapshots'].shape[0]} snapshots but {len(out.snapshot_steps)} steps.")
+    return out
+
+
+def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict) -> Path:
+    path = Path(folder) / PREPROCESSING_FILE
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = PREPROCESSING_FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            set_json(f, "fingerprint", fingerprint)
+            write_preprocessing(f.create_group("preprocessing"), pre)
+    return path
+
+
+def read_buffer_preprocessing(folder: str | os.PathLike) -> tuple[Preprocessing, dict, str]:
+    """Return (preprocessing, dataset fingerprint, sha256 of the file)."""
+    path = Path(folder) / PREPROCESSING_FILE
+    if not path.exists():
+        raise FormatError(f"{folder} has no {PREPROCESSING_FILE}; is it a buffer folder made by 'distill buffer'?")
+    try:
+        with h5py.File(path, "r") as f:
+            if get_attr(f, "format", None) != PREPROCESSING_FORMAT:
+                raise FormatError(f"{path} is not a distill preprocessing file.")
+            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "preprocessing")
+            return read_preprocessing(f["preprocessing"]), get_json(f, "fingerprint"), sha256_file(path)
+    except OSError:
+        raise FormatError(f"{path} is not a readable HDF5 file.") from None
