@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .augment import Augment
+from .batched import StackedModels, predict_batched, train_batched
 from .config import BufferConfig, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
@@ -43,6 +44,8 @@ def validate(cfg: BufferConfig) -> None:
         raise DistillError(f"--lr must be positive; got {cfg.lr}.")
     if cfg.snapshot_every < 0:
         raise DistillError(f"--snapshot-every must be 0 (once per epoch) or a positive number of steps; got {cfg.snapshot_every}.")
+    if cfg.batch_experts < 1:
+        raise DistillError(f"--batch-experts must be at least 1; got {cfg.batch_experts}.")
     if cfg.snapshot_dtype not in SNAPSHOT_DTYPES:
         raise DistillError(f"--snapshot-dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {cfg.snapshot_dtype!r}.")
 
@@ -76,14 +79,41 @@ def _expert_done(path: Path, cfg: BufferConfig) -> bool:
     return True
 
 
+def _new_expert(index: int, cfg: BufferConfig, data: RealData, device: torch.device) -> torch.nn.Module:
+    """Expert ``index``'s freshly initialised network: its init depends on (seed, index) alone."""
+    with seeded(cfg.seed, index, MODEL_SEED_KEY):
+        model = create_model(cfg.model, data.num_classes, data.channels, data.size)
+    return model.to(device)
+
+
+def _recipe(cfg: BufferConfig) -> TrainRecipe:
+    return TrainRecipe(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, decay_at_half=False, augment=Augment.parse(cfg.augment))
+
+
+def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: str, spec, snaps: list[torch.Tensor],
+                      steps: list[int], history: list[dict], val_acc: list[float], steps_per_epoch: int) -> Path:
+    path = expert_path(cfg.out, index)
+    write_expert(
+        path, torch.stack(snaps), steps, snapshot_dtype=cfg.snapshot_dtype,
+        history={"train_loss": [h["loss"] for h in history], "train_acc": [h["acc"] for h in history], "val_acc": val_acc},
+        attrs={"model": cfg.model, "num_classes": data.num_classes, "channels": data.channels, "size": data.size,
+               "expert_index": index, "seed": cfg.seed, "snapshot_every": cfg.snapshot_every,
+               "steps_per_epoch": steps_per_epoch, "preprocessing_sha256": pre_sha},
+        json_attrs={"model_kwargs": {}, "param_names": list(spec.names), "param_shapes": [list(s) for s in spec.shapes],
+                    "fingerprint": data.fingerprint(), "software": software_versions(),
+                    "train": {"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
+                              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "augment": cfg.augment,
+                              # How the experts were computed: batching changes rounding, bf16 changes more.
+                              "batch_experts": cfg.batch_experts, "bf16": cfg.bf16}},
+    )
+    return path
+
+
 def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessing, pre_sha: str,
                  device: torch.device, x_train: torch.Tensor, x_val: torch.Tensor, on_epoch=None) -> Path:
     """Train expert ``index`` and write its trajectory file; returns the path."""
-    with seeded(cfg.seed, index, MODEL_SEED_KEY):
-        model = create_model(cfg.model, data.num_classes, data.channels, data.size)
-    model.to(device)
-    recipe = TrainRecipe(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, decay_at_half=False, augment=Augment.parse(cfg.augment))
+    model = _new_expert(index, cfg, data, device)
     gen = generator(cfg.seed, index, DATA_SEED_KEY)
     y_train = data.train.labels.to(device)
     snaps, steps = [flatten_params(model).cpu()], [0]
@@ -103,21 +133,51 @@ def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessi
             on_epoch()
 
     steps_per_epoch = -(-len(x_train) // cfg.batch_size)
-    history = train_network(model, x_train, y_train, recipe, gen, after_step=after_step, after_epoch=after_epoch)
-    spec = param_spec(model)
-    path = expert_path(cfg.out, index)
-    write_expert(
-        path, torch.stack(snaps), steps, snapshot_dtype=cfg.snapshot_dtype,
-        history={"train_loss": [h["loss"] for h in history], "train_acc": [h["acc"] for h in history], "val_acc": val_acc},
-        attrs={"model": cfg.model, "num_classes": data.num_classes, "channels": data.channels, "size": data.size,
-               "expert_index": index, "seed": cfg.seed, "snapshot_every": cfg.snapshot_every,
-               "steps_per_epoch": steps_per_epoch, "preprocessing_sha256": pre_sha},
-        json_attrs={"model_kwargs": {}, "param_names": list(spec.names), "param_shapes": [list(s) for s in spec.shapes],
-                    "fingerprint": data.fingerprint(), "software": software_versions(),
-                    "train": {"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
-                              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "augment": cfg.augment}},
-    )
-    return path
+    history = train_network(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
+    return _write_trajectory(index, cfg, data, pre_sha, param_spec(model), snaps, steps, history, val_acc,
+                             steps_per_epoch)
+
+
+def train_experts_batched(indices: list[int], cfg: BufferConfig, data: RealData, pre_sha: str, device: torch.device,
+                          x_train: torch.Tensor, x_val: torch.Tensor, on_epoch=None) -> list[Path]:
+    """Train the experts ``indices`` at once (:mod:`distill.batched`) and write one trajectory file each.
+
+    Expert i gets the same initialisation and generator as :func:`train_expert` gives it, so its
+    trajectory equals the one-at-a-time one up to floating-point rounding (or bf16, if asked for).
+    """
+    models = [_new_expert(i, cfg, data, device) for i in indices]
+    spec = param_spec(models[0])
+    gens = [generator(cfg.seed, i, DATA_SEED_KEY) for i in indices]
+    y_train = data.train.labels.to(device)
+    snaps = [[row] for row in torch.stack([flatten_params(m) for m in models]).cpu()]
+    steps = [0]
+    val_acc: list[list[float]] = [[] for _ in indices]
+
+    def keep(stacked: StackedModels, step: int) -> None:
+        for row, flat in zip(snaps, stacked.flat().cpu()):
+            row.append(flat)
+        steps.append(step)
+
+    def after_step(step, stacked):
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            keep(stacked, step)
+
+    def after_epoch(epoch, stats, stacked):
+        if not cfg.snapshot_every:
+            keep(stacked, epoch * steps_per_epoch)
+        probs = predict_batched(stacked, x_val) if len(x_val) else None
+        for j in range(len(indices)):
+            val_acc[j].append(accuracy(probs[j], data.val.labels) if probs is not None else float("nan"))
+        if on_epoch is not None:
+            for _ in indices:
+                on_epoch()
+
+    steps_per_epoch = -(-len(x_train) // cfg.batch_size)
+    _, history = train_batched(models, x_train, y_train, _recipe(cfg), gens, bf16=cfg.bf16,
+                               after_step=after_step, after_epoch=after_epoch)
+    return [_write_trajectory(i, cfg, data, pre_sha, spec, snaps[j], steps, [h[j] for h in history], val_acc[j],
+                              steps_per_epoch)
+            for j, i in enumerate(indices)]
 
 
 def build_buffer(cfg: BufferConfig) -> list[Path]:
@@ -148,8 +208,13 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         with progress(range(len(todo) * cfg.epochs), label=f"experts (rank {world.rank})" if world.size > 1 else "experts",
                       length=len(todo) * cfg.epochs) as bar:
             tick = (lambda: bar.update(1)) if hasattr(bar, "update") else None
-            for i in todo:
-                written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick))
+            if cfg.batch_experts > 1 or cfg.bf16:
+                for j in range(0, len(todo), cfg.batch_experts):
+                    written += train_experts_batched(todo[j:j + cfg.batch_experts], cfg, data, pre_sha, device,
+                                                     x_train, x_val, on_epoch=tick)
+            else:
+                for i in todo:
+                    written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick))
         dt = time.perf_counter() - t0
         if todo:
             n_img = len(todo) * cfg.epochs * len(x_train)

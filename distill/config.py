@@ -37,38 +37,55 @@ class BufferConfig:
     # (BreastMNIST: 3 steps an epoch) want a few steps per snapshot: see docs/method.md.
     snapshot_every: int = 0
     snapshot_dtype: str = "float32"  # or float16 / bfloat16 (halves disk; effect measured in docs/performance.md)
+    # Experts trained at once by one vmapped network (distill/batched.py); 1 = one at a time, as the reference.
+    batch_experts: int = 1
+    bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
     seed: int = 0
     device: str = "auto"
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """MTT distillation. Reference values (Cazenavette et al. 2022, CIFAR-10 IPC 10) are in comments."""
+    """MTT distillation (``distill run``); docs/method.md explains every field.
+
+    Reference values in comments are from the MTT reference (Cazenavette et al.
+    2022, github.com/GeorgeCazenavette/mtt-distillation): "ref" is the default of
+    its distill.py, "README" its CIFAR-100 1-image-per-class command. "Epochs"
+    here count snapshot intervals of the buffer (one epoch, or ``snapshot_every``
+    optimiser steps when the buffer was built with ``--snapshot-every``).
+    """
 
     buffer: str = "buffers"
     out: str = "runs/run"
-    ipc: int = 10
-    iterations: int = 1000  # reference 5000
-    syn_steps: int = 20  # reference 30
-    expert_epochs: int = 2  # snapshot intervals spanned by the target; reference 2 epochs
+    data: str = ""  # real data for --init real and validation; "" = the data named in the buffer's config.toml
+    ipc: int = 10  # images per class
+    iterations: int = 1000  # ref 5000
+    syn_steps: int = 20  # student SGD steps per iteration; ref 20, README 20
+    expert_epochs: int = 2  # M: snapshot intervals spanned by the target; ref 3, README 3
     min_start_epoch: int = 0
-    max_start_epoch: int = 20  # reference 20
-    init: str = "real"  # real | noise
-    hard_labels: bool = False
-    label_temperature: float = 1.0
-    lr_img: float = 100.0  # reference 1000 with ZCA on CIFAR; 100 suits un-whitened 28x28 greyscale
-    lr_lr: float = 1e-5  # reference 1e-5 (on the raw step size; ours acts on its log, see mtt/distiller.py)
-    lr_label: float = 2.0  # soft-label logits (Li et al. 2022 soft-label MTT: 2 to 10)
-    syn_lr_init: float = 0.01  # reference lr_teacher
+    max_start_epoch: int = 20  # inclusive; ref 25 (exclusive), README 20
+    trajectories_per_iter: int = 1  # expert segments matched (and averaged) per iteration; ref 1
+    init: str = "real"  # real | noise; ref default noise (the paper starts from real images)
+    hard_labels: bool = False  # True = class ids, as the reference; False = learned soft labels
+    label_temperature: float = 1.0  # targets = softmax(logits / T)
+    lr_img: float = 100.0  # ref 1000 (CIFAR, ZCA); 100 suits un-whitened 28x28 greyscale (NOTES-MTT)
+    # Learning rate on log(step size). The reference's lr_lr 1e-5 acts on the raw step size; at a
+    # step size a, a raw-space rate r moves log(a) as much as a log-space rate of r / a^2 (0.1 at
+    # a = 0.01). We take 10x less and let max_log_lr_step catch the bursts (docs/method.md).
+    lr_lr: float = 1e-2
+    # Soft-label logits. Soft-label MTT (Li et al. 2022) uses 2 to 10; on BreastMNIST at 1
+    # image per class 2 drove the matching loss from 1.1 up to 5 in 30 iterations, 0.2 brought it down.
+    lr_label: float = 0.2
+    syn_lr_init: float = 0.01  # initial student step size; ref lr_teacher 0.01
     max_log_lr_step: float = 0.1  # bound on |change of log step size| per iteration (~10 %)
-    momentum: float = 0.5  # reference
-    batch_syn: int = 0  # 0 = the whole synthetic set each inner step (reference default)
-    augment: str = "color,crop,cutout,flip,scale,rotate"
+    momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
+    batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
+    augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
     gradient: str = "full"  # full (reference unroll, the oracle) | checkpoint (constant memory, exact)
-    eval_every: int = 100
-    eval_models: int = 2
-    eval_epochs: int = 300
-    checkpoint_every: int = 50
+    eval_every: int = 100  # iterations between evaluations (0 = only at the end); ref 100
+    eval_models: int = 2  # fresh networks trained per evaluation (0 = no evaluation); ref 5
+    eval_epochs: int = 300  # epochs each; ref 1000 (fewer keeps the periodic check cheap)
+    checkpoint_every: int = 50  # iterations between checkpoints
     seed: int = 0
     device: str = "auto"
 

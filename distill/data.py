@@ -109,7 +109,8 @@ def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: i
 
     ``size`` resizes images (bilinear, antialiased) to ``size x size``; ``None``
     keeps the source size (folders need it unless all images share one size).
-    A folder without ``train/``, ``val/``, ``test/`` is split with ``split_seed``.
+    A folder without ``train/`` is split with ``split_seed``; one with ``train/`` but no
+    ``val/`` or ``test/`` has the missing split(s) carved from ``train/`` the same way.
     """
     spec_str = str(spec)
     if spec_str.lower() in MEDMNIST and not Path(spec_str).exists():
@@ -158,8 +159,13 @@ def _load_npz(path: Path, name: str) -> RealData:
             raise DataError(
                 f"{path.name} lacks the MedMNIST keys {', '.join(missing)} (it has {', '.join(npz.files) or 'none'})."
             )
-        splits = {s: _npz_split(npz[f"{s}_images"], npz[f"{s}_labels"], s, path.name) for s in SPLITS}
-    num_classes = int(max(int(sp.labels.max()) for sp in splits.values() if len(sp)) + 1)
+        try:
+            arrays = {k: npz[k] for k in NPZ_KEYS}
+        except ValueError:  # object arrays, which allow_pickle=False refuses: they could run code
+            raise DataError(f"{path.name} holds object arrays; MedMNIST files hold plain uint8 arrays.") from None
+    splits = {s: _npz_split(arrays[f"{s}_images"], arrays[f"{s}_labels"], s, path.name) for s in SPLITS}
+    # An all-empty file gets 0 classes here and a clear "empty training split" from _validate.
+    num_classes = int(max((int(sp.labels.max()) for sp in splits.values() if len(sp)), default=-1) + 1)
     known = MEDMNIST.get(name.lower())
     classes = list(known.classes) if known and len(known.classes) == num_classes else [str(i) for i in range(num_classes)]
     return RealData(name=name, class_names=classes, source_sha256=sha256_file(path), **splits)
@@ -189,11 +195,20 @@ def _npz_split(images: np.ndarray, labels: np.ndarray, split: str, fname: str) -
 def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float) -> RealData:
     from PIL import Image
 
-    presplit = all((root / s).is_dir() for s in ("train", "test"))
+    # A train/ folder means the user split the data; a missing val/ or test/ is carved from train/ below.
+    presplit = (root / "train").is_dir()
     split_roots = {s: root / s for s in SPLITS if (root / s).is_dir()} if presplit else {"all": root}
-    classes = sorted(d.name for d in split_roots.get("train", root).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    def class_dirs(folder: Path) -> list[str]:
+        return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    classes = class_dirs(split_roots.get("train", root))
     if len(classes) < 2:
-        raise DataError(f"{root} must hold at least two class sub-folders; found {len(classes)}.")
+        raise DataError(f"{split_roots.get('train', root)} must hold at least two class sub-folders; found {len(classes)}.")
+    for s, sroot in split_roots.items():
+        unknown = sorted(set(class_dirs(sroot)) - set(classes))
+        if unknown:
+            raise DataError(f"{sroot} has class folder(s) {', '.join(unknown)} that {root / 'train'} lacks.")
     files: dict[str, list[tuple[Path, int]]] = {}
     for s, sroot in split_roots.items():
         files[s] = []
@@ -218,7 +233,7 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
         for p, _ in items:
             try:
                 with Image.open(p) as im:
-                    im = im.convert("RGB") if im.mode not in ("L", "I;16", "I") else im.convert("L")
+                    im = _to_8bit(im)
                     if size is not None and im.size != (size, size):
                         im = im.resize((size, size), Image.BILINEAR)
                     imgs.append(np.asarray(im, dtype=np.uint8))
@@ -232,21 +247,46 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
     all_imgs = {s: read(items) for s, items in files.items()}
     modes = {a.ndim for imgs in all_imgs.values() for a in imgs}
     as_rgb = 3 in modes
+    height, width = next(a.shape[:2] for imgs in all_imgs.values() for a in imgs)
 
     def to_split(imgs, items) -> Split:
-        if not imgs:
-            c = 3 if as_rgb else 1
-            return Split(torch.zeros(0, c, size or 1, size or 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+        if not imgs:  # an empty split still has the image geometry, so preprocessing accepts it
+            empty = torch.zeros(0, 3 if as_rgb else 1, height, width, dtype=torch.uint8)
+            return Split(empty, torch.zeros(0, dtype=torch.int64))
         arr = np.stack([np.repeat(a[..., None], 3, -1) if (as_rgb and a.ndim == 2) else a for a in imgs])
         arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
         return Split(torch.from_numpy(np.ascontiguousarray(arr)), torch.tensor([y for _, y in items], dtype=torch.int64))
 
     if presplit:
-        splits = {s: to_split(all_imgs.get(s, []), files.get(s, [])) for s in SPLITS}
+        splits = {s: to_split(all_imgs[s], files[s]) for s in split_roots}
+        if len(splits) < len(SPLITS):
+            train, val, test = stratified_split(splits["train"], seed, val_fraction if "val" not in splits else 0.0,
+                                                test_fraction if "test" not in splits else 0.0)
+            log.info("%s has no %s folder; carved it from train/ with seed %d.", root,
+                     " or ".join(s for s in ("val", "test") if s not in splits), seed)
+            splits = {"train": train, "val": splits.get("val", val), "test": splits.get("test", test)}
     else:
         whole = to_split(all_imgs["all"], files["all"])
         splits = dict(zip(SPLITS, stratified_split(whole, seed, val_fraction, test_fraction)))
     return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), **splits)
+
+
+GREY_MODES = ("L", "LA", "1")
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit PNGs open as one of these
+
+
+def _to_8bit(im):
+    """A PIL image as 8-bit grey ("L") or "RGB"; 16-bit grey is scaled, not clipped.
+
+    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns most
+    16-bit medical images white, so the full 0-65535 range is mapped to 0-255.
+    """
+    from PIL import Image
+
+    if im.mode in WIDE_GREY_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
 
 
 def stratified_split(data: Split, seed: int, val_fraction: float, test_fraction: float) -> tuple[Split, Split, Split]:
@@ -273,12 +313,18 @@ def _validate(data: RealData) -> None:
     present = torch.unique(data.train.labels)
     if len(present) < 2:
         raise DataError(f"{data.name} has only one class in its training split; classification needs at least two.")
+    counts = class_counts(data.train.labels, data.num_classes)
+    empty = [data.class_names[c] for c, n in enumerate(counts) if n == 0]
+    if empty:
+        # Experts could never learn such a class, and distillation initialises each class from real images.
+        raise DataError(f"{data.name}: class(es) {', '.join(empty)} have no training images; every class needs at least one.")
     for s in SPLITS:
         sp = data.split(s)
         if len(sp) and int(sp.labels.max()) >= data.num_classes:
             raise DataError(f"{data.name}: a {s} label is {int(sp.labels.max())} but there are {data.num_classes} classes.")
         if len(sp) and sp.images.shape[1:] != data.train.images.shape[1:]:
-            raise DataError(f"{data.name}: {s} images have shape {tuple(sp.images.shape[1:])}, train has {tuple(data.train.images.shape[1:])}.")
+            raise DataError(f"{data.name}: {s} images have shape {tuple(sp.images.shape[1:])}, train has "
+                            f"{tuple(data.train.images.shape[1:])}; pass --size to resize them.")
     if data.train.images.shape[-1] != data.train.images.shape[-2]:
         raise DataError(f"{data.name}: images must be square; pass --size to resize them.")
 
@@ -318,6 +364,12 @@ class Preprocessing:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, C, H, W) uint8 -> float32 network input."""
+        if tuple(images.shape[1:]) != (self.channels, self.size, self.size):
+            raise DataError(
+                f"Images of shape {'x'.join(map(str, images.shape[1:]))} do not fit preprocessing fitted on "
+                f"{self.channels}x{self.size}x{self.size} images; pass --size {self.size} (and images with "
+                f"{self.channels} channel(s)) so that every stage sees the same geometry."
+            )
         x = images.float().div(255.0)
         x = (x - self.mean.view(1, -1, 1, 1).to(x.device)) / self.std.view(1, -1, 1, 1).to(x.device)
         if self.zca:
@@ -363,7 +415,8 @@ class Preprocessing:
             return "mean/std normalisation differs"
         if self.zca != other.zca:
             return "one uses ZCA whitening and the other does not"
-        if self.zca and not torch.allclose(self.zca_matrix, other.zca_matrix, atol=1e-5):
+        if self.zca and not (torch.allclose(self.zca_matrix, other.zca_matrix, atol=1e-5)
+                             and torch.allclose(self.zca_mean, other.zca_mean, atol=atol)):
             return "ZCA transforms differ"
         return None
 

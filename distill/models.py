@@ -96,24 +96,36 @@ def resnet18(num_classes, channels, size, norm: str = "batch"):
     norm_layer = {"batch": nn.BatchNorm2d, "instance": lambda c: nn.GroupNorm(c, c)}.get(norm)
     if norm_layer is None:
         raise ValueError(f"resnet18 supports norm 'batch' or 'instance'; got {norm!r}.")
+    # Three stride-2 stages shrink the map to ceil(size / 8); instance norm over a 1x1 map outputs
+    # a constant, which would make the network ignore its input.
+    if norm == "instance" and -(-size // 8) < 2:
+        raise ValueError(f"resnet18 with instance norm needs images of at least 9 pixels; got {size}.")
     net = torchvision.models.resnet18(num_classes=num_classes, norm_layer=norm_layer)
     net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
 
 
+MIN_NORM_MAP = 2  # instance norm needs more than one pixel per map to normalise anything
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class VGG11(nn.Module):
-    """VGG-11 for small inputs: pooling stops once the map is 1 pixel, then global average pooling."""
+    """VGG-11 for small inputs: pooling stops before the map would drop below 2 pixels, then global average pooling.
+
+    Why 2: instance norm over a 1x1 map subtracts the only value there and outputs a
+    constant, so at 28 px (28-14-7-3-1) plain VGG pooling would make the last two
+    blocks, and so the whole network, ignore the image.
+    """
 
     def __init__(self, num_classes: int, channels: int, size: int, norm: str = "instance"):
         super().__init__()
+        if norm == "instance" and size < MIN_NORM_MAP:
+            raise ValueError(f"vgg11 with instance norm needs images of at least {MIN_NORM_MAP} pixels; got {size}.")
         layers, ch, s = [], channels, size
         for v in _VGG11:
             if v == "M":
-                if s >= 2:
+                if s // 2 >= MIN_NORM_MAP:
                     layers.append(nn.MaxPool2d(2))
                     s //= 2
                 continue

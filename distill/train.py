@@ -68,6 +68,8 @@ def train_network(
     ``after_step(step)`` runs after each optimiser step (1-based), ``after_epoch(epoch, stats)``
     after each epoch (1-based). Returns per-epoch ``{"loss", "acc"}`` on the training batches.
     """
+    if len(images) == 0 or len(images) != len(targets):
+        raise ValueError(f"train_network needs as many targets as images, and at least one; got {len(images)} and {len(targets)}.")
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = None
     if recipe.decay_at_half and recipe.epochs > 1:
@@ -108,7 +110,9 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> t
     """Class probabilities (N, K) for preprocessed images, in eval mode."""
     was_training = model.training
     model.eval()
-    out = torch.cat([F.softmax(model(images[i:i + batch_size]), 1) for i in range(0, len(images), batch_size)])
+    # range() is empty for zero images; one forward pass on the empty batch still gives the (0, K) shape.
+    starts = range(0, len(images), batch_size) or [0]
+    out = torch.cat([F.softmax(model(images[i:i + batch_size]), 1) for i in starts])
     model.train(was_training)
     return out
 

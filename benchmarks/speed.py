@@ -1,0 +1,809 @@
+"""Speed and memory: the full unroll against the constant-memory path, expert training, snapshot storage.
+
+A benchmark script, not a test: CI never runs it. It measures, in one process on
+one device, the four cases of ../shared/BENCHMARKS.md and writes one report:
+
+    python benchmarks/speed.py --device cuda --out docs/performance.md        # GPU, about 4 minutes
+    python benchmarks/speed.py --smoke                                        # CPU, tiny sizes, a minute
+
+Every MTT row pairs the full unroll with ``create_graph=True`` (the reference's
+math and the project's correctness oracle, :func:`distill.mtt.unroll.unroll_student`)
+with the constant-memory exact path (:func:`distill.mtt.checkpointed.matching_grads`),
+on the same random data and the same unroll plan: milliseconds per iteration
+(median of 5 after 2 warm-ups, ``torch.cuda.synchronize()`` around each timer),
+peak memory, and the relative error of the image and step-size gradients
+against the oracle in strict fp32. Expert training reports images/s one expert
+at a time against K experts in one vmapped network, and the trajectories'
+agreement. Storage reports disk per expert and what fp16/bf16 snapshots do to
+the matching loss and its gradient (``--buffer DIR`` measures that on a real
+buffer; without it, on a small expert trained here on a learnable synthetic task).
+
+Next to the Markdown it writes the raw numbers as JSON (same name, ``.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import math
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.augment import Augment  # noqa: E402
+from distill.batched import train_batched  # noqa: E402
+from distill.formats.trajectory import (decode_snapshots, encode_snapshots, list_experts, read_expert,  # noqa: E402
+                                        write_expert)
+from distill.io import atomic_path, software_versions, write_json  # noqa: E402
+from distill.models import CONVNET_WIDTH, create_model, flatten_params, param_spec  # noqa: E402
+from distill.mtt.checkpointed import CudaGraphSteps, matching_grads  # noqa: E402
+from distill.mtt.unroll import make_plan, matching_loss, unroll_student  # noqa: E402
+from distill.seeding import generator, seeded  # noqa: E402
+from distill.train import TrainRecipe, train_network  # noqa: E402
+
+REPORT_VERSION = "1.0"
+DSA = "color,crop,cutout,flip,scale,rotate"  # the reference's strategy
+WARMUP, REPS = 2, 5  # ../shared/BENCHMARKS.md: median of at least 5 timed iterations after 2 warm-ups
+GIB = 2.0 ** 30
+
+# Targets from ../shared/BENCHMARKS.md.
+TARGET_SPEEDUP = {"cifar_ipc10": 5.0, "medmnist28_ipc10": 10.0}
+TARGET_MEMORY_RATIO = 0.25
+TARGET_CXR_GIB = 12.0
+TARGET_EXPERT_FACTOR = 4.0
+TARGET_DISK_RATIO = 0.5
+REFERENCE_EXPERT_IMG_S = {"cifar": 33_000, "medmnist28": 36_000}  # reference, one expert at a time, batch 256, DSA
+REFERENCE_SNAPSHOTS = 51  # the reference keeps 51 fp32 snapshots per expert
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    channels: int
+    size: int
+    depth: int
+    classes: int
+    ipc: int
+    syn_steps: int
+    batch_syn: int
+    ref_ms: float | None = None  # the reference's figures on an H200 (BENCHMARKS.md)
+    ref_gib: float | None = None
+    width: int = CONVNET_WIDTH
+
+    @property
+    def images(self) -> int:
+        return self.classes * self.ipc
+
+
+CASES = (
+    Case("cifar_ipc10", 3, 32, 3, 10, 10, 30, 100, 428, 8.6),
+    Case("cifar_ipc50", 3, 32, 3, 10, 50, 30, 500, 968, 42.4),
+    Case("medmnist28_ipc10", 1, 28, 3, 2, 10, 30, 20, 499, 1.8),
+    Case("cxr128_ipc20", 1, 128, 5, 4, 20, 20, 80, 1446, 77.8),
+)
+
+
+def smoke_case(c: Case) -> Case:
+    """The same case shrunk to seconds on a CPU: 8 channels, 16 px, 4 steps."""
+    return replace(c, size=16, depth=min(c.depth, 3), width=8, ipc=min(c.ipc, 5), syn_steps=4,
+                   batch_syn=min(c.batch_syn, c.classes * min(c.ipc, 5)), ref_ms=None, ref_gib=None)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def precision(tf32: bool):
+    """Strict fp32 (tf32=False) or TF32 tensor cores for convolutions and matrix products."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def measure(fn, device: torch.device, warmup: int = WARMUP, reps: int = REPS) -> dict:
+    """Median ms of ``reps`` calls after ``warmup`` calls; peak memory over all of them (warm-ups hold graph capture)."""
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    res = {"ms": statistics.median(times), "ms_all": times, "out": out}
+    if device.type == "cuda":
+        # Reserved memory too: a captured graph keeps its pool reserved though the tensors in it are freed.
+        res["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        res["reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+        res["base_gib"] = base / GIB
+    return res
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- MTT iteration
+
+
+class MTTCase:
+    """One case's model, random synthetic set, expert segment and unroll plan (fixed for all variants)."""
+
+    def __init__(self, case: Case, device: torch.device, syn_steps: int | None = None):
+        self.case, self.device = case, device
+        with seeded(0, 1):
+            self.model = create_model("convnet", case.classes, case.channels, case.size, width=case.width,
+                                      depth=case.depth).to(device)
+        self.spec = param_spec(self.model)
+        g = generator(0, 2)
+        self.start = flatten_params(self.model)
+        # A target a typical expert segment away (random data: only the arithmetic matters here).
+        step = torch.randn(self.start.shape, generator=g).to(device)
+        self.target = self.start + 0.05 * step / step.norm() * self.start.norm()
+        self.images = torch.randn(case.images, case.channels, case.size, case.size, generator=g).to(device)
+        self.labels = (torch.arange(case.images) % case.classes).to(device)  # hard labels, as the reference
+        self.lr = torch.tensor(0.01, device=device)
+        self.augment = Augment.parse(DSA)
+        self.plan = make_plan(case.images, syn_steps or case.syn_steps, case.batch_syn, g)
+
+    def full(self):
+        x = self.images.detach().requires_grad_(True)
+        lr = self.lr.detach().requires_grad_(True)
+        end = unroll_student(self.model, self.spec, self.start, x, self.labels, lr, self.plan, self.augment)
+        gx, glr = torch.autograd.grad(matching_loss(end, self.start, self.target), [x, lr])
+        return gx, glr
+
+    def checkpointed(self, graphs: CudaGraphSteps | None = None, store: str = "device"):
+        _, gx, _, glr, _ = matching_grads(self.model, self.spec, self.start, self.target, self.images, self.labels,
+                                          self.lr, self.plan, self.augment, store=store, graphs=graphs)
+        return gx, glr
+
+    def augment_cost(self, device: torch.device) -> dict:
+        """ms per augmentation call on one step's batch: without a graph (forward pass) and with its backward."""
+        b = self.plan.batches[0].numel()
+        x = self.images[:b]
+        gen = torch.Generator().manual_seed(0)
+
+        def fwd():
+            with torch.no_grad():
+                return self.augment(x, gen)
+
+        def fwd_bwd():
+            xl = x.detach().requires_grad_(True)
+            return torch.autograd.grad(self.augment(xl, gen), xl, torch.ones_like(x))
+
+        n = 20  # calls per timed repetition: one call is too short to time alone
+        f = measure(lambda: [fwd() for _ in range(n)], device)
+        fb = measure(lambda: [fwd_bwd() for _ in range(n)], device)
+        return {"fwd_ms": f["ms"] / n, "fwd_bwd_ms": fb["ms"] / n}
+
+
+def grad_error(got, ref) -> float:
+    """The larger of the image and step-size gradients' relative errors."""
+    return max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
+
+
+def run_variant(name: str, fn, device: torch.device, oracle, keep_out: bool = False) -> dict:
+    try:
+        r = measure(fn, device)
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        free(device)
+        return {"variant": name, "oom": True}
+    out = r.pop("out")
+    r.pop("ms_all", None)
+    r["variant"] = name
+    if oracle is not None:
+        r["grad_rel_err"] = grad_error(out, oracle)
+    if keep_out:
+        r["out"] = out
+    del out
+    free(device)
+    return r
+
+
+def log_variant(r: dict) -> None:
+    log(f"  {r['variant']}{' tf32' if r.get('tf32') else ''}: " + (
+        "out of memory" if r.get("oom") else r.get("failed") or
+        f"{r['ms']:.1f} ms" + (f", {r['peak_gib']:.2f} GiB ({r['reserved_gib']:.2f})" if 'peak_gib' in r else "") +
+        (f", err {r['grad_rel_err']:.1e}" if 'grad_rel_err' in r else "")))
+
+
+def mtt_section(cases: list[Case], device: torch.device, smoke: bool, compile_cases: set[str]) -> list[dict]:
+    rows = []
+    for case in cases:
+        t0 = time.perf_counter()
+        mc = MTTCase(case, device)
+        row = {"case": asdict(case), "params": mc.spec.total, "variants": []}
+        log(f"[mtt] {case.name}: {mc.spec.total} parameters, {case.images} images, {case.syn_steps} steps")
+        # The oracle: the full unroll in strict fp32 (its timed run's output), against which every variant is compared.
+        with precision(False):
+            full = run_variant("full", mc.full, device, None, keep_out=True)
+        full["tf32"] = False
+        oracle = full.pop("out", None)
+        if oracle is not None:
+            full["grad_rel_err"] = 0.0
+        else:
+            # The full unroll does not fit: check the gradients on a shorter unroll, where it does.
+            steps = max(2, case.syn_steps // 4)
+            short = MTTCase(case, device, syn_steps=steps)
+            with precision(False):
+                row["short_check"] = {"syn_steps": steps, "grad_rel_err": grad_error(
+                    short.checkpointed(CudaGraphSteps(short.model, short.spec)), short.full())}
+            del short
+            free(device)
+        row["variants"].append(full)
+        log_variant(full)
+        # Each entry makes the function to time; graphs are captured on its first (warm-up) call and replayed
+        # after, and a TF32 variant gets graphs of its own because a graph keeps the kernels it captured.
+        variants = [
+            ("checkpointed", False, lambda: mc.checkpointed),
+            ("checkpointed+graphs", False, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
+            ("checkpointed+graphs+channels_last", False,
+             lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec, channels_last=True))),
+            ("full", True, lambda: mc.full),
+            ("checkpointed+graphs", True, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
+        ]
+        if case.name in compile_cases:
+            variants.append(("checkpointed+graphs+compile", False,
+                             lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec, compile=True))))
+        for name, tf32, make in variants:
+            with precision(tf32):
+                try:
+                    r = run_variant(name, make(), device, oracle)
+                except Exception as e:  # noqa: BLE001 - a failed experimental variant is a result to report
+                    if "compile" not in name:
+                        raise
+                    r = {"variant": name, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                    free(device)
+            r["tf32"] = tf32
+            row["variants"].append(r)
+            log_variant(r)
+        with precision(False):
+            row["augment"] = mc.augment_cost(device)
+        del oracle, mc
+        free(device)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
+def steps_memory_section(case: Case, device: torch.device, steps: tuple[int, ...]) -> list[dict]:
+    """Peak memory of the constant-memory path at several syn_steps (θ_k on the device, then in host memory)."""
+    out = []
+    for n in steps:
+        mc = MTTCase(case, device, syn_steps=n)
+        for store in ("device", "host"):
+            graphs = CudaGraphSteps(mc.model, mc.spec)
+            r = measure(lambda: mc.checkpointed(graphs, store=store), device, warmup=1, reps=1)
+            out.append({"syn_steps": n, "store": store, "ms": r["ms"], "peak_gib": r.get("peak_gib"),
+                        "reserved_gib": r.get("reserved_gib")})
+            del graphs
+        del mc
+        free(device)
+    return out
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+@dataclass(frozen=True)
+class ExpertBench:
+    name: str
+    channels: int
+    size: int
+    classes: int
+    images: int = 256 * 20  # 20 steps of the reference batch per epoch
+    batch: int = 256
+    width: int = CONVNET_WIDTH
+    ks: tuple[int, ...] = (10, 25)
+
+
+EXPERT_BENCHES = (ExpertBench("cifar", 3, 32, 10), ExpertBench("medmnist28", 1, 28, 2))
+
+
+def smoke_expert(b: ExpertBench) -> ExpertBench:
+    return replace(b, size=16, images=64, batch=16, width=8, ks=(4,))
+
+
+def expert_section(benches: list[ExpertBench], device: torch.device) -> list[dict]:
+    rows = []
+    for b in benches:
+        g = generator(0, 3)
+        x = torch.randn(b.images, b.channels, b.size, b.size, generator=g).to(device)
+        y = torch.randint(0, b.classes, (b.images,), generator=g).to(device)
+        recipe = TrainRecipe(epochs=1, lr=0.01, batch_size=b.batch, momentum=0.0, weight_decay=0.0,
+                             decay_at_half=False, augment=Augment.parse(DSA))
+
+        def model(i):
+            with seeded(0, i):
+                return create_model("convnet", b.classes, b.channels, b.size, width=b.width, depth=3).to(device)
+
+        def single():
+            train_network(model(0), x, y, recipe, generator(0, 0))
+
+        res = {"bench": asdict(b)}
+        with precision(True):  # torch's default for convolutions; the reference ran with it
+            r = measure(single, device, warmup=1, reps=3)
+            res["single_img_s"] = b.images / (r["ms"] / 1e3)
+            res["batched"] = []
+            for k in b.ks:
+                for bf16 in (False, True):
+                    def batched():
+                        train_batched([model(i) for i in range(k)], x, y, recipe, [generator(0, i) for i in range(k)],
+                                      bf16=bf16)
+                    try:
+                        r = measure(batched, device, warmup=1, reps=3)
+                        res["batched"].append({"k": k, "bf16": bf16, "img_s": k * b.images / (r["ms"] / 1e3),
+                                               "peak_gib": r.get("peak_gib")})
+                    except RuntimeError as e:
+                        if not is_oom(e):
+                            raise
+                        res["batched"].append({"k": k, "bf16": bf16, "oom": True})
+                    free(device)
+            res["agreement"] = trajectory_agreement(b, x, y, recipe, model, device)
+        log(f"[experts] {b.name}: single {res['single_img_s']:.0f} img/s; " + ", ".join(
+            f"K={r['k']}{' bf16' if r['bf16'] else ''} {r.get('img_s', 0):.0f}" for r in res["batched"]))
+        rows.append(res)
+        free(device)
+    return rows
+
+
+def trajectory_agreement(b: ExpertBench, x, y, recipe, model, device, k: int = 4, epochs: int = 3) -> dict:
+    """Batched against one-at-a-time trajectories after ``epochs`` epochs: ‖Δθ‖ / ‖θ_end − θ_0‖, worst expert.
+
+    Also two one-at-a-time runs against each other, the floor that nondeterministic GPU kernels set.
+    """
+    recipe = replace(recipe, epochs=epochs)
+    init = torch.stack([flatten_params(model(i)) for i in range(k)])
+    singles, repeats = [], []
+    for i in range(k):
+        for store in (singles, repeats):
+            m = model(i)
+            train_network(m, x, y, recipe, generator(0, i))
+            store.append(flatten_params(m))
+    move = [float((s - i0).norm()) for s, i0 in zip(singles, init)]
+    out = {"k": k, "epochs": epochs,
+           "repeat": max(float((a - s).norm()) / mv for a, s, mv in zip(repeats, singles, move))}
+    for bf16 in (False, True):
+        st, _ = train_batched([model(i) for i in range(k)], x, y, recipe, [generator(0, i) for i in range(k)], bf16=bf16)
+        flat = st.flat()
+        out["bf16" if bf16 else "fp32"] = max(float((flat[i] - singles[i]).norm()) / move[i] for i in range(k))
+    return out
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def disk_section(cases: list[Case], snapshots: int) -> list[dict]:
+    """Bytes of one expert file with ``snapshots`` snapshots, per storage dtype."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            model = create_model("convnet", case.classes, case.channels, case.size, width=case.width, depth=case.depth)
+            p = param_spec(model).total
+            snaps = torch.randn(snapshots, p, generator=generator(0, 4)) * 0.05
+            row = {"case": case.name, "params": p, "snapshots": snapshots}
+            for dtype in ("float32", "float16", "bfloat16"):
+                path = Path(tmp) / f"{case.name}_{dtype}.h5"
+                write_expert(path, snaps, list(range(snapshots)), snapshot_dtype=dtype,
+                             history={"train_loss": [0.0]}, attrs={"model": "convnet"},
+                             json_attrs={"param_names": [], "param_shapes": []})
+                row[dtype + "_mb"] = path.stat().st_size / 1e6
+                path.unlink()
+            rows.append(row)
+    return rows
+
+
+def synthetic_trajectory(device: torch.device, smoke: bool) -> tuple[torch.Tensor, dict]:
+    """Snapshots (T, P) of an expert trained here on a learnable synthetic 2-class 28x28 task."""
+    size, n = (16, 128) if smoke else (28, 1024)
+    g = generator(0, 5)
+    protos = torch.randn(2, 1, size, size, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = (protos[y] + 1.5 * torch.randn(n, 1, size, size, generator=g)).to(device)
+    with seeded(0, 6):
+        model = create_model("convnet3", 2, 1, size, **({"width": 8} if smoke else {})).to(device)
+    snaps = [flatten_params(model).cpu()]
+    recipe = TrainRecipe(epochs=6, lr=0.01, batch_size=256 if not smoke else 32, momentum=0.0, weight_decay=0.0,
+                         decay_at_half=False, augment=Augment.parse(DSA))
+    train_network(model, x, y.to(device), recipe, generator(0, 7),
+                  after_epoch=lambda e, s: snaps.append(flatten_params(model).cpu()))
+    return torch.stack(snaps), {"source": f"synthetic 2-class {size}x{size} task, {n} images, convnet3, 6 epochs",
+                                "model": "convnet3", "classes": 2, "channels": 1, "size": size,
+                                "model_kwargs": {"width": 8} if smoke else {}}
+
+
+def buffer_trajectory(folder: str) -> tuple[torch.Tensor, dict]:
+    experts = list_experts(folder)
+    if not experts:
+        raise SystemExit(f"--buffer {folder} holds no expert_*.h5 files.")
+    e = read_expert(experts[0])
+    if e.attrs["snapshot_dtype"] != "float32":
+        raise SystemExit(f"--buffer {folder} stores {e.attrs['snapshot_dtype']} snapshots; the comparison needs float32.")
+    return e.snapshots(), {"source": f"{experts[0].name} of {folder} ({e.fingerprint.get('name', '?')})",
+                           "model": e.attrs["model"], "classes": int(e.attrs["num_classes"]),
+                           "channels": int(e.attrs["channels"]), "size": int(e.attrs["size"]),
+                           "model_kwargs": e.model_kwargs}
+
+
+def precision_section(snaps: torch.Tensor, info: dict, device: torch.device, smoke: bool) -> dict:
+    """What storing snapshots in fp16/bf16 does to the matching loss and its gradients.
+
+    For each start t, the same student (same images, plan and step size) is matched against
+    θ*_t, θ*_{t+2} as stored in fp32 and as decoded from fp16/bf16 (start and target both decoded,
+    as a run would read them).
+    """
+    model = create_model(info["model"], info["classes"], info["channels"], info["size"], **info["model_kwargs"]).to(device)
+    spec = param_spec(model)
+    g = generator(0, 8)
+    ipc, steps, span = 10, 10, 2
+    images = torch.randn(info["classes"] * ipc, info["channels"], info["size"], info["size"], generator=g).to(device)
+    labels = (torch.arange(len(images)) % info["classes"]).to(device)
+    starts = list(range(0, len(snaps) - span))[:4]
+    out = {"info": info, "starts": starts, "span": span, "syn_steps": steps, "dtypes": {}}
+    with precision(False):
+        for dtype in ("float32", "float16", "bfloat16"):
+            q = decode_snapshots(encode_snapshots(snaps, dtype), dtype).to(device)
+            rows = []
+            for t in starts:
+                s32, t32 = snaps[t].to(device), snaps[t + span].to(device)
+                plan = make_plan(len(images), steps, 0, generator(0, 9, t))
+                # A step size that moves the student about as far as the expert moved.
+                lr = torch.tensor(0.01, device=device)
+                ref = matching_grads(model, spec, s32, t32, images, labels, lr, plan, None)
+                got = matching_grads(model, spec, q[t], q[t + span], images, labels, lr, plan, None)
+                rows.append({"t": t,
+                             "quant_over_movement": float((q[t + span] - t32).norm() / (t32 - s32).norm()),
+                             "loss_fp32": float(ref[0]), "loss": float(got[0]),
+                             "loss_rel_change": abs(float(got[0]) - float(ref[0])) / abs(float(ref[0])),
+                             "grad_images_rel_err": rel_err(got[1], ref[1]),
+                             "grad_lr_rel_err": rel_err(got[3], ref[3])})
+            out["dtypes"][dtype] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt(v, spec=".1f", none="—") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def pick(row: dict, name: str, tf32: bool) -> dict | None:
+    return next((v for v in row["variants"] if v["variant"] == name and v["tf32"] == tf32), None)
+
+
+def best_checkpointed(row: dict, tf32: bool) -> dict | None:
+    ok = [v for v in row["variants"] if v["tf32"] == tf32 and v["variant"] != "full" and "ms" in v]
+    return min(ok, key=lambda v: v["ms"]) if ok else None
+
+
+def render(res: dict) -> str:
+    smoke, cuda = res["smoke"], res["device"]["type"] == "cuda"
+    L = ["# Performance", ""]
+    L += ["<!-- Written by benchmarks/speed.py; edit the script, not this file. -->", ""]
+    if smoke:
+        L += ["> **CPU smoke run.** Tiny sizes (8-channel ConvNets, 16x16 images, 4 inner steps) on a CPU, to check",
+              "> that the benchmark runs. These are not performance figures: rerun on a GPU with",
+              "> `python benchmarks/speed.py --device cuda --out docs/performance.md`.", ""]
+    L += [f"Measured on **{res['device']['name']}**, torch {res['software']['torch']}, {res['date']}, "
+          f"in {res['seconds']:.0f} s, by `{res['command']}`. Ratios hold across machines; absolute times only for "
+          "this device. Raw numbers: the `.json` file beside this one.", ""]
+
+    rows = res.get("mtt", [])
+    if rows:
+        L += ["## MTT iteration: full unroll against the constant-memory exact gradient", "",
+              "*Full* is the reference's math: the whole unroll kept as one `create_graph=True` graph, differentiated",
+              "once (`distill/mtt/unroll.py`, the project's correctness oracle). *Checkpointed* runs the unroll",
+              "forward without a graph, keeping only each step's parameters, then walks back one step at a time with",
+              "a Hessian-vector product (`distill/mtt/checkpointed.py`). *graphs*: each step's network work is one",
+              "captured CUDA graph (the augmentation stays eager). *channels_last*: NHWC images into the network.",
+              "*TF32*: convolutions and matrix products on TF32 tensor cores; other rows are strict fp32",
+              "(`allow_tf32` off for cuDNN and cuBLAS). Same random data, same plan, same augmentation in every row;",
+              f"ms = median of {REPS} after {WARMUP} warm-ups; memory = `max_memory_allocated` over warm-ups and timed",
+              "runs (graph capture happens in the warm-ups) and, in brackets, `max_memory_reserved`, which also counts",
+              "the pools captured graphs keep. Gradient error = the larger of ‖Δ‖/‖g‖ for the image gradient and for",
+              "the step-size gradient, against the full unroll in strict fp32.", ""]
+        L += ["### Headline", "",
+              "| case | precision | full ms | best optimised | ms | speed-up | full peak GiB | optimised peak GiB | memory ratio | grad rel. error |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            for tf32 in (False, True):
+                full, best = pick(row, "full", tf32), best_checkpointed(row, tf32)
+                if best is None:
+                    continue
+                fms = full.get("ms") if full else None
+                speed = fms / best["ms"] if fms else None
+                mem = (best.get("reserved_gib") / full["reserved_gib"]) if full and full.get("reserved_gib") else None
+                L.append(f"| {row['case']['name']} | {'TF32' if tf32 else 'fp32'} | "
+                         f"{'out of memory' if full and full.get('oom') else fmt(fms)} | {best['variant']} | {fmt(best['ms'])} | "
+                         f"{fmt(speed, '.2f')}x | {mem_cell(full)} | {mem_cell(best)} | {fmt(mem, '.3f')} | "
+                         f"{fmt(best.get('grad_rel_err'), '.1e')} |")
+        L += ["", "Memory ratio = optimised reserved / full reserved (the conservative pair).", ""]
+        L += ["### Every variant", "",
+              "| case | variant | precision | ms / iteration | peak GiB (reserved) | grad rel. error | reference ms, GiB (H200) |",
+              "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            c = row["case"]
+            for v in row["variants"]:
+                ref = f"{fmt(c['ref_ms'], '.0f')}, {fmt(c['ref_gib'])}" if v["variant"] == "full" and not v["tf32"] else ""
+                ms = "out of memory" if v.get("oom") else (f"failed: {v['failed']}" if v.get("failed") else fmt(v.get("ms")))
+                L.append(f"| {c['name']} | {v['variant']} | {'TF32' if v['tf32'] else 'fp32'} | {ms} | {mem_cell(v)} | "
+                         f"{fmt(v.get('grad_rel_err'), '.1e')} | {ref} |")
+        for row in rows:
+            if row.get("short_check"):
+                sc = row["short_check"]
+                L.append("")
+                L.append(f"{row['case']['name']}: the full unroll did not fit in memory, so its gradient was checked on a "
+                         f"{sc['syn_steps']}-step unroll instead: relative error {sc['grad_rel_err']:.1e}.")
+        L += ["", "### Cost of the kornia augmentation", "",
+              "One call on one step's batch; the checkpointed path makes two per inner step (one without a graph in",
+              "the forward pass, one with its backward in the backward pass).", "",
+              "| case | augment ms (no grad) | augment ms (fwd + bwd) | per iteration, ms | share of the best fp32 iteration |",
+              "|---|---|---|---|---|"]
+        for row in rows:
+            a, steps = row["augment"], row["case"]["syn_steps"]
+            per_it = steps * (a["fwd_ms"] + a["fwd_bwd_ms"])
+            best = best_checkpointed(row, False)
+            L.append(f"| {row['case']['name']} | {a['fwd_ms']:.2f} | {a['fwd_bwd_ms']:.2f} | {per_it:.0f} | "
+                     f"{fmt(per_it / best['ms'] * 100 if best else None, '.0f')} % |")
+        if res.get("steps_memory"):
+            sm = res["steps_memory"]
+            L += ["", f"### Peak memory against syn_steps ({res['steps_memory_case']}, checkpointed+graphs, fp32)", "",
+                  "`store=device` keeps each θ_k (P floats) on the device; `store=host` keeps them in pinned CPU memory.", "",
+                  "| syn_steps | store | ms / iteration | peak GiB (reserved) |", "|---|---|---|---|"]
+            for r in sm:
+                L.append(f"| {r['syn_steps']} | {r['store']} | {fmt(r['ms'])} | {mem_cell(r)} |")
+        L += ["", "### Targets", ""] + mtt_verdicts(res)
+    if res.get("experts"):
+        L += ["", "## Expert training: one at a time against K experts in one vmapped network", "",
+              "Random data, ConvNet depth 3 (width as above), batch 256, the reference's DSA, SGD lr 0.01;",
+              "convolutions with torch's default TF32 (as the reference ran). images/s counts every expert's images.",
+              "bf16 = `torch.autocast(bfloat16)` around the forward pass (`--bf16`).", "",
+              "| input | one at a time | K | bf16 | images/s | x one at a time | x reference (one at a time, H200) |",
+              "|---|---|---|---|---|---|---|"]
+        for r in res["experts"]:
+            b = r["bench"]
+            ref = REFERENCE_EXPERT_IMG_S.get(b["name"])
+            L.append(f"| {b['name']} {b['channels']}x{b['size']}x{b['size']} | {r['single_img_s']:.0f} | 1 | no | "
+                     f"{r['single_img_s']:.0f} | 1.00 | {fmt(r['single_img_s'] / ref if ref and not smoke else None, '.2f')} |")
+            for bt in r["batched"]:
+                if bt.get("oom"):
+                    L.append(f"| | | {bt['k']} | {'yes' if bt['bf16'] else 'no'} | out of memory | | |")
+                    continue
+                L.append(f"| | | {bt['k']} | {'yes' if bt['bf16'] else 'no'} | {bt['img_s']:.0f} | "
+                         f"{bt['img_s'] / r['single_img_s']:.2f} | {fmt(bt['img_s'] / ref if ref and not smoke else None, '.2f')} |")
+        L += ["", "Agreement with one-at-a-time training (same seeds), worst of K experts, after a few epochs:",
+              "‖θ_batched − θ_single‖ / ‖θ_single − θ_0‖. *repeat* is one-at-a-time against itself (nondeterministic",
+              "GPU kernels alone).", "", "| input | K | epochs | repeat | batched fp32 | batched bf16 |", "|---|---|---|---|---|---|"]
+        for r in res["experts"]:
+            a = r["agreement"]
+            L.append(f"| {r['bench']['name']} | {a['k']} | {a['epochs']} | {a['repeat']:.1e} | {a['fp32']:.1e} | {a['bf16']:.1e} |")
+        L += ["", "### Targets", ""] + expert_verdicts(res)
+    if res.get("disk"):
+        L += ["", "## Snapshot storage", "",
+              f"One expert file with {res['disk'][0]['snapshots']} snapshots (the reference keeps 51 fp32), in MB:", "",
+              "| case | parameters | float32 | float16 | bfloat16 | fp16 / fp32 |", "|---|---|---|---|---|---|"]
+        for r in res["disk"]:
+            L.append(f"| {r['case']} | {r['params']:,} | {r['float32_mb']:.1f} | {r['float16_mb']:.1f} | "
+                     f"{r['bfloat16_mb']:.1f} | {r['float16_mb'] / r['float32_mb']:.2f} |")
+    if res.get("precision"):
+        p = res["precision"]
+        L += ["", f"Effect on matching, measured on {p['info']['source']}: the same student (random synthetic images,",
+              f"{p['syn_steps']} steps, no augmentation) matched against θ*_t → θ*_(t+{p['span']}) as stored in fp32 and as",
+              "decoded from fp16/bf16, for start t in " + ", ".join(map(str, p["starts"])) + " (worst case shown).",
+              "*Rounding / movement* = ‖θ*_q − θ*‖ / ‖θ*_(t+span) − θ*_t‖: how large the storage rounding is against",
+              "the expert's own movement, which is the matching loss's denominator.", "",
+              "| stored as | rounding / movement | matching loss change | image gradient rel. error | step-size gradient rel. error |",
+              "|---|---|---|---|---|"]
+        for dtype, rows_ in p["dtypes"].items():
+            worst = {k: max(r[k] for r in rows_) for k in ("quant_over_movement", "loss_rel_change",
+                                                           "grad_images_rel_err", "grad_lr_rel_err")}
+            L.append(f"| {dtype} | {worst['quant_over_movement']:.1e} | {worst['loss_rel_change']:.1e} | "
+                     f"{worst['grad_images_rel_err']:.1e} | {worst['grad_lr_rel_err']:.1e} |")
+        L += ["", "Target: disk per expert at most 1/2 of fp32 snapshots. " + disk_verdict(res)]
+    L += ["", "## What is used, and why", ""] + NOTES
+    return "\n".join(L) + "\n"
+
+
+def mem_cell(v: dict | None) -> str:
+    if not v or v.get("oom"):
+        return "out of memory" if v else "—"
+    if v.get("peak_gib") is None:
+        return "—"
+    return f"{v['peak_gib']:.2f} ({v['reserved_gib']:.2f})"
+
+
+def mtt_verdicts(res: dict) -> list[str]:
+    if res["smoke"]:
+        return ["CPU smoke run: targets are judged on a GPU only."]
+    out = []
+    by = {r["case"]["name"]: r for r in res["mtt"]}
+    for name, want in TARGET_SPEEDUP.items():
+        row = by.get(name)
+        if not row:
+            continue
+        for tf32 in (False, True):
+            full, best = pick(row, "full", tf32), best_checkpointed(row, tf32)
+            if not full or "ms" not in full or not best:
+                continue
+            got = full["ms"] / best["ms"]
+            out.append(f"- {name}, {'TF32' if tf32 else 'fp32'}: {got:.2f}x faster than the full unroll "
+                       f"(target {want:.0f}x): " + ("met." if got >= want else f"**missed by {want / got:.1f}x**."))
+    for row in res["mtt"]:
+        full, best = pick(row, "full", False), best_checkpointed(row, False)
+        if full and full.get("reserved_gib") and best:
+            ratio = best["reserved_gib"] / full["reserved_gib"]
+            out.append(f"- {row['case']['name']}: peak memory {ratio:.3f} of the full unroll (target ≤ {TARGET_MEMORY_RATIO}): "
+                       + ("met." if ratio <= TARGET_MEMORY_RATIO else "**missed**."))
+        elif full and full.get("oom") and best:
+            out.append(f"- {row['case']['name']}: the full unroll ran out of memory on this device; the optimised path "
+                       f"peaked at {best['reserved_gib']:.2f} GiB reserved.")
+        errs = [v["grad_rel_err"] for v in row["variants"] if not v["tf32"] and v["variant"] != "full" and "grad_rel_err" in v]
+        if errs:
+            e = max(errs)
+            out.append(f"- {row['case']['name']}: worst fp32 gradient error {e:.1e} (target ≤ 1e-4): "
+                       + ("met." if e <= 1e-4 else "**missed**."))
+    cxr = by.get("cxr128_ipc20")
+    if cxr:
+        best = best_checkpointed(cxr, False)
+        if best:
+            g = best["reserved_gib"]
+            out.append(f"- cxr128_ipc20 in {g:.2f} GiB reserved (target ≤ {TARGET_CXR_GIB:.0f} GiB): "
+                       + ("met." if g <= TARGET_CXR_GIB else "**missed**."))
+    if res.get("steps_memory"):
+        for store in ("device", "host"):
+            r = [x for x in res["steps_memory"] if x["store"] == store and x.get("reserved_gib") is not None]
+            if len(r) >= 2:
+                growth = (r[-1]["peak_gib"] - r[0]["peak_gib"]) / (r[-1]["syn_steps"] - r[0]["syn_steps"]) * 1024
+                out.append(f"- store={store}: peak allocated memory grows by {growth:.2f} MiB per extra inner step "
+                           f"({r[0]['peak_gib']:.2f} GiB at {r[0]['syn_steps']} steps, {r[-1]['peak_gib']:.2f} GiB at {r[-1]['syn_steps']}).")
+    return out
+
+
+def expert_verdicts(res: dict) -> list[str]:
+    if res["smoke"]:
+        return ["CPU smoke run: targets are judged on a GPU only."]
+    out = []
+    for r in res["experts"]:
+        ref = REFERENCE_EXPERT_IMG_S.get(r["bench"]["name"])
+        ok = [b for b in r["batched"] if "img_s" in b and not b["bf16"]]
+        ok16 = [b for b in r["batched"] if "img_s" in b and b["bf16"]]
+        for label, cands in (("fp32/TF32", ok), ("bf16", ok16)):
+            if not cands or not ref:
+                continue
+            best = max(cands, key=lambda b: b["img_s"])
+            f = best["img_s"] / ref
+            out.append(f"- {r['bench']['name']}, {label}, K={best['k']}: {best['img_s']:.0f} images/s = {f:.2f}x the reference's "
+                       f"{ref} (target {TARGET_EXPERT_FACTOR:.0f}x): " + ("met." if f >= TARGET_EXPERT_FACTOR else
+                                                                          f"**missed by {TARGET_EXPERT_FACTOR / f:.1f}x**."))
+    return out
+
+
+def disk_verdict(res: dict) -> str:
+    ratios = [r["float16_mb"] / r["float32_mb"] for r in res["disk"]]
+    return (f"fp16 and bf16 files are {max(ratios):.2f} of fp32 at most: "
+            + ("met." if max(ratios) <= TARGET_DISK_RATIO else "**missed**."))
+
+
+NOTES = [
+    "- **Constant-memory exact gradient** (`gradient = \"checkpoint\"`): exact, not approximate; the gradient errors",
+    "  above are rounding. Between the two passes it keeps θ_k, P floats per inner step (1.2 MB for convnet3, 2.4 MB",
+    "  for convnet5 at 128x128): small against one step's activations, but proportional to syn_steps;",
+    "  `store=\"host\"` moves them to pinned CPU memory for device memory that does not grow with syn_steps at all.",
+    "- **Cost**: the checkpointed path runs each step's forward and backward twice (once without a graph, once with",
+    "  the double backward), so where the arithmetic dominates it does more work than the full unroll; its speed-up",
+    "  comes from launching each step as one CUDA graph and from not holding (and allocating) the whole unrolled graph.",
+    "- **CUDA graphs** (`CudaGraphSteps`): one graph for a step's gradient and one for its vector-Jacobian product, captured",
+    "  once per shape and replayed every step; the augmentation stays outside because it draws its random parameters",
+    "  on the CPU, and autograd carries the image gradient back through it.",
+    "- **torch.compile**: the step, written with `torch.func.grad`/`vjp`, compiles (autograd's double backward through",
+    "  `torch.autograd.grad(create_graph=True)` does not). Where the table has a *compile* row, compare it; it is kept",
+    "  only where it beats the captured eager graph.",
+    "- **Fused parameter updates**: the student's parameters are one flat vector, so each update is one kernel; the",
+    "  batched experts update all K with one foreach SGD step over stacked tensors.",
+    "- **Augmentation**: see its table; kornia's affine warp plus the host-to-device copies of the random",
+    "  parameters (pageable copies, each of which waits for the GPU) are the eager part left in every step.",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--smoke", action="store_true", help="Tiny sizes, to check on a CPU that everything runs.")
+    ap.add_argument("--out", default=None, help="Markdown report (default docs/performance.md; out/performance-smoke.md with --smoke).")
+    ap.add_argument("--sections", default="mtt,steps,experts,storage", help="Comma list of mtt, steps, experts, storage.")
+    ap.add_argument("--cases", default=",".join(c.name for c in CASES), help="Comma list of MTT cases.")
+    ap.add_argument("--compile-cases", default="medmnist28_ipc10",
+                    help="Cases that also try torch.compile for the step (slow to compile; '' for none).")
+    ap.add_argument("--buffer", default=None, help="A real buffer folder (float32 snapshots) for the snapshot-precision check.")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("Without a GPU the full sizes take hours; use --smoke on a CPU.")
+    out = Path(args.out or (REPO / ("out/performance-smoke.md" if args.smoke else "docs/performance.md")))
+    sections = set(args.sections.split(","))
+    names = [n for n in args.cases.split(",") if n]
+    unknown = set(names) - {c.name for c in CASES}
+    if unknown:
+        raise SystemExit(f"Unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(c.name for c in CASES)}.")
+    cases = [c for c in CASES if c.name in names]
+    if args.smoke:
+        cases = [smoke_case(c) for c in cases]
+    compile_cases = set(filter(None, args.compile_cases.split(","))) if device.type == "cuda" else set()
+
+    t0 = time.perf_counter()
+    res = {"format": "distill-benchmark-speed", "format_version": REPORT_VERSION, "smoke": args.smoke,
+           "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+           "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name if argv is None else "speed.py",
+                                                                    *(sys.argv[1:] if argv is None else argv)]),
+           "device": {"type": device.type,
+                      "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"},
+           "software": software_versions()}
+    if "mtt" in sections:
+        res["mtt"] = mtt_section(cases, device, args.smoke, compile_cases)
+    if "steps" in sections and cases:
+        base = cases[0]
+        steps = (base.syn_steps, 2 * base.syn_steps) if args.smoke else (10, 30)
+        res["steps_memory_case"] = base.name
+        res["steps_memory"] = steps_memory_section(base, device, steps)
+    if "experts" in sections:
+        benches = [smoke_expert(b) for b in EXPERT_BENCHES] if args.smoke else list(EXPERT_BENCHES)
+        res["experts"] = expert_section(benches, device)
+    if "storage" in sections:
+        disk_cases = cases or [smoke_case(c) if args.smoke else c for c in CASES]
+        res["disk"] = disk_section(disk_cases, REFERENCE_SNAPSHOTS)
+        snaps, info = buffer_trajectory(args.buffer) if args.buffer else synthetic_trajectory(device, args.smoke)
+        res["precision"] = precision_section(snaps, info, device, args.smoke)
+    res["seconds"] = time.perf_counter() - t0
+    write_json(out.with_suffix(".json"), res)
+    with atomic_path(out) as tmp:
+        tmp.write_text(render(res))
+    log(f"Wrote {out} and {out.with_suffix('.json')} in {res['seconds']:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

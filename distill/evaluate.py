@@ -1,0 +1,563 @@
+"""Recipient evaluation: train fresh networks on shares or on real baselines, test on real data.
+
+Public entry point: :func:`evaluate`. A receiving hospital needs only the
+share(s) and its own data, so this module imports nothing from ``mtt`` or
+``buffer``. Every *arm* (the distilled union of shares, a random real subset,
+the full training split) is trained ``runs`` times under the same protocol and
+tested on the same real test split; the protocol and the JSON report are
+documented in docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .augment import DEFAULT_TRANSFORMS, Augment
+from .data import Preprocessing, RealData, class_counts, fit_preprocessing, load_data
+from .distributed import resolve_device
+from .errors import DataError, DistillError, DivergenceError, FormatError
+from .formats.common import utc_now
+from .formats.share import Recipe, Share, load_share
+from .io import software_versions, write_json
+from .models import create_model, list_models
+from .progress import progress
+from .seeding import derive_seed, generator, seeded
+from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, TrainRecipe, predict, train_network
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = "distill-eval"
+EVAL_FORMAT_VERSION = "1.0"
+
+BASELINES = ("random-real", "full")
+DEFAULT_MODEL = "convnet3"  # the reference MTT evaluation network, used when no share names one
+REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
+REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
+# The full-data baseline is the slow one: 300 epochs over PneumoniaMNIST's 4,708 images is about
+# 3.5 h per network on one CPU core; 30 epochs is past the plateau of its validation accuracy.
+FULL_EPOCHS = 30
+DEFAULT_AUGMENT = ",".join(DEFAULT_TRANSFORMS)
+LOSSES = ("soft_cross_entropy", "cross_entropy")
+LR_DECAYS = {"half": True, "none": False}
+
+# Sub-streams of the user seed. Run r of every arm starts from the same initial weights
+# (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
+MODEL_KEY, DATA_KEY, SUBSET_KEY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Recipient evaluation. ``baselines=None`` means both baselines beside a share, none without."""
+
+    shares: tuple[str, ...] = ()
+    test: str | None = None  # real data whose test split is scored; defaults to ``train``
+    train: str | None = None  # real data whose train split feeds the baselines; defaults to ``test``
+    baselines: tuple[str, ...] | None = None  # subset of BASELINES; ("none",) for none
+    ipc: int | None = None  # random-real images per class; default: the share's largest class
+    model: str | None = None  # default: the shares' recipe model, else DEFAULT_MODEL
+    model_kwargs: dict | None = None  # arguments of --model (TOML config only); default: the share's, else none
+    runs: int = 5
+    epochs: int | None = None  # overrides every arm's epochs
+    lr: float | None = None  # overrides the distilled arm's step size (baselines keep REAL_LR)
+    zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
+    size: int | None = None  # resize real images (default: the share's geometry, else the source's)
+    seed: int = 0
+    device: str = "auto"
+    json: str | None = None  # where to write the JSON report
+
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts; row = true class, column = predicted class."""
+    idx = labels.long().cpu() * num_classes + pred.long().cpu()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve by the Mann-Whitney rank formula; ties count one half. NaN without both classes."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))  # average ranks, so ties give 1/2
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_ovr(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUC of (N, K) class probabilities: binary for K = 2, else the macro mean of one-vs-rest AUCs.
+
+    A class absent from ``labels`` has no one-vs-rest AUC and is left out of the mean.
+    """
+    p = probs.detach().double().cpu().numpy()
+    y = labels.cpu().numpy()
+    if p.shape[1] == 2:
+        return binary_auc(p[:, 1], y == 1)
+    per_class = [binary_auc(p[:, k], y == k) for k in range(p.shape[1])]
+    valid = [a for a in per_class if not math.isnan(a)]
+    return float(np.mean(valid)) if valid else float("nan")
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, AUC, per-class accuracy (recall; NaN for a class absent from ``labels``) and confusion."""
+    k = probs.shape[1]
+    cm = confusion_matrix(probs.argmax(1), labels, k)
+    support = cm.sum(1)
+    per_class = [float(cm[c, c] / support[c]) if support[c] else float("nan") for c in range(k)]
+    acc = float(cm.diag().sum() / cm.sum()) if cm.sum() else float("nan")
+    return {"accuracy": acc, "auc": auc_ovr(probs, labels), "per_class_accuracy": per_class,
+            "confusion": cm.tolist()}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of the finite values; NaN if none."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(runs: Sequence[dict]) -> tuple[dict, dict]:
+    """Mean and std over runs of accuracy, AUC and each class's accuracy."""
+    mean, std = {}, {}
+    for key in ("accuracy", "auc"):
+        mean[key], std[key] = mean_std([r[key] for r in runs])
+    per_class = [mean_std(col) for col in zip(*(r["per_class_accuracy"] for r in runs))]
+    mean["per_class_accuracy"] = [m for m, _ in per_class]
+    std["per_class_accuracy"] = [s for _, s in per_class]
+    return mean, std
+
+
+# ----------------------------------------------------------------------------- training sets
+
+
+def draw_random_real(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator,
+                     class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Indices of exactly ``ipc`` images per class, drawn without replacement; (num_classes * ipc,) int64, class-major."""
+    if ipc < 1:
+        raise DataError(f"--ipc must be at least 1; got {ipc}.")
+    out = []
+    for c in range(num_classes):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < ipc:
+            name = class_names[c] if class_names else str(c)
+            raise DataError(f"Class {name!r} has only {len(pool)} training images, fewer than --ipc {ipc}.")
+        out.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
+    return torch.cat(out)
+
+
+def share_targets(share, source: str = "share") -> torch.Tensor:
+    """The targets a share's recipe asks for: class ids for ``cross_entropy``, ``Share.targets()`` otherwise."""
+    loss = share.recipe.loss
+    if loss not in LOSSES:
+        raise FormatError(f"{source} asks for the loss {loss!r}; this version knows {', '.join(LOSSES)}.")
+    return share.labels.long() if loss == "cross_entropy" else share.targets()
+
+
+def _as_probabilities(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if targets.ndim == 2:
+        return targets.float()
+    # One-hot targets make soft cross-entropy equal plain cross-entropy, so hard and soft shares can mix.
+    return torch.nn.functional.one_hot(targets.long(), num_classes).float()
+
+
+def _incompatible(a: Preprocessing, b: Preprocessing) -> str | None:
+    """Why images preprocessed by ``b`` cannot join those of ``a``, or None.
+
+    Mean/std normalisations are per-channel affine maps, so a share normalised with
+    another hospital's statistics is converted exactly (:func:`renormalise`). ZCA
+    whitening is fitted on each hospital's data, and a synthetic image optimised in
+    one whitened space has no faithful image in another, so ZCA must match exactly.
+    """
+    if a.zca or b.zca:
+        return a.same_as(b)
+    if (a.size, a.channels) != (b.size, b.channels):
+        return a.same_as(b)  # names the geometry
+    return None
+
+
+def renormalise(images: torch.Tensor, src: Preprocessing, dst: Preprocessing) -> torch.Tensor:
+    """(N, C, H, W) images normalised with ``src``'s mean/std -> the same pixels normalised with ``dst``'s.
+
+    Exact (no clamping): pixel = x * std_src + mean_src, then (pixel - mean_dst) / std_dst.
+    """
+    if src.zca or dst.zca or (torch.equal(src.mean, dst.mean) and torch.equal(src.std, dst.std)):
+        return images
+    view = lambda t: t.view(1, -1, 1, 1).to(images)  # noqa: E731
+    return (images * view(src.std) + view(src.mean) - view(dst.mean)) / view(dst.std)
+
+
+# Recipe fields that must agree across shares, and the flag that settles a disagreement (None: no flag).
+_MUST_AGREE = {"model": "--model", "epochs": "--epochs", "batch_size": None, "momentum": None,
+               "weight_decay": None, "lr_decay": None, "augment": None}
+
+
+@dataclass
+class Union:
+    """The shares joined into one training set."""
+
+    images: torch.Tensor  # (N, C, H, W) float32, network space
+    targets: torch.Tensor  # (N,) int64 when every share trains on hard labels, else (N, K) probabilities
+    labels: torch.Tensor  # (N,) int64 hard class ids
+    class_names: list[str]
+    preprocessing: Preprocessing
+    recipe: Recipe  # lr = the union's step size
+    described: list[dict]  # one entry per share for the report
+
+
+def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None, epochs: int | None = None,
+                lr: float | None = None) -> Union:
+    """Join ``(name, Share)`` pairs into one training set, or explain in one sentence what differs.
+
+    Images and targets are concatenated. The step size of the union is the geometric
+    mean of the shares' learned step sizes (a scale, learned on a log scale) unless
+    ``lr`` is given; other recipe fields must agree unless a flag overrides them.
+    """
+    if not shares:
+        raise DistillError("No share was given.")
+    name0, first = shares[0]
+    for name, s in shares[1:]:
+        if list(s.class_names) != list(first.class_names):
+            raise DataError(f"{name} has classes {list(s.class_names)} but {name0} has {list(first.class_names)}; "
+                            "shares must have the same classes in the same order.")
+        why = _incompatible(first.preprocessing, s.preprocessing)
+        if why:
+            raise DataError(f"{name} and {name0} cannot be trained on together: their preprocessing differs ({why}).")
+        if tuple(s.images.shape[1:]) != tuple(first.images.shape[1:]):
+            raise DataError(f"{name} holds images of shape {tuple(s.images.shape[1:])} but {name0} "
+                            f"holds {tuple(first.images.shape[1:])}.")
+        for field_name, flag in _MUST_AGREE.items():
+            if (flag == "--model" and model is not None) or (flag == "--epochs" and epochs is not None):
+                continue  # the flag settles it
+            a, b = getattr(first.recipe, field_name), getattr(s.recipe, field_name)
+            if a != b:
+                fix = f"; pass {flag} to choose" if flag else ""
+                raise DataError(f"{name} and {name0} have different recipe {field_name} ({b!r} vs {a!r}){fix}.")
+        if s.recipe.model_kwargs != first.recipe.model_kwargs and model is None:
+            raise DataError(f"{name} and {name0} build {first.recipe.model} with different arguments "
+                            f"({s.recipe.model_kwargs} vs {first.recipe.model_kwargs}); pass --model to choose.")
+    k = len(first.class_names)
+    targets = [share_targets(s, name) for name, s in shares]
+    if all(t.ndim == 1 for t in targets):
+        joined = torch.cat([t.long() for t in targets])
+    else:
+        joined = torch.cat([_as_probabilities(t, k) for t in targets])
+    lrs = [float(s.recipe.lr) for _, s in shares]
+    step = lr if lr is not None else lrs[0] if len(set(lrs)) == 1 else float(np.exp(np.mean(np.log(lrs))))
+    described = [{
+        "path": name, "images": len(s.labels), "class_counts": class_counts(s.labels.long(), k),
+        "labels": "hard" if t.ndim == 1 else "soft", "label_temperature": float(s.label_temperature),
+        "lr": float(s.recipe.lr), "recipe": asdict(s.recipe), "payload_sha256": getattr(s, "payload_sha256", ""),
+    } for (name, s), t in zip(shares, targets)]
+    images = []
+    for name, s in shares:
+        x = s.images.float()
+        converted = renormalise(x, s.preprocessing, first.preprocessing)
+        if converted is not x:
+            log.info("%s was normalised with another mean/std; its images were converted to %s's.", name, name0)
+        images.append(converted)
+    return Union(images=torch.cat(images), targets=joined,
+                 labels=torch.cat([s.labels.long() for _, s in shares]), class_names=list(first.class_names),
+                 preprocessing=first.preprocessing, recipe=replace(first.recipe, lr=step), described=described)
+
+
+def load_shares(paths: Sequence[str]) -> list[tuple[str, Share]]:
+    """Read and validate each share file (the reader refuses malformed ones)."""
+    return [(str(p), load_share(p)) for p in paths]
+
+
+# ----------------------------------------------------------------------------- one arm
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training condition: a name for tables, and what to train on in each run."""
+
+    name: str
+    kind: str  # "distilled" | "random-real" | "full"
+    recipe: TrainRecipe
+    recipe_report: dict
+    trained_on: dict
+    # run index -> (images (N,C,H,W) network space, targets, extra per-run record)
+    data_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
+    """A share-style Recipe -> the TrainRecipe to run and its record for the report (``epochs`` overrides)."""
+    if r.lr_decay not in LR_DECAYS:
+        raise FormatError(f"The recipe's lr_decay {r.lr_decay!r} is unknown; expected one of {', '.join(LR_DECAYS)}.")
+    try:
+        aug = Augment.parse(r.augment)
+        recipe = TrainRecipe(epochs=epochs or r.epochs, lr=r.lr, batch_size=r.batch_size, momentum=r.momentum,
+                             weight_decay=r.weight_decay, decay_at_half=LR_DECAYS[r.lr_decay], augment=aug)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    report = {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size, "momentum": recipe.momentum,
+              "weight_decay": recipe.weight_decay, "lr_decay": r.lr_decay, "augment": r.augment or "none"}
+    return recipe, report
+
+
+def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int, int, int], x_test: torch.Tensor,
+             y_test: torch.Tensor, cfg: EvalConfig, device: torch.device, tick: Callable[[], None] | None) -> dict:
+    k, channels, size = geometry
+    runs = []
+    t_arm = time.perf_counter()
+    for run in range(cfg.runs):
+        images, targets, extra = arm.data_for_run(run)
+        with seeded(cfg.seed, run, MODEL_KEY):
+            model = create_model(model_name, k, channels, size, **model_kwargs)
+        model.to(device)
+        t0 = time.perf_counter()
+        history = train_network(model, images.to(device), targets.to(device), arm.recipe,
+                                generator(cfg.seed, run, DATA_KEY),
+                                after_epoch=(lambda e, s: tick()) if tick else None)
+        seconds = time.perf_counter() - t0
+        final_loss = history[-1]["loss"]
+        if not math.isfinite(final_loss):
+            raise DivergenceError(f"Training on {arm.name} diverged (loss {final_loss}) in run {run}; "
+                                  "try a smaller --lr or fewer --epochs.")
+        metrics = classification_metrics(predict(model, x_test).cpu(), y_test)
+        runs.append({"run": run, "model_seed": derive_seed(cfg.seed, run, MODEL_KEY),
+                     "data_seed": derive_seed(cfg.seed, run, DATA_KEY), **extra, **metrics,
+                     "final_train_loss": final_loss, "train_seconds": seconds})
+        log.info("%s, run %d: accuracy %.2f %%, AUC %.3f (%.1f s)", arm.name, run, 100 * metrics["accuracy"],
+                 metrics["auc"], seconds)
+    mean, std = summarize(runs)
+    return {"name": arm.name, "kind": arm.kind, "trained_on": arm.trained_on, "recipe": arm.recipe_report,
+            "runs": runs, "mean": mean, "std": std, "wall_seconds": time.perf_counter() - t_arm}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
+    if cfg.runs < 1:
+        raise DistillError(f"--runs must be at least 1; got {cfg.runs}.")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise DistillError(f"--epochs must be at least 1; got {cfg.epochs}.")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise DistillError(f"--lr must be positive; got {cfg.lr}.")
+    if cfg.ipc is not None and cfg.ipc < 1:
+        raise DistillError(f"--ipc must be at least 1; got {cfg.ipc}.")
+    if cfg.model is not None and cfg.model not in list_models():
+        raise DistillError(f"Unknown model {cfg.model!r}; choose one of {', '.join(list_models())}.")
+    baselines = tuple(cfg.baselines) if cfg.baselines is not None else (BASELINES if shares else ())
+    if "none" in baselines:
+        if len(baselines) > 1:
+            raise DistillError("--baseline none cannot be combined with other baselines.")
+        baselines = ()
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise DistillError(f"Unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)} or none.")
+    if not shares and not baselines:
+        raise DistillError("Nothing to evaluate: give one or more share files, or --baseline random-real|full.")
+    if "random-real" in baselines and not shares and cfg.ipc is None:
+        raise DistillError("--baseline random-real needs --ipc K (images per class) when no share is given.")
+    if not (cfg.test or cfg.train):
+        raise DistillError("Give the real data to test on with --test DATA (and --train DATA for baselines).")
+    return tuple(dict.fromkeys(baselines))
+
+
+def _check_real(data: RealData, class_names: list[str], channels: int, what: str) -> None:
+    if data.num_classes != len(class_names):
+        raise DataError(f"{what} {data.name} has {data.num_classes} classes but the share has {len(class_names)} "
+                        f"({', '.join(class_names)}).")
+    if data.channels != channels:
+        raise DataError(f"{what} {data.name} has {data.channels}-channel images but the share expects {channels}.")
+    if list(data.class_names) != list(class_names):
+        log.warning("%s %s names its classes %s, the share %s; they are matched by position.", what, data.name,
+                    data.class_names, class_names)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every arm of one evaluation shares."""
+
+    pre: Preprocessing
+    pre_source: str
+    class_names: list[str]
+    base_recipe: Recipe  # the union's, or the baseline defaults
+    model_name: str
+    model_kwargs: dict
+
+
+def _setup(cfg: EvalConfig, union: Union | None, train_data: RealData, test_data: RealData,
+           baselines: tuple[str, ...]) -> _Setup:
+    if union is not None:
+        pre = union.preprocessing
+        _check_real(test_data, union.class_names, pre.channels, "Test data")
+        if baselines:
+            _check_real(train_data, union.class_names, pre.channels, "Training data")
+        if test_data.size != pre.size:
+            raise DataError(f"Test images are {test_data.size} px but the share's are {pre.size} px; "
+                            f"pass --size {pre.size}.")
+        model_name = cfg.model or union.recipe.model
+        kwargs = dict(union.recipe.model_kwargs) if model_name == union.recipe.model else {}
+        return _Setup(pre, "share", union.class_names, union.recipe, model_name,
+                      dict(cfg.model_kwargs) if cfg.model_kwargs is not None else kwargs)
+    if test_data is not train_data and (test_data.num_classes, test_data.channels, test_data.size) != \
+            (train_data.num_classes, train_data.channels, train_data.size):
+        raise DataError(f"Test data {test_data.name} and training data {train_data.name} differ in classes, "
+                        "channels or image size.")
+    # Baselines without a share: the share's recipe type carries the reference protocol.
+    recipe = Recipe(model=cfg.model or DEFAULT_MODEL, model_kwargs={}, lr=REAL_LR, epochs=REAL_EPOCHS,
+                    batch_size=EVAL_BATCH, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY,
+                    lr_decay="half", augment=DEFAULT_AUGMENT, loss="cross_entropy")
+    return _Setup(fit_preprocessing(train_data.train.images, zca=cfg.zca), "fit on the train split",
+                  list(train_data.class_names), recipe, recipe.model, dict(cfg.model_kwargs or {}))
+
+
+def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, train_data: RealData,
+          baselines: tuple[str, ...], device: torch.device) -> list[Arm]:
+    k = len(setup.class_names)
+    arms: list[Arm] = []
+    if union is not None:
+        recipe, rep = _train_recipe(union.recipe, cfg.epochs)
+        rep["loss"] = "cross_entropy" if union.targets.ndim == 1 else "soft_cross_entropy"
+        labels = {d["labels"] for d in union.described}
+        n = len(union.described)
+        arms.append(Arm(
+            name=f"distilled ({n} share{'s' if n > 1 else ''}, {'/'.join(sorted(labels))} labels)",
+            kind="distilled", recipe=recipe, recipe_report=rep,
+            trained_on={"shares": union.described, "images": len(union.labels),
+                        "class_counts": class_counts(union.labels, k),
+                        "labels": labels.pop() if len(labels) == 1 else "mixed"},
+            data_for_run=lambda run: (union.images, union.targets, {})))
+    if not baselines:
+        return arms
+    x_train, y_train = setup.pre(train_data.train.images).to(device), train_data.train.labels
+    real = {"data": train_spec, "name": train_data.name, "split": "train"}
+    real_recipe = replace(setup.base_recipe, lr=REAL_LR)
+    if "random-real" in baselines:
+        ipc = cfg.ipc or max(class_counts(union.labels, k))
+        recipe, rep = _train_recipe(real_recipe, cfg.epochs)
+
+        def random_real(run: int):
+            idx = draw_random_real(y_train, k, ipc, generator(cfg.seed, run, SUBSET_KEY), setup.class_names)
+            return x_train[idx.to(device)], y_train[idx], {"subset_seed": derive_seed(cfg.seed, run, SUBSET_KEY),
+                                                           "indices": idx.tolist()}
+
+        random_real(0)  # refuse a too-small class before any training
+        arms.append(Arm(name=f"random real ({ipc}/class)", kind="random-real", recipe=recipe,
+                        recipe_report=rep | {"loss": "cross_entropy"},
+                        trained_on={**real, "ipc": ipc, "images": ipc * k, "class_counts": [ipc] * k},
+                        data_for_run=random_real))
+    if "full" in baselines:
+        recipe, rep = _train_recipe(real_recipe, cfg.epochs or FULL_EPOCHS)
+        arms.append(Arm(name="full training split", kind="full", recipe=recipe,
+                        recipe_report=rep | {"loss": "cross_entropy"},
+                        trained_on={**real, "images": len(y_train), "class_counts": class_counts(y_train, k)},
+                        data_for_run=lambda run: (x_train, y_train, {})))
+    return arms
+
+
+def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = None) -> dict:
+    """Train ``cfg.runs`` fresh networks per arm and score them on the real test split; returns the report.
+
+    ``shares``: already loaded ``(name, Share)`` pairs; by default ``cfg.shares`` is read from disk.
+    The report (a JSON-able dict, documented in docs/evaluation.md) is also written to ``cfg.json``.
+    """
+    if shares is None:
+        shares = load_shares(cfg.shares)
+    baselines = _validate(cfg, shares)
+    device = resolve_device(cfg.device)
+    union = join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr) if shares else None
+
+    # One load when train and test name the same source. A folder without split sub-folders is
+    # split with load_data's fixed split seed, not --seed: every seed must score the same test images.
+    size = cfg.size or (union.preprocessing.size if union else None)
+    test_spec, train_spec = cfg.test or cfg.train, cfg.train or cfg.test
+    test_data = load_data(test_spec, size=size)
+    train_data = test_data if train_spec == test_spec else load_data(train_spec, size=size)
+    if len(test_data.test) == 0:
+        raise DataError(f"{test_data.name} has an empty test split; there is nothing to score.")
+    setup = _setup(cfg, union, train_data, test_data, baselines)
+    k = len(setup.class_names)
+    geometry = (k, setup.pre.channels, setup.pre.size)
+    try:
+        create_model(setup.model_name, *geometry, **setup.model_kwargs)  # fail before any training
+    except (ValueError, TypeError) as e:
+        raise DistillError(f"Model {setup.model_name} cannot be built for these images: {e}") from None
+
+    arms = _arms(cfg, union, setup, train_spec, train_data, baselines, device)
+    x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
+    total = sum(cfg.runs * a.recipe.epochs for a in arms)
+    results = []
+    with progress(range(total), label="eval", length=total) as bar:
+        tick = (lambda: bar.update(1)) if hasattr(bar, "update") else None
+        for arm in arms:
+            results.append(_run_arm(arm, setup.model_name, setup.model_kwargs, geometry, x_test, y_test, cfg,
+                                    device, tick))
+
+    report = _json_safe({
+        "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION, "created": utc_now(),
+        "software": software_versions(), "device": str(device), "seed": cfg.seed, "runs": cfg.runs,
+        "model": setup.model_name, "model_kwargs": setup.model_kwargs,
+        "preprocessing": {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
+                          "channels": setup.pre.channels},
+        "test": {"data": test_spec, "name": test_data.name, "split": "test", "images": len(y_test),
+                 "class_names": setup.class_names, "class_counts": class_counts(y_test, k)},
+        "results": results,
+    })
+    if cfg.json:
+        write_json(cfg.json, report)
+    return report
+
+
+def _json_safe(obj):
+    """NaN/Inf become null, tuples lists: strict JSON readers reject NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- human output
+
+
+def _pm(mean, std, scale: float, digits: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{scale * mean:.{digits}f} ± {scale * (std or 0.0):.{digits}f}"
+
+
+def format_report(report: dict) -> str:
+    """A short plain-text table: one row per arm (mean ± std over runs), per-class accuracy, pooled confusion."""
+    t = report["test"]
+    lines = [f"Test: {t['name']} {t['split']} split, {t['images']} images; model {report['model']}; "
+             f"{report['runs']} run(s) per row, seed {report['seed']}; mean ± std (n-1)."]
+    rows = [("trained on", "images", "epochs", "lr", "accuracy %", "AUC")]
+    for r in report["results"]:
+        rows.append((r["name"], str(r["trained_on"]["images"]), str(r["recipe"]["epochs"]), f"{r['recipe']['lr']:.3g}",
+                     _pm(r["mean"]["accuracy"], r["std"]["accuracy"], 100, 1), _pm(r["mean"]["auc"], r["std"]["auc"], 1, 3)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    if not any(r["kind"] != "distilled" for r in report["results"]):
+        lines.append("No baseline was run: compare with `distill eval --baseline random-real --ipc K` and "
+                     "`--baseline full` under the same protocol.")
+    names = t["class_names"]
+    name_w = max(len(r["name"]) for r in report["results"])
+    col_w = [max(len(n), 5) for n in names]
+    lines.append("Per-class accuracy %, mean over runs:")
+    lines.append(f"  {''.ljust(name_w)}  " + "  ".join(n.rjust(w) for n, w in zip(names, col_w)))
+    for r in report["results"]:
+        vals = ["n/a" if v is None else f"{100 * v:.1f}" for v in r["mean"]["per_class_accuracy"]]
+        lines.append(f"  {r['name'].ljust(name_w)}  " + "  ".join(v.rjust(w) for v, w in zip(vals, col_w)))
+    lines.append("Confusion matrix summed over runs (rows true, columns predicted):")
+    for r in report["results"]:
+        pooled = np.sum([run["confusion"] for run in r["runs"]], axis=0).tolist()
+        lines.append(f"  {r['name'].ljust(name_w)}  " + " | ".join(" ".join(str(v) for v in row) for row in pooled))
+    return "\n".join(lines)
+

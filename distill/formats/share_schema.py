@@ -1,0 +1,97 @@
+"""The share's HDF5 names and sanity limits, in one place (spec: docs/share-format.md).
+
+Both the writer and the validating reader in :mod:`.share` import these, so a
+key cannot drift between them; the document describes the same names for
+people without Python.
+"""
+from __future__ import annotations
+
+SHARE_FORMAT = "distill-share"
+VERSION_MAJOR, VERSION_MINOR = 1, 0
+FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
+
+
+class Key:
+    """Paths of groups and datasets, relative to the file's root."""
+
+    IMAGES = "images"
+    LABELS = "labels"
+    LABEL_LOGITS = "label_logits"
+    CLASS_NAMES = "class_names"
+    PREPROCESSING = "preprocessing"
+    RECIPE = "recipe"
+    PROVENANCE = "provenance"
+    PRIVACY = "privacy"
+
+
+class Attr:
+    """Attribute names, grouped by the object that carries them."""
+
+    # root
+    FORMAT = "format"
+    FORMAT_VERSION = "format_version"
+    CREATED = "created"
+    PAYLOAD_SHA256 = "payload_sha256"
+    NUM_IMAGES = "num_images"
+    NUM_CLASSES = "num_classes"
+    LICENSE = "license"
+    DESCRIPTION = "description"
+    CITATION = "citation"
+    # images / labels / label_logits
+    SPACE = "space"
+    IMAGES_PER_CLASS = "images_per_class"
+    KIND = "kind"
+    TEMPERATURE = "temperature"
+    TARGET = "target"
+    # preprocessing (names shared with distill.data.Preprocessing.to_attrs)
+    SIZE = "size"
+    CHANNELS = "channels"
+    ZCA = "zca"
+    ZCA_EPS = "zca_eps"
+    PIPELINE = "pipeline"
+    # recipe: one attribute per distill.formats.share.Recipe field; model_kwargs is JSON
+    MODEL_KWARGS = "model_kwargs"
+    # provenance: JSON text each
+    METHOD = "method"
+    EXPERTS = "experts"
+    DATASET = "dataset"
+    SOFTWARE = "software"
+    EXPORTED_WITH = "exported_with"
+    # privacy
+    AUDIT_STATUS = "audit_status"
+    FORCED = "forced"
+    SUMMARY = "summary"
+    STATEMENT = "statement"
+    AUDIT_CREATED = "audit_created"
+
+
+PRE_ARRAYS = ("mean", "std", "zca_matrix", "zca_inverse", "zca_mean")
+PROVENANCE_KEYS = (Attr.METHOD, Attr.EXPERTS, Attr.DATASET, Attr.SOFTWARE, Attr.EXPORTED_WITH)
+
+# The payload hash covers these datasets, in this order, each as its raw little-endian
+# C-order bytes (absent optional ones are skipped). They are everything a recipient
+# trains on: pixels, targets and the transform it applies to its own data.
+PAYLOAD_ORDER = (Key.IMAGES, Key.LABELS, Key.LABEL_LOGITS) + tuple(f"{Key.PREPROCESSING}/{a}" for a in PRE_ARRAYS)
+
+LOSSES = ("soft_cross_entropy", "cross_entropy")
+LR_DECAYS = ("half", "none")
+AUDIT_STATUSES = ("passed", "failed", "missing", "invalid")
+LOGITS_KIND = "logits"
+IMAGE_SPACE = "preprocessed"
+SOFT_TARGET = "softmax(label_logits / temperature)"
+PIPELINE = "x = uint8 / 255; x = (x - mean[c]) / std[c]; if zca: x = (flatten(x) - zca_mean) @ zca_matrix"
+
+# Sanity limits. The reader checks declared shapes and attribute sizes against
+# them before it reads any data, so a hostile or damaged file cannot make it
+# allocate memory it does not have (a gzip'ed dataset can declare 1e12 elements
+# in a few bytes).
+MAX_IMAGES = 100_000  # distilled sets are IPC x classes; IPC 50 x 1000 classes is 50,000
+MAX_CHANNELS = 16  # greyscale, RGB, or a handful of MR sequences
+MAX_SIDE = 1024  # pixels; distillation above 512 x 512 is not practical today
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME_BYTES = 1024
+MAX_ARRAY_BYTES = 2 << 30  # one dataset; also bounds the ZCA matrix to D <= ~23,000 (3 x 64 x 64 is 12,288)
+MAX_TOTAL_BYTES = 4 << 30  # every dataset the reader loads, together
+MAX_ATTR_BYTES = 1 << 20  # provenance JSON is a few kB; a description longer than 1 MiB is not a description
+MAX_ATTRS = 64  # per object; v1 has at most 14
+MAX_OBJECTS = 256  # links in the whole file; v1 has at most 14

@@ -1,0 +1,530 @@
+"""The MTT distiller: :func:`distill_run` learns a synthetic set by matching expert trajectories.
+
+One iteration (docs/method.md):
+
+1. A generator derived from ``(seed, iteration)`` draws ``trajectories_per_iter``
+   segments (expert, start snapshot t) and one :class:`~.unroll.UnrollPlan` each.
+   Every rank draws the same ones, and a resumed run redraws them exactly.
+2. Each rank takes its share of the segments and, for each, unrolls a student
+   from θ*_t for ``syn_steps`` SGD steps and differentiates the matching loss
+   ||θ_student − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||² (:func:`compute_grads`).
+3. Losses and gradients are summed over ranks and divided by the number of
+   segments: the mean over segments, whichever rank matched them.
+4. NaN guard, then SGD with momentum on the images, the label logits and the
+   log step size, whose change per iteration is bounded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..augment import Augment
+from ..config import RunConfig, load_toml, save_toml
+from ..data import RealData, load_data
+from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
+from ..errors import DistillError, DivergenceError, FormatError
+from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
+from ..io import check_writable_dir, software_versions
+from ..models import ParamSpec, param_spec
+from ..progress import progress
+from ..seeding import generator, seeded
+from ..train import TrainRecipe, accuracy, predict, train_network
+from .experts import ExpertPool, Segment
+from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
+                     save_checkpoint, save_grid)
+from .synthetic import bound_log_step, initial_images, initial_logits, list_inits, log_step_size, needs_real_data, soft_targets
+from .unroll import UnrollPlan, make_plan, matching_loss, movement_ratio, unroll_student
+
+log = logging.getLogger(__name__)
+
+INIT_KEY, ITER_KEY, EVAL_KEY = 0, 1, 2  # independent sub-streams of the run seed (distill.seeding)
+# Along the expert's own direction a student that moves r times as far ends at normalised loss
+# (r - 1)^2: at r = 2 it is no closer than where it started, below r = 0.5 it covers under half
+# the way. Outside this range the settings, not the images, dominate the loss.
+MOVEMENT_RANGE = (0.5, 2.0)
+GRADIENTS = ("full", "checkpoint")
+
+
+# ----------------------------------------------------------------------------- the matching gradient
+
+
+def matching_objective(model: nn.Module, spec: ParamSpec, start: torch.Tensor, target: torch.Tensor,
+                       images: torch.Tensor, labels_or_logits: torch.Tensor, log_lr: torch.Tensor, plan: UnrollPlan,
+                       augment: Augment | None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matching loss (scalar) and student end ``(P,)`` of one segment, differentiable in all three learned inputs.
+
+    images: (N, C, H, W) network space; labels_or_logits: (N,) int64 class ids or (N, K)
+    float logits (targets ``softmax(logits / T)``); log_lr: 0-dim log of the step size;
+    start/target: (P,) flat θ*_t and θ*_{t+M}.
+    """
+    soft = labels_or_logits.is_floating_point()
+    targets = soft_targets(labels_or_logits, temperature) if soft else labels_or_logits
+    end = unroll_student(model, spec, start, images, targets, log_lr.exp(), plan, augment)
+    return matching_loss(end, start, target), end
+
+
+def _full_grads(model, spec, start, target, images, labels, log_lr, plan, augment, temperature):
+    loss, end = matching_objective(model, spec, start, target, images, labels, log_lr, plan, augment, temperature)
+    soft = labels.is_floating_point()
+    grads = torch.autograd.grad(loss, (images, log_lr, labels) if soft else (images, log_lr))
+    return loss.detach(), grads[0], grads[2] if soft else None, grads[1], end.detach()
+
+
+def _checkpointed_grads(model, spec, start, target, images, labels, log_lr, plan, augment, temperature):
+    """The constant-memory path: ``checkpointed.matching_grads`` differentiates with respect to the
+    images, the *targets* and the *step size*; the chain rule to logits and log step size is here.
+
+    Expected contract: ``matching_grads(model, spec, start, target, images, targets, lr, plan, augment)
+    -> (loss, d/d images, d/d targets or None for class ids, d/d lr, student_end)``, equal to the full unroll.
+    """
+    try:
+        from .checkpointed import matching_grads
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.checkpointed":
+            raise
+        raise DistillError('gradient = "checkpoint" is not available in this installation; use gradient = "full".') from None
+    soft = labels.is_floating_point()
+    lr = log_lr.exp()
+    targets = soft_targets(labels, temperature) if soft else labels
+    loss, g_img, g_targets, g_lr, end = matching_grads(model, spec, start, target, images.detach(), targets.detach(),
+                                                       lr.detach(), plan, augment)
+    g_logits = torch.autograd.grad(targets, labels, g_targets)[0] if soft else None
+    return loss, g_img, g_logits, g_lr * lr.detach(), end  # d/d log_lr = lr * d/d lr
+
+
+_GRADIENT_FNS: dict[str, Callable] = {"full": _full_grads, "checkpoint": _checkpointed_grads}
+
+
+def compute_grads(model: nn.Module, spec: ParamSpec, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+                  labels_or_logits: torch.Tensor, log_lr: torch.Tensor, plan: UnrollPlan, augment: Augment | None, *,
+                  temperature: float = 1.0, gradient: str = "full"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Loss and gradients of one segment: ``(loss, d/d images, d/d logits or None, d/d log_lr, student_end)``.
+
+    The one call site for every gradient mode; all results are detached. ``gradient``
+    is ``"full"`` (autograd through the whole unroll: the oracle) or ``"checkpoint"``.
+    """
+    if gradient not in _GRADIENT_FNS:
+        raise DistillError(f"Unknown gradient mode {gradient!r}; choose one of {', '.join(GRADIENTS)}.")
+    images = images.detach().requires_grad_(True)
+    log_lr = log_lr.detach().requires_grad_(True)
+    labels = labels_or_logits.detach()
+    if labels.is_floating_point():
+        labels.requires_grad_(True)
+    return _GRADIENT_FNS[gradient](model, spec, start, target, images, labels, log_lr, plan, augment, temperature)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible settings with one sentence each, before anything is loaded."""
+    checks = [
+        (cfg.ipc >= 1, f"--ipc must be at least 1; got {cfg.ipc}."),
+        (cfg.iterations >= 0, f"--iterations must be 0 or more; got {cfg.iterations}."),
+        (cfg.syn_steps >= 1, f"--syn-steps must be at least 1; got {cfg.syn_steps}."),
+        (cfg.expert_epochs >= 1, f"--expert-epochs must be at least 1; got {cfg.expert_epochs}."),
+        (0 <= cfg.min_start_epoch <= cfg.max_start_epoch,
+         f"min_start_epoch ({cfg.min_start_epoch}) must be between 0 and --max-start-epoch ({cfg.max_start_epoch})."),
+        (cfg.trajectories_per_iter >= 1, f"trajectories_per_iter must be at least 1; got {cfg.trajectories_per_iter}."),
+        (cfg.init in list_inits(), f"--init must be one of {', '.join(list_inits())}; got {cfg.init!r}."),
+        (cfg.label_temperature > 0, f"label_temperature must be positive; got {cfg.label_temperature}."),
+        (cfg.lr_img > 0, f"lr_img must be positive; got {cfg.lr_img}."),
+        (cfg.lr_lr >= 0, f"lr_lr must be 0 (fixed step size) or positive; got {cfg.lr_lr}."),
+        (cfg.lr_label >= 0, f"lr_label must be 0 (fixed labels) or positive; got {cfg.lr_label}."),
+        (cfg.syn_lr_init > 0, f"syn_lr_init must be positive; got {cfg.syn_lr_init}."),
+        (cfg.max_log_lr_step > 0, f"max_log_lr_step must be positive; got {cfg.max_log_lr_step}."),
+        (0 <= cfg.momentum < 1, f"momentum must be in [0, 1); got {cfg.momentum}."),
+        (cfg.batch_syn >= 0, f"batch_syn must be 0 (the whole set) or positive; got {cfg.batch_syn}."),
+        (cfg.gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}; got {cfg.gradient!r}."),
+        (cfg.eval_every >= 0, f"eval_every must be 0 (only at the end) or positive; got {cfg.eval_every}."),
+        (cfg.eval_models >= 0, f"eval_models must be 0 (no evaluation) or positive; got {cfg.eval_models}."),
+        (cfg.eval_epochs >= 1, f"eval_epochs must be at least 1; got {cfg.eval_epochs}."),
+        (cfg.checkpoint_every >= 1, f"checkpoint_every must be at least 1; got {cfg.checkpoint_every}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DistillError(message)
+
+
+def resolve_config(cfg: RunConfig, pool: ExpertPool) -> RunConfig:
+    """Replace ``augment = "expert"`` by the buffer's own augmentation, and check the segment span."""
+    if cfg.augment == "expert":
+        cfg = dataclasses.replace(cfg, augment=str(pool.train_recipe.get("augment", "none")))
+    try:
+        Augment.parse(cfg.augment)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    pool.check_span(cfg.min_start_epoch, cfg.max_start_epoch, cfg.expert_epochs)
+    return cfg
+
+
+def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, str]:
+    """The buffer's real data (for --init real and validation), or None and the reason it is unavailable."""
+    spec, size, split_seed = cfg.data, None, 0
+    buffer_cfg = pool.folder / CONFIG_FILE
+    if buffer_cfg.exists():
+        b = load_toml(buffer_cfg)
+        spec, size, split_seed = spec or str(b.get("data", "")), b.get("size"), int(b.get("seed", 0))
+    if not spec:
+        return None, f"{pool.folder} has no config.toml naming its data and no --data was given"
+    try:
+        data = load_data(spec, size=size, split_seed=split_seed)
+    except DistillError as e:
+        return None, str(e).rstrip(".")
+    if data.source_sha256 != pool.fingerprint.get("sha256"):
+        return None, f"{spec} is not the data the buffer was trained on (its SHA-256 differs)"
+    return data, ""
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+@dataclass
+class _Run:
+    """What stays fixed during a run."""
+
+    cfg: RunConfig
+    world: World
+    device: torch.device
+    out: Path
+    pool: ExpertPool
+    model: nn.Module
+    spec: ParamSpec
+    augment: Augment | None
+    val: tuple[torch.Tensor, torch.Tensor] | None  # preprocessed validation images and labels, on the device
+    metrics: MetricsLog
+
+
+@dataclass
+class _State:
+    """What the run learns, and where it stands. Tensors live on the run's device."""
+
+    images: torch.Tensor  # (N, C, H, W)
+    labels: torch.Tensor  # (N,) int64 class of each image
+    logits: torch.Tensor | None  # (N, K), None with hard labels
+    log_lr: torch.Tensor  # 0-dim
+    optimizers: dict[str, torch.optim.SGD]
+    iteration: int = 0  # completed iterations
+
+    def learned(self) -> dict[str, torch.Tensor]:
+        out = {"images": self.images, "log_lr": self.log_lr}
+        if self.logits is not None:
+            out["logits"] = self.logits
+        return out
+
+    @property
+    def label_input(self) -> torch.Tensor:
+        return self.logits if self.logits is not None else self.labels
+
+    @property
+    def syn_lr(self) -> float:
+        return float(self.log_lr.detach().exp())
+
+    def targets(self, temperature: float) -> torch.Tensor:
+        return self.labels if self.logits is None else soft_targets(self.logits.detach(), temperature)
+
+
+def _make_state(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None,
+                log_lr: torch.Tensor, device: torch.device) -> _State:
+    leaf = lambda t: t.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)  # noqa: E731
+    state = _State(images=leaf(images), labels=labels.to(device), logits=None if logits is None else leaf(logits),
+                   log_lr=leaf(log_lr), optimizers={})
+    rates = {"images": cfg.lr_img, "log_lr": cfg.lr_lr, "logits": cfg.lr_label}
+    state.optimizers = {name: torch.optim.SGD([t], lr=rates[name], momentum=cfg.momentum)
+                        for name, t in state.learned().items()}
+    return state
+
+
+def _fresh_state(run: _Run, real: RealData | None, reason: str) -> _State:
+    cfg, pool = run.cfg, run.pool
+    if needs_real_data(cfg.init) and real is None:
+        raise DistillError(f"--init {cfg.init} needs the buffer's training images, but {reason}; pass --data or use --init noise.")
+    images, labels = initial_images(cfg.init, cfg.ipc, pool.num_classes, pool.channels, pool.size,
+                                    generator(cfg.seed, INIT_KEY), real.train if real is not None else None,
+                                    pool.preprocessing)
+    images = images.to(run.device)
+    logits = None
+    if not cfg.hard_labels:
+        # The most trained snapshot any target can be: its beliefs are the best start for the labels.
+        label_snapshot = cfg.max_start_epoch + cfg.expert_epochs
+        logits = initial_logits(run.model, run.spec, pool.snapshot(0, label_snapshot, run.device), images)
+    state = _make_state(cfg, images, labels, logits, log_step_size(cfg.syn_lr_init), run.device)
+    if run.world.size > 1:
+        # Ranks must start from bit-identical tensors; rank 0's are the reference.
+        with torch.no_grad():
+            for t in state.learned().values():
+                torch.distributed.broadcast(t, src=0)
+    return state
+
+
+def _resumed_state(run: _Run) -> _State:
+    cfg = run.cfg
+    ck = load_checkpoint(run.out / CHECKPOINT_FILE, run.device)
+    expected = (cfg.ipc * run.pool.num_classes, run.pool.channels, run.pool.size, run.pool.size)
+    if tuple(ck["images"].shape) != expected or (ck["logits"] is None) != cfg.hard_labels:
+        raise DistillError(f"The checkpoint in {run.out} holds {len(ck['images'])} images "
+                           f"({'hard' if ck['logits'] is None else 'soft'} labels); resume it with its own --ipc and label setting.")
+    if ck["iteration"] > cfg.iterations:
+        raise DistillError(f"The checkpoint in {run.out} is at iteration {ck['iteration']}, beyond --iterations {cfg.iterations}.")
+    ignored = {"iterations", "device", "out", "eval_every", "eval_models", "eval_epochs", "checkpoint_every"}
+    changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in ck["config"].items()
+               if k not in ignored and hasattr(cfg, k) and getattr(cfg, k) != v]
+    if changed and run.world.main:
+        log.warning("Resuming with changed settings: %s.", "; ".join(changed))
+    state = _make_state(cfg, ck["images"], ck["labels"], ck["logits"], ck["log_lr"], run.device)
+    for name, opt in state.optimizers.items():
+        opt.load_state_dict(ck["optimizers"][name])
+        for group in opt.param_groups:  # a resumed run follows today's rates, not the checkpoint's
+            group["lr"] = {"images": cfg.lr_img, "log_lr": cfg.lr_lr, "logits": cfg.lr_label}[name]
+            group["momentum"] = cfg.momentum
+    state.iteration = int(ck["iteration"])
+    run.metrics.truncate(int(ck["metrics_offset"]))
+    return state
+
+
+def _payload(run: _Run, state: _State) -> dict:
+    """A checkpoint of ``state``: copies, so later updates cannot change it."""
+    return {
+        "iteration": state.iteration,
+        "images": state.images.detach().cpu().clone(),
+        "labels": state.labels.cpu().clone(),
+        "logits": None if state.logits is None else state.logits.detach().cpu().clone(),
+        "log_lr": state.log_lr.detach().cpu().clone(),
+        "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in state.optimizers.items()},
+        "metrics_offset": run.metrics.offset(),
+        "config": dataclasses.asdict(run.cfg),
+    }
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+
+class _NonFinite(Exception):
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _peak_memory(device: torch.device) -> dict:
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _iteration(run: _Run, state: _State, it: int) -> dict:
+    """Match ``trajectories_per_iter`` segments, update the state in place; returns the metrics record.
+
+    Raises :class:`_NonFinite` before the state is changed for good (the caller keeps the pre-update copy).
+    """
+    cfg, device = run.cfg, run.device
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = generator(cfg.seed, ITER_KEY, it)
+    segments = run.pool.sample(gen, cfg.trajectories_per_iter, cfg.min_start_epoch, cfg.max_start_epoch, cfg.expert_epochs)
+    plans = [make_plan(len(state.images), cfg.syn_steps, cfg.batch_syn, gen) for _ in segments]
+    learned = state.learned()
+    sums = {k: torch.zeros_like(v) for k, v in learned.items()}
+    loss_sum = torch.zeros((), device=device)
+    move_sum = 0.0
+    for j in run.world.shard(list(range(len(segments)))):
+        start, target = run.pool.pair(segments[j], device)
+        loss, g_img, g_lab, g_log_lr, end = compute_grads(
+            run.model, run.spec, start, target, state.images, state.label_input, state.log_lr, plans[j], run.augment,
+            temperature=cfg.label_temperature, gradient=cfg.gradient)
+        loss_sum += loss
+        move_sum += movement_ratio(end, start, target)
+        sums["images"] += g_img
+        sums["log_lr"] += g_log_lr
+        if g_lab is not None:
+            sums["logits"] += g_lab
+    # One all-reduce for everything, then the mean over all segments, whichever rank matched them.
+    flat = torch.cat([loss_sum.view(1), torch.tensor([move_sum], device=device)] + [g.flatten() for g in sums.values()])
+    if run.world.size > 1:
+        torch.distributed.all_reduce(flat)
+    flat = flat / len(segments)
+    loss, movement = float(flat[0]), float(flat[1])
+    parts = flat[2:].split([g.numel() for g in sums.values()])
+    grads = {k: part.view_as(sums[k]) for k, part in zip(sums, parts)}
+    if not math.isfinite(loss):
+        raise _NonFinite("matching loss")
+    for k, g in grads.items():
+        if not _finite(g):
+            raise _NonFinite(f"gradient for the {k}")
+
+    used_lr = state.syn_lr
+    before = state.log_lr.detach().clone()
+    for name, opt in state.optimizers.items():
+        learned[name].grad = grads[name]
+        opt.step()
+        learned[name].grad = None
+    clipped = bound_log_step(state.log_lr, before, cfg.max_log_lr_step)
+    for k, t in learned.items():
+        if not _finite(t):
+            raise _NonFinite(k)
+    state.iteration = it + 1
+    return {
+        "kind": "iteration", "iteration": it, "loss": loss, "syn_lr": used_lr, "log_lr_step_clipped": clipped,
+        "grad_norm_images": float(grads["images"].norm()), "grad_log_lr": float(grads["log_lr"]),
+        "grad_norm_logits": float(grads["logits"].norm()) if "logits" in grads else None,
+        "movement_ratio": movement, "segments": [[s.expert, s.start] for s in segments],
+        "seconds": time.perf_counter() - t0, **_peak_memory(device),
+    }
+
+
+def _warn_movement(run: _Run, ratio: float, lr: float) -> None:
+    """Say which knob to turn when the student's first move does not fit the expert's (docs/method.md)."""
+    low, high = MOVEMENT_RANGE
+    if low <= ratio <= high:
+        return
+    cfg = run.cfg
+    steps = run.pool.expert_steps(Segment(0, cfg.min_start_epoch, cfg.min_start_epoch + cfg.expert_epochs))
+    expert_lr = run.pool.train_recipe.get("lr", float("nan"))
+    setting = (f"{cfg.syn_steps} student steps at {lr:.3g} against {steps} expert steps at {expert_lr:.3g} "
+               f"({cfg.expert_epochs} snapshot interval(s))")
+    if ratio > high:
+        log.warning("The student moved %.1fx as far as the expert in the first iteration (%s); the step size will "
+                    "shrink to compensate. Lower --syn-steps or syn_lr_init, or rebuild the buffer with --snapshot-every "
+                    "and raise --expert-epochs so that each target spans more expert steps.", ratio, setting)
+    else:
+        log.warning("The student moved only %.2fx as far as the expert in the first iteration (%s). Raise --syn-steps "
+                    "or syn_lr_init, or lower --expert-epochs.", ratio, setting)
+
+
+# ----------------------------------------------------------------------------- evaluation and output
+
+
+def _evaluate(run: _Run, state: _State) -> None:
+    """Grid PNG, then ``eval_models`` fresh networks trained on the current set and tested on the val split."""
+    cfg, it = run.cfg, state.iteration
+    save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc)
+    record = {"kind": "eval", "iteration": it, "syn_lr": state.syn_lr, "grid": grid_name(it)}
+    if run.val is not None and cfg.eval_models > 0:
+        x_val, y_val = run.val
+        images, targets = state.images.detach(), state.targets(cfg.label_temperature)
+        recipe = TrainRecipe(epochs=cfg.eval_epochs, lr=state.syn_lr, augment=run.augment)
+        accs = []
+        for m in range(cfg.eval_models):
+            with seeded(cfg.seed, EVAL_KEY, it, m):
+                net = run.pool.build_model().to(run.device)
+            train_network(net, images, targets, recipe, generator(cfg.seed, EVAL_KEY, it, m))
+            accs.append(accuracy(predict(net, x_val), y_val))
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
+        record |= {"val_acc": accs, "val_acc_mean": mean, "val_acc_std": std}
+        log.info("Iteration %d: validation accuracy %.3f ± %.3f over %d network(s), step size %.4g.",
+                 it, mean, std, len(accs), state.syn_lr)
+    run.metrics.write(record)
+
+
+def _synthetic_set(run: _Run, state: _State) -> SyntheticSet:
+    pool = run.pool
+    return SyntheticSet(
+        images=state.images.detach().cpu(), labels=state.labels.cpu(),
+        label_logits=None if state.logits is None else state.logits.detach().cpu(),
+        preprocessing=pool.preprocessing, syn_lr=state.syn_lr, label_temperature=run.cfg.label_temperature,
+        model=pool.model_name, class_names=list(pool.fingerprint.get("class_names", [])), iteration=state.iteration,
+        model_kwargs=pool.model_kwargs, fingerprint=pool.fingerprint, method=dataclasses.asdict(run.cfg),
+        experts=pool.summary(), software=software_versions(),
+    )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool) -> tuple[_Run, RealData | None, str]:
+    pool = ExpertPool(cfg.buffer)
+    cfg = resolve_config(cfg, pool)
+    if cfg.trajectories_per_iter < world.size:
+        raise DistillError(f"With {world.size} processes each needs a trajectory: set trajectories_per_iter to at least {world.size}.")
+    out = check_writable_dir(cfg.out)
+    if not resume and has_run(out):
+        raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out folder.")
+    model = pool.build_model().to(device)
+    spec = param_spec(model)
+    if spec.total != pool.experts[0].num_params or list(spec.names) != list(pool.experts[0].param_names):
+        raise FormatError(f"The experts in {pool.folder} do not fit a {pool.model_name} as this version builds it; rebuild the buffer.")
+    real, reason = load_real_data(cfg, pool)
+    val = None
+    if real is not None and len(real.val):
+        val = (pool.preprocessing(real.val.images).to(device), real.val.labels.to(device))
+    elif cfg.eval_models > 0 and world.main:
+        log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
+    run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
+               augment=Augment.parse(cfg.augment), val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
+    return run, real, reason
+
+
+def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
+    cfg, world = run.cfg, run.world
+    remaining = range(state.iteration, cfg.iterations)
+    with progress(remaining, label="distill", length=len(remaining), enabled=None if world.main else False) as its:
+        for it in its:
+            if cfg.eval_every and it % cfg.eval_every == 0 and world.main:
+                _evaluate(run, state)
+            good = _payload(run, state) if world.main else None
+            try:
+                record = _iteration(run, state, it)
+            except _NonFinite as e:
+                where = run.out / CHECKPOINT_FILE
+                if world.main:
+                    save_checkpoint(where, good)
+                raise DivergenceError(
+                    f"The {e.what} became NaN or Inf at iteration {it}; the last good state (iteration {it}) is kept "
+                    f"in {where}. Lower lr_img, lr_lr or syn_lr_init (or --syn-steps) and continue with --resume."
+                ) from None
+            run.metrics.write(record)
+            if fresh and it == 0 and world.main:
+                _warn_movement(run, record["movement_ratio"], record["syn_lr"])
+            if state.iteration % cfg.checkpoint_every == 0 and world.main:
+                save_checkpoint(run.out / CHECKPOINT_FILE, _payload(run, state))
+                log.info("Iteration %d: matching loss %.4f, step size %.4g, movement ratio %.2f.",
+                         state.iteration, record["loss"], state.syn_lr, record["movement_ratio"])
+            world.barrier()  # rank 0 may have evaluated or written; the others wait rather than time out later
+
+
+def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Distill a synthetic set from the buffer ``cfg.buffer`` into the run folder ``cfg.out``; returns that folder.
+
+    With ``resume`` the run continues from ``RUNDIR/checkpoint.pt`` exactly where it stopped.
+    Under torchrun every rank matches its share of each iteration's trajectories.
+    """
+    validate(cfg)
+    world = world_from_env()
+    device = resolve_device(cfg.device, world)
+    init_process_group(world, device)
+    try:
+        run, real, reason = _setup(cfg, world, device, resume)
+        state = _resumed_state(run) if resume else _fresh_state(run, real, reason)
+        del real  # only the initialisation needed the training split
+        if world.main:
+            save_toml(run.cfg, run.out / CONFIG_FILE)
+            log.info("Distilling %d images (%d per class) from %d expert(s) of %s on %s.", len(state.images),
+                     run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"), device)
+        world.barrier()
+        _run_loop(run, state, fresh=not resume)
+        if world.main:
+            save_checkpoint(run.out / CHECKPOINT_FILE, _payload(run, state))
+            write_synset(run.out / SYNSET_FILE, _synthetic_set(run, state))
+            _evaluate(run, state)
+        world.barrier()
+        return run.out
+    finally:
+        destroy_process_group(world)
