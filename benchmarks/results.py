@@ -132,7 +132,10 @@ class Runner:
 
 def read_eval(path: Path) -> dict:
     """The single result of an eval JSON written with --json (one arm per command here)."""
-    (result,) = json.loads(path.read_text())["results"]
+    report = json.loads(path.read_text())
+    if report.get("format") != "distill-eval" or not str(report.get("format_version", "")).startswith("1."):
+        raise SystemExit(f"{path} is not a distill-eval 1.x report; delete it and run the benchmark again.")
+    (result,) = report["results"]
     return result
 
 

@@ -117,7 +117,7 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--expert-epochs", type=int, default=None,
               help="Snapshot intervals the target lies ahead of the start (default 2; see docs/method.md).")
 @click.option("--max-start-epoch", type=int, default=None, help="Latest start snapshot, inclusive (default 20).")
-@click.option("--init", type=click.Choice(["real", "noise"]), default=None, help="Initial images (default real).")
+@click.option("--init", default=None, help="Initial images: real (random training images) or noise (default real).")
 @click.option("--hard-labels/--soft-labels", default=None, help="Class-id labels instead of learned soft labels.")
 @click.option("--trajectories-per-iter", type=int, default=None,
               help="Expert trajectories matched and averaged per iteration (default 1; split across torchrun ranks).")

@@ -369,7 +369,7 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
 def _check_real(data: RealData, class_names: list[str], channels: int, what: str) -> None:
     if data.num_classes != len(class_names):
         raise DataError(f"{what} {data.name} has {data.num_classes} classes but the share has {len(class_names)} "
-                        f"({', '.join(class_names)}).")
+                        f"({list(class_names)}).")
     if data.channels != channels:
         raise DataError(f"{what} {data.name} has {data.channels}-channel images but the share expects {channels}.")
     if list(data.class_names) != list(class_names):

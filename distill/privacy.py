@@ -18,8 +18,8 @@ keys are documented in ``docs/privacy.md``; in short:
    :data:`TPR_MARGIN`). :data:`STATEMENT` is printed with it.
 
 For a run folder the summary is written to ``RUNDIR/audit.json``; ``distill
-export`` embeds it in the share. The summary holds numbers only: no real
-image, no path, no file name, no index of a real image.
+export`` embeds it in the share. The summary holds numbers and short strings
+only: no real image, no path, no file name, no index of a real image.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from .data import Preprocessing, RealData, load_data
 from .distributed import resolve_device
-from .errors import DataError, DistillError, FormatError
+from .errors import DataError, DistillError, DivergenceError, FormatError
 from .io import atomic_path, sha256_file, write_json
 from .models import create_model, load_flat
 from .seeding import derive_seed, generator, seeded
@@ -64,7 +64,7 @@ NN_METRICS = ("pixel_correlation", "ssim", "feature_cosine")
 # different patients at >= 0.47 x (PneumoniaMNIST, RetinaMNIST) and >= 0.82 x (BreastMNIST val).
 NEAR_DUPLICATE_RATIO = 0.4
 NN_CHUNK = 256  # query rows per similarity matrix: 256 x 4,708 floats is 5 MB
-SSIM_WINDOW = 7  # skimage's default; kornia's Gaussian sigma 1.5 covers it, and 11 is large for 28 px
+SSIM_WINDOW = 7  # as skimage's default; Wang et al.'s 11 would span 40 % of a 28 px image
 # All-pairs SSIM (544 x 4,708 pairs of 28x28 convolutions) is too slow on a CPU, so
 # SSIM is evaluated on the top candidates by Pearson correlation (SSIM's structure
 # term is a local correlation). The result is a lower bound on the true nearest SSIM.
@@ -179,6 +179,9 @@ def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, wh
         recipe = share.recipe.to_train_recipe()
     except ValueError as e:
         raise FormatError(f"{where}: its training recipe is not usable ({str(e).rstrip('.')}).") from None
+    if not torch.isfinite(share.images).all():
+        # NaN compares as 'not similar' and would pass the nearest-neighbour check unseen.
+        raise FormatError(f"{where} holds NaN or infinite pixels; it cannot be audited or shared.")
     return Subject(images=share.images.float(), labels=share.labels.long(), targets=share_targets(share, where),
                    preprocessing=share.preprocessing, class_names=tuple(share.class_names), model=share.recipe.model,
                    model_kwargs=dict(share.recipe.model_kwargs or {}), recipe=recipe, data_sha256=data_sha,
@@ -523,12 +526,13 @@ class AuditReport:
         mia = s["membership"]
         lines.append(f"Membership inference ({mia['n_members']} members, {mia['n_nonmembers']} non-members, "
                      f"{s['settings']['networks']} network(s) per side):")
-        rows = [(f"share, {k}", v) for k, v in mia["share"].items()] + [("random real, loss", mia["real_subset"]),
-                                                                        ("random real, its own images", mia["real_subset_included"])]
+        rows = [(f"share, {k}", v) for k, v in mia["share"].items()]
+        rows += [("random real, loss", mia["real_subset"]), ("random real, its own images", mia["real_subset_included"])]
         for name, m in rows:
-            t1, t01 = m["tpr_at_1pct_fpr"], m["tpr_at_0p1pct_fpr"]
-            lines.append(f"  {name:28s} AUC {_ci(m['auc'])}  TPR@1%FPR {_ci(t1)}{'' if t1['resolvable'] else ' (too few points)'}"
-                         f"  TPR@0.1%FPR {_ci(t01)}{'' if t01['resolvable'] else ' (too few points)'}")
+            line = f"  {name:28s} AUC {_ci(m['auc'])}"
+            for key, label in (("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0p1pct_fpr", "TPR@0.1%FPR")):
+                line += f"  {label} {_ci(m[key])}" + ("" if m[key]["resolvable"] else " (too few points)")
+            lines.append(line)
         lines.append(f"Verdict: {'PASS' if self.passed else 'FAIL'}")
         lines += [f"  - {r}" for r in self.reasons]
         lines.append(self.statement)
@@ -550,7 +554,7 @@ def _rounded(obj, digits: int = 5):
 
 
 def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torch.Tensor,
-                    nn: dict[str, NeighbourResult], order: list[int], scale: int = 4) -> None:
+                    results: dict[str, NeighbourResult], order: list[int], scale: int = 4) -> None:
     """One row per synthetic image: it, then its nearest training image under each metric, with the scores.
 
     syn01: (N, C, H, W) in [0, 1]; train_u8: (R, C, H, W) uint8. Rows follow ``order``.
@@ -558,13 +562,13 @@ def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torc
     from PIL import Image, ImageDraw
 
     _, c, h, w = syn01.shape
-    cols = 1 + len(nn)
+    cols = 1 + len(results)
     cap, gap = 12, 4  # caption height and gutter, in pixels
     cell_w, cell_h = w * scale, h * scale
     width = cols * cell_w + (cols + 1) * gap
     canvas = Image.new("RGB", (width, cap + gap + len(order) * (cell_h + cap + gap)), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 0), "synthetic | nearest training image by " + ", ".join(nn), fill="black")
+    draw.text((gap, 0), "synthetic | nearest training image by " + ", ".join(results), fill="black")
 
     def tile(x01: torch.Tensor) -> Image.Image:
         arr = (x01.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -574,7 +578,7 @@ def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torc
     for row, i in enumerate(order):
         y = cap + gap + row * (cell_h + cap + gap)
         cells = [(tile(syn01[i].cpu()), f"syn {i}")]
-        for k, r in nn.items():
+        for r in results.values():
             j = int(r.synthetic_index[i])
             cells.append((tile(train_u8[j].float() / 255), f"{float(r.synthetic[i]):.3f}{' !' if r.flagged[i] else ''}"))
         for col, (img, label) in enumerate(cells):
@@ -624,7 +628,7 @@ def _feature_network(subject: Subject, data: RealData, x_train: torch.Tensor, x_
                              weight_decay=b.weight_decay, decay_at_half=False, augment=None)
         train_network(net, x_train, data.train.labels.to(device), recipe, generator(settings.seed, _FEATURE, 1))
         info = {"source": "trained", "epochs": settings.expert_epochs}
-    info["holdout_accuracy"] = accuracy(predict(net, x_val), data.val.labels) if len(x_val) else float("nan")
+    info["holdout_accuracy"] = accuracy(predict(net, x_val), data.val.labels) if len(x_val) else None  # JSON has no NaN
     return net, info
 
 
@@ -635,7 +639,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     """Audit a run folder (or its ``synthetic.h5``) or a share against the real data it came from.
 
     Members are the real training split; non-members the ``holdout`` split(s)
-    minus exact copies of training images. Writes ``RUNDIR/audit.json`` and
+    minus (near-)copies of training images. Writes ``RUNDIR/audit.json`` and
     ``RUNDIR/audit_pairs.png`` for a run folder, ``json_path`` (summary plus
     per-image details) and ``pairs_png`` when given.
     """
@@ -646,6 +650,10 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     dev = resolve_device(device)
     subject = load_subject(source)
     data, checked = load_matching_data(subject, data_spec)
+    try:  # fail before any training when the recipe's model cannot take these images
+        create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
+    except (ValueError, TypeError) as e:
+        raise DistillError(f"The recipe's model cannot be built: {e}") from None
     pre = subject.preprocessing
     hold_u8, hold_y, dupes = holdout_split(data, settings.holdout)
     if dupes:
@@ -692,7 +700,12 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     x_mem, y_mem = x_train[pool.to(dev)], data.train.labels[pool]
 
     def mean_loss(nets, x, y):
-        return torch.stack([example_losses(n, x, y) for n in nets]).mean(0)
+        loss = torch.stack([example_losses(n, x, y) for n in nets]).mean(0)
+        if not torch.isfinite(loss).all():
+            # NaN scores would rank as neither member nor non-member and pass the verdict unseen.
+            raise DivergenceError("A network trained for the membership attack diverged (NaN loss); the share's "
+                                  "recipe does not train, so the audit cannot measure membership.")
+        return loss
 
     share_mem, share_non = mean_loss(share_nets, x_mem, y_mem), mean_loss(share_nets, x_hold, hold_y)
     real_mem, real_non = mean_loss(real_nets, x_mem, y_mem), mean_loss(real_nets, x_hold, hold_y)
@@ -745,6 +758,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
         order = excess.argsort(descending=True)[:settings.pairs].tolist()
         write_pairs_png(pairs_png, syn01.cpu(), data.train.images, nn_res, order)
     return report
+
 
 
 def read_audit(rundir: str | os.PathLike) -> dict:

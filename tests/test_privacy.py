@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from distill.data import fit_preprocessing, load_data
-from distill.errors import DataError, DistillError
+from distill.errors import DataError, DistillError, FormatError
 from distill.formats.synset import SyntheticSet, write_synset
 from distill.models import create_model
 from distill.privacy import (AUDIT_FILE, FPRS, NEAR_DUPLICATE_RATIO, STATEMENT, attack_metrics, auc, embed,
-                             example_losses, holdout_split, load_matching_data, load_subject, nearest_ssim, run_audit,
-                             top_similar, tpr_at_fpr, verdict)
+                             example_losses, holdout_split, load_matching_data, load_subject, nearest_ssim, read_audit,
+                             run_audit, top_similar, tpr_at_fpr, verdict)
 from distill.train import TrainRecipe, train_network
 
 # What distill export and docs/privacy.md rely on.
@@ -199,6 +199,23 @@ def test_noise_set_is_not_flagged_and_json_has_documented_keys(tmp_path, breast,
     assert len(local["details"]["synthetic"]) == s["n_synthetic"] and "details" not in doc
 
 
+def test_a_buffer_expert_can_give_the_features(tmp_path, breast, breast_npz):
+    from distill.buffer import build_buffer
+    from distill.config import BufferConfig
+
+    data, pre = breast
+    buf = tmp_path / "buf"
+    build_buffer(BufferConfig(data=str(breast_npz), out=str(buf), experts=1, epochs=1, augment="none", device="cpu"))
+    images, labels = _noise_set(data, pre, seed=2)
+    images[0] = pre(data.train.images[11:12])[0]
+    rundir = _rundir(tmp_path / "run", data, images, labels, pre)
+    report = run_audit(rundir, breast_npz, expert=buf / "expert_0000.h5", device="cpu", **FAST)
+    s = report.summary
+    assert s["feature_network"]["source"] == "trajectory"
+    assert s["flagged_synthetic_indices"] == [0]
+    assert s["nearest_neighbour"]["feature_cosine"]["flagged"] == 1
+
+
 def test_attack_finds_members_of_an_overfitted_network(breast):
     data, pre = breast
     members = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(2)])
@@ -214,7 +231,7 @@ def test_attack_finds_members_of_an_overfitted_network(breast):
     assert m["auc"]["value"] > 0.8
 
 
-def test_data_that_did_not_make_the_set_is_refused(tmp_path, breast, breast_npz):
+def test_wrong_data_and_broken_sets_are_refused(tmp_path, breast, breast_npz):
     data, pre = breast
     wrong_hash = _rundir(tmp_path / "a", data, *_noise_set(data, pre), pre, sha256="0" * 64)
     with pytest.raises(DataError, match="not the data"):
@@ -223,6 +240,10 @@ def test_data_that_did_not_make_the_set_is_refused(tmp_path, breast, breast_npz)
     three = dataclasses.replace(three, class_names=("a", "b", "c"), data_sha256=None)
     with pytest.raises(DataError, match="3"):
         load_matching_data(three, breast_npz)
+    images, labels = _noise_set(data, pre)
+    images[1, 0, 2, 2] = float("nan")
+    with pytest.raises(FormatError, match="NaN"):
+        load_subject(_rundir(tmp_path / "c", data, images, labels, pre))
 
 
 def test_cli_reports_a_missing_source_in_one_sentence(tmp_path):
@@ -230,6 +251,20 @@ def test_cli_reports_a_missing_source_in_one_sentence(tmp_path):
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1
     assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_read_audit_refuses_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FormatError, match="does not exist"):
+        read_audit(tmp_path)
+    for text in ("{not json", json.dumps({"format": "something-else"}),
+                 json.dumps({"format": "distill-audit", "format_version": "2.0", "passed": True}),
+                 json.dumps({"format": "distill-audit", "format_version": "1.0", "passed": True})):
+        (tmp_path / AUDIT_FILE).write_text(text)
+        with pytest.raises(FormatError):
+            read_audit(tmp_path)
+    good = {"format": "distill-audit", "format_version": "1.3", "passed": False, "summary": {}, "statement": STATEMENT}
+    (tmp_path / AUDIT_FILE).write_text(json.dumps(good))
+    assert read_audit(tmp_path) == good
 
 
 # ----------------------------------------------------------------------------- export gate (distill/export.py)

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +277,8 @@ def _resumed_state(run: _Run) -> _State:
                            f"({'hard' if ck['logits'] is None else 'soft'} labels); resume it with its own --ipc and label setting.")
     if ck["iteration"] > cfg.iterations:
         raise DistillError(f"The checkpoint in {run.out} is at iteration {ck['iteration']}, beyond --iterations {cfg.iterations}.")
-    ignored = {"iterations", "device", "out", "eval_every", "eval_models", "eval_epochs", "checkpoint_every"}
+    ignored = {"iterations", "device", "deterministic", "out", "data", "eval_every", "eval_models", "eval_epochs",
+               "checkpoint_every"}
     changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in ck["config"].items()
                if k not in ignored and hasattr(cfg, k) and getattr(cfg, k) != v]
     if changed and run.world.main:
@@ -500,6 +502,14 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
             world.barrier()  # rank 0 may have evaluated or written; the others wait rather than time out later
 
 
+def _use_deterministic_kernels() -> None:
+    """Bit-identical reruns on CUDA: the backward of the unroll's gathers and convolutions otherwise
+    sums in a varying order, and 20 iterations at lr_img 100 turn that into visible pixel changes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when first used
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Distill a synthetic set from the buffer ``cfg.buffer`` into the run folder ``cfg.out``; returns that folder.
 
@@ -509,6 +519,8 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     validate(cfg)
     world = world_from_env()
     device = resolve_device(cfg.device, world)
+    if cfg.deterministic:
+        _use_deterministic_kernels()
     init_process_group(world, device)
     try:
         run, real, reason = _setup(cfg, world, device, resume)
