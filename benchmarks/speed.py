@@ -165,20 +165,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 class MTTCase:
     """One case's model, random synthetic set, expert segment and unroll plan (fixed for all variants)."""
 
-    def __init__(self, case: Case, device: torch.device, syn_steps: int | None = None):
+    def __init__(self, case: Case, device: torch.device, syn_steps: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.case, self.device = case, device
         with seeded(0, 1):
             self.model = create_model("convnet", case.classes, case.channels, case.size, width=case.width,
-                                      depth=case.depth).to(device)
+                                      depth=case.depth).to(device=device, dtype=dtype)
         self.spec = param_spec(self.model)
         g = generator(0, 2)
         self.start = flatten_params(self.model)
         # A target a typical expert segment away (random data: only the arithmetic matters here).
-        step = torch.randn(self.start.shape, generator=g).to(device)
+        step = torch.randn(self.start.shape, generator=g).to(device, dtype)
         self.target = self.start + 0.05 * step / step.norm() * self.start.norm()
-        self.images = torch.randn(case.images, case.channels, case.size, case.size, generator=g).to(device)
+        self.images = torch.randn(case.images, case.channels, case.size, case.size, generator=g).to(device, dtype)
         self.labels = (torch.arange(case.images) % case.classes).to(device)  # hard labels, as the reference
-        self.lr = torch.tensor(0.01, device=device)
+        self.lr = torch.tensor(0.01, device=device, dtype=dtype)
         self.augment = Augment.parse(DSA)
         self.plan = make_plan(case.images, syn_steps or case.syn_steps, case.batch_syn, g)
 
@@ -246,7 +247,24 @@ def log_variant(r: dict) -> None:
         (f", err {r['grad_rel_err']:.1e}" if 'grad_rel_err' in r else "")))
 
 
-def mtt_section(cases: list[Case], device: torch.device) -> list[dict]:
+FP64_STEPS = 3  # a short unroll: float64 convolutions are slow, and the full unroll's memory doubles
+
+
+def fp64_check(case: Case, device: torch.device) -> dict:
+    """The checkpointed path with graphs against the full unroll, both in float64: exactness without rounding noise."""
+    mc = MTTCase(case, device, syn_steps=FP64_STEPS, dtype=torch.float64)
+    try:
+        err = grad_error(mc.checkpointed(CudaGraphSteps(mc.model, mc.spec)), mc.full())
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        err = float("nan")
+    del mc
+    free(device)
+    return {"syn_steps": FP64_STEPS, "grad_rel_err": err}
+
+
+def mtt_section(cases: list[Case], device: torch.device, channels_last: bool = False) -> list[dict]:
     rows = []
     for case in cases:
         t0 = time.perf_counter()
@@ -271,16 +289,25 @@ def mtt_section(cases: list[Case], device: torch.device) -> list[dict]:
             free(device)
         row["variants"].append(full)
         log_variant(full)
-        # Each entry makes the function to time; graphs are captured on its first (warm-up) call and replayed
-        # after, and a TF32 variant gets graphs of its own because a graph keeps the kernels it captured.
+        if oracle is not None:
+            # The oracle against itself: GPU kernels that accumulate with atomics (cuDNN, grid_sample's backward)
+            # round differently on every run, and the sum over inner steps can magnify that. No path can be
+            # closer to the oracle than the oracle is to itself.
+            with precision(False):
+                row["oracle_repeat_err"] = grad_error(mc.full(), oracle)
+            log(f"  oracle against itself: {row['oracle_repeat_err']:.1e}")
+        row["fp64_check"] = fp64_check(case, device)
+        log(f"  float64, {row['fp64_check']['syn_steps']} steps: {row['fp64_check']['grad_rel_err']:.1e}")
+        # Each entry makes the function to time; graphs are captured on its first (warm-up) call and replayed after.
         variants = [
             ("checkpointed", False, lambda: mc.checkpointed),
             ("checkpointed+graphs", False, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
-            ("checkpointed+graphs+channels_last", False,
-             lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec, channels_last=True))),
             ("full", True, lambda: mc.full),
             ("checkpointed+graphs", True, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
         ]
+        if channels_last:
+            variants.insert(2, ("checkpointed+graphs+channels_last", False,
+                                lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec, channels_last=True))))
         for name, tf32, make in variants:
             with precision(tf32):
                 r = run_variant(name, make(), device, oracle)
@@ -330,7 +357,7 @@ def steps_memory_section(case: Case, device: torch.device, steps: tuple[int, ...
             graphs = CudaGraphSteps(mc.model, mc.spec)
             r = measure(lambda: mc.checkpointed(graphs, store=store), device, warmup=1, reps=1)
             out.append({"syn_steps": n, "store": store, "ms": r["ms"], "peak_gib": r.get("peak_gib"),
-                        "reserved_gib": r.get("reserved_gib")})
+                        "reserved_gib": r.get("reserved_gib"), "base_gib": r.get("base_gib")})
             del graphs
         del mc
         free(device)

@@ -86,9 +86,6 @@ class RunConfig:
     eval_models: int = 2  # fresh networks trained per evaluation (0 = no evaluation); ref 5
     eval_epochs: int = 300  # epochs each; ref 1000 (fewer keeps the periodic check cheap)
     checkpoint_every: int = 50  # iterations between checkpoints
-    # CUDA only (CPU runs are always repeatable): deterministic kernels, so that a rerun or a
-    # resumed run gives the same images bit for bit, at some cost in speed.
-    deterministic: bool = False
     seed: int = 0
     device: str = "auto"
 

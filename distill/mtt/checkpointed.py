@@ -95,6 +95,13 @@ def _func_vjp(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.T
     return (grad, *pullback(g_next), None)
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    # One warm-up stream per device for every capture: libraries keep per-stream workspaces
+    # (cuBLAS), so a fresh stream per capture would leave memory behind each time.
+    return torch.cuda.Stream(device=device)
+
+
 class CudaGraphSteps:
     """CUDA graphs of one inner step's gradient and of its vector-Jacobian product, captured once per shape.
 
@@ -105,7 +112,11 @@ class CudaGraphSteps:
 
     Keep one instance per model for a whole run and pass it to every :func:`matching_grads` call:
     capturing costs a few warm-up steps, replaying costs one launch. ``channels_last`` feeds the
-    network NHWC images (faster convolutions on tensor cores where cuDNN has NHWC kernels).
+    network NHWC images; ``compile`` runs the step through torch.compile before capturing it.
+
+    All graphs of one instance share one memory pool. That is safe because every output of a
+    replay is consumed (by kernels queued on the same stream) before the next replay of any of
+    them, which is how :func:`matching_grads` uses them; don't hold on to a returned tensor.
     """
 
     WARMUP = 3  # eager runs on a side stream before capture, as torch.cuda.graphs asks (cuDNN autotuning, lazy init)
@@ -114,8 +125,9 @@ class CudaGraphSteps:
         self.model, self.spec, self.channels_last = model, spec, channels_last
         self._grad: dict[tuple, tuple] = {}
         self._vjp: dict[tuple, tuple] = {}
+        self._pool = None
         if compile:
-            # torch.compile cannot trace autograd.grad(create_graph=True); the torch.func spelling it can.
+            # The torch.func spelling of the same step, which torch.compile traces as a whole.
             self._grad_fn = torch.compile(functools.partial(_func_grad, model, spec), dynamic=False)
             self._vjp_fn = torch.compile(functools.partial(_func_vjp, model, spec), dynamic=False)
         else:
@@ -124,7 +136,9 @@ class CudaGraphSteps:
 
     @staticmethod
     def _key(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        return (theta.shape, theta.dtype, x.shape, x.dtype, y.shape, y.dtype, x.device)
+        # A graph keeps the kernels it captured, so the TF32 switches are part of what it is.
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        return (theta.shape, theta.dtype, x.shape, x.dtype, y.shape, y.dtype, x.device, tf32)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
         # The graph reads its inputs from fixed addresses; copy_ into these converts the layout too.
@@ -135,14 +149,16 @@ class CudaGraphSteps:
         """A callable that runs ``fn``'s kernels again and returns its (reused) outputs."""
         if device.type != "cuda":
             return fn  # no graphs off CUDA: the same code runs eagerly (this is how the CPU tests cover it)
-        side = torch.cuda.Stream(device=device)
+        side = _side_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             outs = fn()
 
         def replay():

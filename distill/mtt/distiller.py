@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,13 +234,17 @@ class _State:
         return self.labels if self.logits is None else soft_targets(self.logits.detach(), temperature)
 
 
+def _rates(cfg: RunConfig) -> dict[str, float]:
+    """The SGD learning rate of each learned tensor."""
+    return {"images": cfg.lr_img, "log_lr": cfg.lr_lr, "logits": cfg.lr_label}
+
+
 def _make_state(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None,
                 log_lr: torch.Tensor, device: torch.device) -> _State:
     leaf = lambda t: t.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)  # noqa: E731
     state = _State(images=leaf(images), labels=labels.to(device), logits=None if logits is None else leaf(logits),
                    log_lr=leaf(log_lr), optimizers={})
-    rates = {"images": cfg.lr_img, "log_lr": cfg.lr_lr, "logits": cfg.lr_label}
-    state.optimizers = {name: torch.optim.SGD([t], lr=rates[name], momentum=cfg.momentum)
+    state.optimizers = {name: torch.optim.SGD([t], lr=_rates(cfg)[name], momentum=cfg.momentum)
                         for name, t in state.learned().items()}
     return state
 
@@ -277,8 +280,7 @@ def _resumed_state(run: _Run) -> _State:
                            f"({'hard' if ck['logits'] is None else 'soft'} labels); resume it with its own --ipc and label setting.")
     if ck["iteration"] > cfg.iterations:
         raise DistillError(f"The checkpoint in {run.out} is at iteration {ck['iteration']}, beyond --iterations {cfg.iterations}.")
-    ignored = {"iterations", "device", "deterministic", "out", "data", "eval_every", "eval_models", "eval_epochs",
-               "checkpoint_every"}
+    ignored = {"iterations", "device", "out", "data", "eval_every", "eval_models", "eval_epochs", "checkpoint_every"}
     changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in ck["config"].items()
                if k not in ignored and hasattr(cfg, k) and getattr(cfg, k) != v]
     if changed and run.world.main:
@@ -287,7 +289,7 @@ def _resumed_state(run: _Run) -> _State:
     for name, opt in state.optimizers.items():
         opt.load_state_dict(ck["optimizers"][name])
         for group in opt.param_groups:  # a resumed run follows today's rates, not the checkpoint's
-            group["lr"] = {"images": cfg.lr_img, "log_lr": cfg.lr_lr, "logits": cfg.lr_label}[name]
+            group["lr"] = _rates(cfg)[name]
             group["momentum"] = cfg.momentum
     state.iteration = int(ck["iteration"])
     run.metrics.truncate(int(ck["metrics_offset"]))
@@ -502,14 +504,6 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
             world.barrier()  # rank 0 may have evaluated or written; the others wait rather than time out later
 
 
-def _use_deterministic_kernels() -> None:
-    """Bit-identical reruns on CUDA: the backward of the unroll's gathers and convolutions otherwise
-    sums in a varying order, and 20 iterations at lr_img 100 turn that into visible pixel changes."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when first used
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-
-
 def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Distill a synthetic set from the buffer ``cfg.buffer`` into the run folder ``cfg.out``; returns that folder.
 
@@ -519,8 +513,6 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     validate(cfg)
     world = world_from_env()
     device = resolve_device(cfg.device, world)
-    if cfg.deterministic:
-        _use_deterministic_kernels()
     init_process_group(world, device)
     try:
         run, real, reason = _setup(cfg, world, device, resume)
