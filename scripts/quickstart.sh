@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 
 $D buffer --data "$DATA" --out "$OUT/buffer" --experts 2 --epochs 3 --seed 0 --device cpu
 $D run --buffer "$OUT/buffer" --out "$OUT/run" --ipc 2 --iterations 20 --syn-steps 10 --expert-epochs 1 \
-    --max-start-epoch 1 --seed 0 --device cpu --resume-or-new
+    --max-start-epoch 1 --seed 0 --device cpu
 $D audit "$OUT/run" --data "$DATA" --json "$OUT/audit.json" || true   # a failed audit is reported, export decides
 $D export "$OUT/run" --out "$OUT/share.h5" --force --description "quickstart demo share"
 $D inspect "$OUT/share.h5" --grid "$OUT/share.png"
