@@ -48,6 +48,10 @@ def validate(cfg: BufferConfig) -> None:
         raise DistillError(f"--batch-experts must be at least 1; got {cfg.batch_experts}.")
     if cfg.snapshot_dtype not in SNAPSHOT_DTYPES:
         raise DistillError(f"--snapshot-dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {cfg.snapshot_dtype!r}.")
+    try:
+        Augment.parse(cfg.augment)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
 
 
 def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, Preprocessing]:
@@ -58,10 +62,11 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
         write_buffer_preprocessing(out, fit_preprocessing(data.train.images, zca=cfg.zca), data.fingerprint())
     world.barrier()
     pre, fingerprint, _ = read_buffer_preprocessing(out)
-    if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca:
+    if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca or pre.size != data.size:
         raise DistillError(
-            f"{out} already holds a buffer for other data or preprocessing ({fingerprint['name']}, zca={pre.zca}); "
-            "choose another --out folder."
+            f"{out} already holds a buffer for other data or preprocessing ({fingerprint['name']}, "
+            f"{pre.channels}x{pre.size}x{pre.size}, zca={pre.zca}) than asked ({data.name}, "
+            f"{data.channels}x{data.size}x{data.size}, zca={cfg.zca}); choose another --out folder or match --size/--zca."
         )
     return data, pre
 

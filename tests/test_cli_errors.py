@@ -120,7 +120,6 @@ def test_bad_config_file(tiny_npz, tmp_path, monkeypatch, capsys):
         assert_one_sentence(code, err, message)
 
 
-@pytest.mark.xfail(strict=True, reason="distill/buffer.py validate() does not check --augment yet (foundation report)")
 def test_unknown_augmentation(tiny_npz, tmp_path, monkeypatch, capsys):
     code, _, err = run_main(_buffer(tiny_npz, tmp_path / "out", "--augment", "flip,blur"), monkeypatch, capsys)
     assert_one_sentence(code, err, "Unknown augmentation blur")
