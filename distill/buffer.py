@@ -195,6 +195,10 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         out = check_writable_dir(cfg.out)
         if world.main:
             save_toml(cfg, out / "config.toml")
+            # A hard kill (SIGKILL, power loss) can leave a temporary file; no rank is writing yet, since
+            # the others wait at prepare_data's barrier until rank 0 gets there.
+            for stale in out.glob(".expert_*.h5.*.tmp"):
+                stale.unlink(missing_ok=True)
         data, pre = prepare_data(cfg, world, out)
         # Fail early on a model/size mismatch, before any expert starts.
         try:
