@@ -95,6 +95,8 @@ def buffer(config_file, **flags):
 @click.option("--zca/--no-zca", default=None, help="Baselines without a share: ZCA-whiten as `distill buffer --zca` does.")
 @click.option("--size", type=int, default=None, help="Resize real images to SIZE x SIZE (default: the share's size).")
 @click.option("--json", "json", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON here.")
+@click.option("--match-classes-by-position", "match_by_position", is_flag=True, default=None,
+              help="Accept real data whose class names differ from the share's, pairing classes by index.")
 @SEED
 @DEVICE
 @CONFIG

@@ -68,6 +68,7 @@ class EvalConfig:
     lr: float | None = None  # overrides the distilled arm's step size (baselines keep REAL_LR)
     zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
     size: int | None = None  # resize real images (default: the share's geometry, else the source's)
+    match_by_position: bool = False  # accept real data whose class names differ from the share's
     seed: int = 0
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
@@ -366,13 +367,21 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
     return tuple(dict.fromkeys(baselines))
 
 
-def _check_real(data: RealData, class_names: list[str], channels: int, what: str) -> None:
+def _check_real(data: RealData, class_names: list[str], channels: int, what: str, by_position: bool) -> None:
     if data.num_classes != len(class_names):
         raise DataError(f"{what} {data.name} has {data.num_classes} classes but the share has {len(class_names)} "
                         f"({list(class_names)}).")
     if data.channels != channels:
         raise DataError(f"{what} {data.name} has {data.channels}-channel images but the share expects {channels}.")
-    if list(data.class_names) != list(class_names):
+    ours = [c.strip().lower() for c in data.class_names]
+    theirs = [c.strip().lower() for c in class_names]
+    unnamed = ours == [str(i) for i in range(len(ours))]  # an npz without class names: only positions exist
+    if ours != theirs and not (unnamed or by_position):
+        # Scoring a chest X-ray share on ultrasound data gives a number that means nothing.
+        raise DataError(f"{what} {data.name} names its classes {list(data.class_names)} but the share "
+                        f"{list(class_names)}; if they are the same classes in the same order, pass "
+                        "--match-classes-by-position.")
+    if ours != theirs:
         log.warning("%s %s names its classes %s, the share %s; they are matched by position.", what, data.name,
                     data.class_names, class_names)
 
@@ -393,9 +402,9 @@ def _setup(cfg: EvalConfig, union: Union | None, train_data: RealData, test_data
            baselines: tuple[str, ...]) -> _Setup:
     if union is not None:
         pre = union.preprocessing
-        _check_real(test_data, union.class_names, pre.channels, "Test data")
+        _check_real(test_data, union.class_names, pre.channels, "Test data", cfg.match_by_position)
         if baselines:
-            _check_real(train_data, union.class_names, pre.channels, "Training data")
+            _check_real(train_data, union.class_names, pre.channels, "Training data", cfg.match_by_position)
         if test_data.size != pre.size:
             raise DataError(f"Test images are {test_data.size} px but the share's are {pre.size} px; "
                             f"pass --size {pre.size}.")

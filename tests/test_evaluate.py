@@ -188,6 +188,17 @@ def test_test_data_with_other_classes_is_refused(tiny_npz, tmp_path, tiny_arrays
         evaluate(cfg(other, baselines=("none",)), shares=[("a.h5", make_share(tiny_npz))])
 
 
+def test_test_data_with_other_class_names_is_refused_unless_matched_by_position(tiny_npz, tmp_path):
+    # Saved under a MedMNIST name, the tiny data takes BreastMNIST's class names.
+    named = tmp_path / "breastmnist.npz"
+    named.write_bytes(tiny_npz.read_bytes())
+    share = make_share(tiny_npz, class_names=["normal", "pneumonia"])
+    with pytest.raises(DataError, match="--match-classes-by-position"):
+        evaluate(cfg(named, baselines=("none",)), shares=[("a.h5", share)])
+    report = evaluate(cfg(named, baselines=("none",), runs=1, match_by_position=True), shares=[("a.h5", share)])
+    assert len(report["results"]) == 1
+
+
 # ----------------------------------------------------------------------------- the stage and its report
 
 
