@@ -486,6 +486,12 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
             good = _payload(run, state) if world.main else None
             try:
                 record = _iteration(run, state, it)
+            except KeyboardInterrupt:
+                # Ctrl-C must not cost the iterations since the last periodic checkpoint.
+                if world.main:
+                    save_checkpoint(run.out / CHECKPOINT_FILE, good)
+                    log.warning("Interrupted at iteration %d; its state is saved, continue with --resume.", it)
+                raise
             except _NonFinite as e:
                 where = run.out / CHECKPOINT_FILE
                 if world.main:
