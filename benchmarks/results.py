@@ -62,19 +62,24 @@ class Profile:
     # Snapshots per expert epoch; 0 = one per epoch (the reference). Small datasets have few
     # optimiser steps per epoch (BreastMNIST: 3), so matching in steps needs several (docs/method.md).
     snapshots_per_epoch: int = 0
+    # Cap on synthetic images per student step (distill run --batch-syn); 0 = the whole set. On two
+    # CPU cores an iteration costs time in proportion to this (PneumoniaMNIST, 1 thread: 20 images
+    # about 5 s, 100 images about 40 s), so the CPU profiles draw minibatches at 50 images per class.
+    max_batch_syn: int = 0
 
 
 PROFILES = {
     # Every stage runs, at a size two shared CPU cores finish in tens of minutes. The expert
     # buffer and the distillation are far too short to show what the method can do.
     "quick": Profile("quick", "CPU, minutes: shows the pipeline working end to end; not the method's accuracy",
-                     ipcs=(1, 10), experts=2, buffer_epochs=4, iterations=30, syn_steps=10, expert_epochs=2,
-                     max_start_epoch=2, runs=3, eval_epochs=50, full_epochs=2),
-    # The largest run two CPU cores finish in about half an hour: enough experts, snapshots and
-    # iterations for distillation to do something, at 10 images per class only.
-    "cpu": Profile("cpu", "CPU, about half an hour: a small but real distillation at 10 images per class",
-                   ipcs=(10,), experts=4, buffer_epochs=8, iterations=200, syn_steps=20, expert_epochs=2,
-                   max_start_epoch=16, runs=3, eval_epochs=None, full_epochs=10, snapshots_per_epoch=3),
+                     ipcs=(1, 10, 50), experts=2, buffer_epochs=4, iterations=30, syn_steps=10, expert_epochs=2,
+                     max_start_epoch=2, runs=3, eval_epochs=50, full_epochs=2, max_batch_syn=20),
+    # The largest run two CPU cores finish in a couple of hours: enough experts, snapshots and
+    # iterations for distillation to do something. The targets' datasets (PneumoniaMNIST, BreastMNIST).
+    "cpu": Profile("cpu", "CPU, hours: a small but real distillation at 1, 10 and 50 images per class",
+                   ipcs=(1, 10, 50), experts=4, buffer_epochs=8, iterations=200, syn_steps=20, expert_epochs=2,
+                   max_start_epoch=16, runs=3, eval_epochs=None, full_epochs=10, snapshots_per_epoch=3,
+                   max_batch_syn=20),
     # The MTT reference's scale for small datasets: 50 experts x 50 epochs, thousands of iterations.
     "paper": Profile("paper", "GPU: 50 experts x 50 epochs, 2000 distillation iterations, the reference evaluation",
                      ipcs=(1, 10, 50), experts=50, buffer_epochs=50, iterations=2000, syn_steps=20, expert_epochs=2,
@@ -195,13 +200,15 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
                                                   "--json", str(d / f"random_{k}.json")])
         rr.commands, rr.wall_seconds = [ref], wall
         rows.append(fill(rr, read_eval(d / f"random_{k}.json")))
+        n_syn = k * len(counts)
+        batch = ["--batch-syn", str(p.max_batch_syn)] if p.max_batch_syn and n_syn > p.max_batch_syn else []
         for labels in ("hard", "soft"):
             row = Row(dataset, k, f"distilled, {labels} labels")
             rundir, share = d / f"run_{k}_{labels}", d / f"share_{k}_{labels}.h5"
             r1, w1 = run(f"{dataset}-run-{k}-{labels}", [
                 "run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(k), "--iterations", str(p.iterations),
                 "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
-                "--max-start-epoch", str(p.max_start_epoch), *(["--hard-labels"] if labels == "hard" else []),
+                "--max-start-epoch", str(p.max_start_epoch), *batch, *(["--hard-labels"] if labels == "hard" else []),
                 "--seed", str(p.seed), "--device", device])
             # The benchmark measures accuracy, not privacy: `distill audit` is a separate check.
             r2, w2 = run(f"{dataset}-export-{k}-{labels}", ["export", str(rundir), "--out", str(share), "--force"])
@@ -272,7 +279,8 @@ def render_section(meta: dict, rows: list[Row], commands: list[str], buffers: di
         f"- Settings: {p['experts']} experts × {p['buffer_epochs']} epochs"
         f"{', %d snapshots per epoch' % p['snapshots_per_epoch'] if p.get('snapshots_per_epoch') else ''}; "
         f"{p['iterations']} iterations of "
-        f"{p['syn_steps']} student steps; evaluation {p['runs']} runs per row, "
+        f"{p['syn_steps']} student steps"
+        f"{' on at most %d synthetic images each' % p['max_batch_syn'] if p.get('max_batch_syn') else ''}; evaluation {p['runs']} runs per row, "
         f"{p['eval_epochs'] or 'recipe'} epochs (full data {p['full_epochs'] or 'default'}); seed {p['seed']}.",
         "- Accuracy and AUC on the dataset's official test split, mean ± sample std over the runs. "
         "Wall time of a distilled row covers `run`, `export` and `eval`; the shared expert buffer is listed "
