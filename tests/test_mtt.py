@@ -160,10 +160,21 @@ def test_run_writes_a_valid_run_folder(tiny_buffer, tmp_path):
         assert math.isfinite(r["loss"]) and r["movement_ratio"] > 0 and r["seconds"] > 0 and r["peak_rss_mb"] > 0
     for r in evals:
         assert 0 <= r["val_acc_mean"] <= 1 and (out / r["grid"]).exists()
+        assert r["val_majority"] == 0.5  # make_tiny_arrays: a balanced validation split
     from PIL import Image
 
     with Image.open(out / "grid_00004.png") as im:  # one row per class, ipc images a row (1 px padding)
         assert im.size == (2 * 9 + 1, 2 * 9 + 1)
+
+
+def test_a_set_no_better_than_the_majority_class_is_flagged(tiny_buffer, tmp_path, monkeypatch, caplog):
+    import distill.mtt.distiller as distiller
+
+    monkeypatch.setattr(distiller, "accuracy", lambda logits, labels: 0.25)  # networks that learned nothing
+    with caplog.at_level("WARNING", logger=distiller.log.name):
+        distill_run(_cfg(tiny_buffer, tmp_path / "run", eval_models=1, eval_epochs=1, eval_every=2))
+    flagged = [r.getMessage() for r in caplog.records if "most frequent class" in r.getMessage()]
+    assert len(flagged) == 2 and "iteration 2" in flagged[0] and "Do not share" in flagged[0]  # not at iteration 0
 
 
 def test_real_init_starts_from_real_training_images(tiny_buffer, tmp_path):

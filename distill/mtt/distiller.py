@@ -432,9 +432,17 @@ def _evaluate(run: _Run, state: _State) -> None:
             accs.append(accuracy(predict(net, x_val), y_val))
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
-        record |= {"val_acc": accs, "val_acc_mean": mean, "val_acc_std": std}
+        majority = float(torch.bincount(y_val).max()) / len(y_val)
+        record |= {"val_acc": accs, "val_acc_mean": mean, "val_acc_std": std, "val_majority": majority}
         log.info("Iteration %d: validation accuracy %.3f ± %.3f over %d network(s), step size %.4g.",
                  it, mean, std, len(accs), state.syn_lr)
+        if it > 0 and mean <= majority:
+            # Seen on BreastMNIST at 1 image per class: the step size had collapsed (0.01 -> 3e-5), so the
+            # recipe's networks barely left their initialisation. A share like that trains nothing.
+            log.warning("At iteration %d networks trained on the synthetic set score %.3f on the validation split, no "
+                        "better than always predicting its most frequent class (%.3f); the learned step size is %.3g "
+                        "(it started at %.3g). Do not share this set: see the movement-ratio warning of iteration 0 "
+                        "and docs/method.md.", it, mean, majority, state.syn_lr, cfg.syn_lr_init)
     run.metrics.write(record)
 
 
