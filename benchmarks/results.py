@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("pneumoniamnist", "breastmnist", "retinamnist")
+NOT_RUN = "not run: the session that rendered this table stopped before it (--render-only)"
 ROW_LABELS = ("full data", "random real", "distilled, hard labels", "distilled, soft labels")
 
 # Targets from the issue (benchmark figures, not tests).
@@ -111,11 +112,19 @@ def distill_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "distill.cli"]
 
 
-class Runner:
-    """Runs `distill ...` commands in order, records them, and skips those finished on an earlier attempt."""
+class NotRun(Exception):
+    """--render-only met a step that no earlier attempt finished."""
 
-    def __init__(self, work: Path, env: dict[str, str]):
-        self.work, self.env = work, env
+
+class Runner:
+    """Runs `distill ...` commands in order, records them, and skips those finished on an earlier attempt.
+
+    With ``render_only`` nothing runs: a step without a finished record raises NotRun, and its row is
+    shown as not run (to publish what a time-limited session finished).
+    """
+
+    def __init__(self, work: Path, env: dict[str, str], render_only: bool = False):
+        self.work, self.env, self.render_only = work, env, render_only
         self.commands: list[str] = []
         self.total_seconds = 0.0  # summed per step, so a resumed benchmark still reports the whole cost
 
@@ -131,6 +140,9 @@ class Runner:
                 print(f"[{ref}] done earlier: {shown}", file=sys.stderr)
                 self.total_seconds += float(done["wall_seconds"])
                 return ref, float(done["wall_seconds"])
+        if self.render_only:
+            self.commands.pop()
+            raise NotRun(shown)
         print(f"[{ref}] {shown}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(distill_argv() + args, env=self.env, cwd=ROOT)
@@ -173,12 +185,18 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
     rows: list[Row] = []
 
     full = Row(dataset, None, "full data")
-    ref, wall = run(f"{dataset}-full", ["eval", "--baseline", "full", "--train", dataset, "--test", dataset, *common,
-                                        *(["--epochs", str(p.full_epochs)] if p.full_epochs else []),
-                                        "--json", str(d / "full.json")])
-    full.commands, full.wall_seconds = [ref], wall
-    rows.append(fill(full, read_eval(d / "full.json")))
-    test_counts = json.loads((d / "full.json").read_text())["test"]["class_counts"]
+    info: dict = {}
+    try:
+        ref, wall = run(f"{dataset}-full", ["eval", "--baseline", "full", "--train", dataset, "--test", dataset, *common,
+                                            *(["--epochs", str(p.full_epochs)] if p.full_epochs else []),
+                                            "--json", str(d / "full.json")])
+        full.commands, full.wall_seconds = [ref], wall
+        rows.append(fill(full, read_eval(d / "full.json")))
+        test_counts = json.loads((d / "full.json").read_text())["test"]["class_counts"]
+        info["majority_accuracy"] = max(test_counts) / sum(test_counts)
+    except NotRun:
+        full.note = NOT_RUN
+        rows.append(full)
 
     buf = d / "buffer"
     counts = class_counts(dataset)
@@ -186,25 +204,36 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
     if p.snapshots_per_epoch:
         steps_per_epoch = -(-sum(counts) // 256)  # the expert batch size, BufferConfig.batch_size
         snapshot = ["--snapshot-every", str(max(1, steps_per_epoch // p.snapshots_per_epoch))]
-    buffer_ref, buffer_wall = run(f"{dataset}-buffer", [
-        "buffer", "--data", dataset, "--out", str(buf), "--experts", str(p.experts), "--epochs", str(p.buffer_epochs),
-        *snapshot, "--seed", str(p.seed), "--device", device])
+    try:
+        info["buffer_command"], info["buffer_seconds"] = run(f"{dataset}-buffer", [
+            "buffer", "--data", dataset, "--out", str(buf), "--experts", str(p.experts), "--epochs", str(p.buffer_epochs),
+            *snapshot, "--seed", str(p.seed), "--device", device])
+    except NotRun:
+        pass
     for k in ipcs:
         if min(counts) < k:
             why = f"a class has only {min(counts)} training images"
             rows += [Row(dataset, k, label, note=why) for label in ROW_LABELS[1:]]
             continue
         rr = Row(dataset, k, "random real")
-        ref, wall = run(f"{dataset}-random-{k}", ["eval", "--baseline", "random-real", "--ipc", str(k), "--train", dataset,
-                                                  "--test", dataset, *common, *eval_epochs,
-                                                  "--json", str(d / f"random_{k}.json")])
-        rr.commands, rr.wall_seconds = [ref], wall
-        rows.append(fill(rr, read_eval(d / f"random_{k}.json")))
+        try:
+            ref, wall = run(f"{dataset}-random-{k}", ["eval", "--baseline", "random-real", "--ipc", str(k), "--train",
+                                                      dataset, "--test", dataset, *common, *eval_epochs,
+                                                      "--json", str(d / f"random_{k}.json")])
+            rr.commands, rr.wall_seconds = [ref], wall
+            rows.append(fill(rr, read_eval(d / f"random_{k}.json")))
+        except NotRun:
+            rr.note = NOT_RUN
+            rows.append(rr)
         n_syn = k * len(counts)
         batch = ["--batch-syn", str(p.max_batch_syn)] if p.max_batch_syn and n_syn > p.max_batch_syn else []
         for labels in ("hard", "soft"):
             row = Row(dataset, k, f"distilled, {labels} labels")
             rundir, share = d / f"run_{k}_{labels}", d / f"share_{k}_{labels}.h5"
+            if run.render_only and not (work / "steps" / f"{dataset}-eval-{k}-{labels}.json").exists():
+                row.note = NOT_RUN
+                rows.append(row)
+                continue
             r1, w1 = run(f"{dataset}-run-{k}-{labels}", [
                 "run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(k), "--iterations", str(p.iterations),
                 "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
@@ -217,8 +246,7 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
                                                           "--json", str(d / f"distilled_{k}_{labels}.json")])
             row.commands, row.wall_seconds = [r1, r2, r3], w1 + w2 + w3
             rows.append(fill(row, read_eval(d / f"distilled_{k}_{labels}.json")))
-    return rows, {"buffer_command": buffer_ref, "buffer_seconds": buffer_wall,
-                  "majority_accuracy": max(test_counts) / sum(test_counts)}
+    return rows, info
 
 
 # ----------------------------------------------------------------------------- the markdown (pure functions)
@@ -292,14 +320,15 @@ def render_section(meta: dict, rows: list[Row], commands: list[str], buffers: di
         for r in (r for r in rows if r.dataset == ds):
             ipc = "all" if r.ipc is None else str(r.ipc)
             if r.acc_mean is None:
-                lines.append(f"| {ipc} | {r.label} | – | – | – | – | skipped: {r.note} |")
+                lines.append(f"| {ipc} | {r.label} | – | – | – | – | {'' if r.note.startswith('not run') else 'skipped: '}{r.note} |")
                 continue
             refs = ", ".join(f"[{c}]" for c in r.commands)
             lines.append(f"| {ipc} | {r.label} | {_pm(r.acc_mean, r.acc_std, 100, 1)} | "
                          f"{_pm(r.auc_mean, r.auc_std, 1, 3)} | {r.runs} | {_duration(r.wall_seconds)} | {refs} |")
         if ds in buffers:
             b = buffers[ds]
-            lines += ["", f"Expert buffer: {_duration(b['buffer_seconds'])}, command [{b['buffer_command']}]."]
+            if "buffer_command" in b:
+                lines += ["", f"Expert buffer: {_duration(b['buffer_seconds'])}, command [{b['buffer_command']}]."]
             if "majority_accuracy" in b:
                 # Test splits are imbalanced: accuracy near this line means a network that learned little.
                 lines += ["", f"Always predicting the most frequent test class scores "
@@ -376,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ipc", default=None, help="comma list of images per class (default: the profile's)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: write the table from the steps finished so far, marking the others not run")
     ap.add_argument("--work", default=None, help="folder for buffers, runs, shares and eval JSONs "
                                                  "(default /tmp/distill-results-PROFILE)")
     args = ap.parse_args(argv)
@@ -390,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from distill.io import atomic_path
 
-    run = Runner(work, env)
+    run = Runner(work, env, render_only=args.render_only)
     rows, buffers = [], {}
     for ds in datasets:
         ds_rows, buffers[ds] = run_dataset(run, profile, ds, ipcs, args.device, work)
