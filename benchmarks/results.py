@@ -342,9 +342,10 @@ def render_section(meta: dict, rows: list[Row], commands: list[str], buffers: di
 
 HEADER = """# Results
 
-Written by `benchmarks/results.py`; do not edit by hand. Each section below
-names the profile and the hardware that produced it. Every number comes from
-the commands listed under its table.
+Each marked section is written by `benchmarks/results.py`; do not edit those
+by hand. Each names the profile and the hardware that produced it, and every
+number in it comes from the commands listed under its table. The notes at the
+end are written by hand.
 """
 
 
