@@ -229,24 +229,31 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
         batch = ["--batch-syn", str(p.max_batch_syn)] if p.max_batch_syn and n_syn > p.max_batch_syn else []
         for labels in ("hard", "soft"):
             row = Row(dataset, k, f"distilled, {labels} labels")
-            rundir, share = d / f"run_{k}_{labels}", d / f"share_{k}_{labels}.h5"
-            if run.render_only and not (work / "steps" / f"{dataset}-eval-{k}-{labels}.json").exists():
+            try:
+                row.commands, row.wall_seconds = _distilled(run, p, dataset, d, buf, k, labels, batch, device, common,
+                                                            eval_epochs)
+            except NotRun:
                 row.note = NOT_RUN
                 rows.append(row)
                 continue
-            r1, w1 = run(f"{dataset}-run-{k}-{labels}", [
-                "run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(k), "--iterations", str(p.iterations),
-                "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
-                "--max-start-epoch", str(p.max_start_epoch), *batch, *(["--hard-labels"] if labels == "hard" else []),
-                "--seed", str(p.seed), "--device", device])
-            # The benchmark measures accuracy, not privacy: `distill audit` is a separate check.
-            r2, w2 = run(f"{dataset}-export-{k}-{labels}", ["export", str(rundir), "--out", str(share), "--force"])
-            r3, w3 = run(f"{dataset}-eval-{k}-{labels}", ["eval", str(share), "--test", dataset, "--baseline", "none",
-                                                          *common, *eval_epochs,
-                                                          "--json", str(d / f"distilled_{k}_{labels}.json")])
-            row.commands, row.wall_seconds = [r1, r2, r3], w1 + w2 + w3
             rows.append(fill(row, read_eval(d / f"distilled_{k}_{labels}.json")))
     return rows, info
+
+
+def _distilled(run, p, dataset, d, buf, k, labels, batch, device, common, eval_epochs) -> tuple[list[int], float]:
+    """run -> export -> eval for one distilled row; returns its command references and wall seconds."""
+    rundir, share = d / f"run_{k}_{labels}", d / f"share_{k}_{labels}.h5"
+    r1, w1 = run(f"{dataset}-run-{k}-{labels}", [
+        "run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(k), "--iterations", str(p.iterations),
+        "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
+        "--max-start-epoch", str(p.max_start_epoch), *batch, *(["--hard-labels"] if labels == "hard" else []),
+        "--seed", str(p.seed), "--device", device])
+    # The benchmark measures accuracy, not privacy: `distill audit` is a separate check.
+    r2, w2 = run(f"{dataset}-export-{k}-{labels}", ["export", str(rundir), "--out", str(share), "--force"])
+    r3, w3 = run(f"{dataset}-eval-{k}-{labels}", ["eval", str(share), "--test", dataset, "--baseline", "none",
+                                                  *common, *eval_epochs,
+                                                  "--json", str(d / f"distilled_{k}_{labels}.json")])
+    return [r1, r2, r3], w1 + w2 + w3
 
 
 # ----------------------------------------------------------------------------- the markdown (pure functions)
