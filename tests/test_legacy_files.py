@@ -1,0 +1,77 @@
+"""Files written before the format modules were gathered under distill/formats/ (git 5bd3815) still load.
+
+The files in tests/data/legacy_v1/ were made by that code from the noise set of
+conftest.make_tiny_arrays (see the README there); they are never regenerated.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.formats import load_share
+from distill.formats.synset import read_synset
+from distill.formats.trajectory import list_experts, read_buffer_preprocessing, read_expert
+from distill.models import create_model, load_flat
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+
+
+def test_the_old_share_loads_and_trains_a_recipient(tiny_npz):
+    from distill.evaluate import EvalConfig, evaluate
+
+    share = load_share(LEGACY / "share.h5")  # the reader checks the payload hash and every limit
+    assert share.images.shape == (2, 1, 8, 8) and share.class_names == ["0", "1"]
+    assert share.recipe.model == "convnet" and share.recipe.model_kwargs == {"width": 4}
+    assert share.privacy["audit_status"] == "passed"
+    assert share.provenance["dataset"]["name"] == "custom"
+    report = evaluate(EvalConfig(shares=(str(LEGACY / "share.h5"),), test=str(tiny_npz), baselines=("none",),
+                                 runs=1, epochs=1, device="cpu"))
+    assert report["results"][0]["trained_on"]["images"] == 2
+
+
+def test_the_old_share_carries_no_path_or_real_image():
+    share = load_share(LEGACY / "share.h5")
+    text = repr(share.provenance) + repr(share.privacy)
+    assert "/" not in text.replace("n/a", "") and "tiny.npz" not in text
+
+
+def test_the_old_buffer_loads(tiny_npz):
+    experts = list_experts(LEGACY / "buffer")
+    assert [p.name for p in experts] == ["expert_0000.h5"]
+    e = read_expert(experts[0])
+    assert e.num_snapshots == 3 and e.attrs["snapshot_dtype"] == "float16"
+    assert e.model_kwargs == {"width": 4} and e.train["epochs"] == 2
+    net = create_model(e.attrs["model"], int(e.attrs["num_classes"]), int(e.attrs["channels"]), int(e.attrs["size"]),
+                       **e.model_kwargs)
+    load_flat(net, e.snapshots([e.num_snapshots - 1])[0])
+    assert torch.isfinite(net(torch.zeros(1, 1, 8, 8))).all()
+    pre, fingerprint, _ = read_buffer_preprocessing(LEGACY / "buffer")
+    assert pre.size == 8 and not pre.zca and fingerprint["sha256"] == e.fingerprint["sha256"]
+
+
+def test_the_old_run_folder_loads_and_its_audit_reads():
+    from distill.privacy import load_subject, read_audit
+
+    s = read_synset(LEGACY / "run")
+    assert s.images.shape == (2, 1, 8, 8) and s.label_logits is not None
+    audit = read_audit(LEGACY / "run")
+    assert audit["passed"] is True and "membership" in audit["summary"]
+    subject = load_subject(LEGACY / "run")
+    assert subject.recipe.epochs == 300 and np.isclose(subject.recipe.lr, s.syn_lr)
+
+
+def test_a_run_can_go_on_from_the_old_buffer(tiny_npz, tmp_path):
+    from distill.config import RunConfig
+    from distill.mtt import distill_run
+
+    buffer = tmp_path / "buffer"
+    shutil.copytree(LEGACY / "buffer", buffer)
+    cfg = RunConfig(buffer=str(buffer), out=str(tmp_path / "run"), data=str(tiny_npz), ipc=1,
+                    iterations=1, syn_steps=1, expert_epochs=1, max_start_epoch=1, eval_every=0, eval_models=0,
+                    device="cpu")
+    out = distill_run(cfg)
+    assert read_synset(out).images.shape == (2, 1, 8, 8)
