@@ -20,8 +20,8 @@ from .config import BufferConfig, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
-from .formats.trajectory import (SNAPSHOT_DTYPES, expert_path, read_buffer_preprocessing, read_expert,
-                                 write_buffer_preprocessing, write_expert)
+from .formats.trajectory import (SNAPSHOT_DTYPES, TrajectoryMeta, expert_path, read_buffer_preprocessing,
+                                 read_expert, write_buffer_preprocessing, write_expert)
 from .io import check_writable_dir, software_versions
 from .models import create_model, flatten_params, param_spec
 from .progress import progress
@@ -102,15 +102,15 @@ def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: st
     write_expert(
         path, torch.stack(snaps), steps, snapshot_dtype=cfg.snapshot_dtype,
         history={"train_loss": [h["loss"] for h in history], "train_acc": [h["acc"] for h in history], "val_acc": val_acc},
-        attrs={"model": cfg.model, "num_classes": data.num_classes, "channels": data.channels, "size": data.size,
-               "expert_index": index, "seed": cfg.seed, "snapshot_every": cfg.snapshot_every,
-               "steps_per_epoch": steps_per_epoch, "preprocessing_sha256": pre_sha},
-        json_attrs={"model_kwargs": {}, "param_names": list(spec.names), "param_shapes": [list(s) for s in spec.shapes],
-                    "fingerprint": data.fingerprint(), "software": software_versions(),
-                    "train": {"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
-                              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "augment": cfg.augment,
-                              # How the experts were computed: batching changes rounding, bf16 changes more.
-                              "batch_experts": cfg.batch_experts, "bf16": cfg.bf16}},
+        meta=TrajectoryMeta(
+            model=cfg.model, num_classes=data.num_classes, channels=data.channels, size=data.size,
+            param_names=list(spec.names), param_shapes=[list(s) for s in spec.shapes], expert_index=index,
+            seed=cfg.seed, snapshot_every=cfg.snapshot_every, steps_per_epoch=steps_per_epoch,
+            preprocessing_sha256=pre_sha, model_kwargs={}, fingerprint=data.fingerprint(), software=software_versions(),
+            train={"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                   "batch_size": cfg.batch_size, "augment": cfg.augment,
+                   # How the experts were computed: batching changes rounding, bf16 changes more.
+                   "batch_experts": cfg.batch_experts, "bf16": cfg.bf16}),
     )
     return path
 

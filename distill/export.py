@@ -23,6 +23,7 @@ from typing import Any
 from .config import RunConfig
 from .data import MEDMNIST, SPLITS
 from .errors import DistillError, FormatError
+from .formats.audit import AUDIT_FILE, read_audit
 from .formats.share import Recipe, Share, write_share
 from .formats.share_schema import Attr
 from .formats.synset import SyntheticSet, read_synset
@@ -125,9 +126,6 @@ def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
 
 def audit_status(rundir: Path) -> tuple[str, dict]:
     """(status, audit document) with status passed | failed | missing | invalid."""
-    # Imported here: distill.privacy builds shares with this module to audit a run.
-    from .privacy import AUDIT_FILE, read_audit
-
     if not (rundir / AUDIT_FILE).exists():
         return "missing", {}
     try:

@@ -38,6 +38,7 @@ from torch import nn
 from .data import Preprocessing, RealData, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
+from .formats.audit import AUDIT_FILE, AUDIT_FORMAT, AUDIT_VERSION, audit_document, read_audit  # noqa: F401 (re-exported)
 from .io import atomic_path, sha256_file, write_json
 from .models import create_model, load_flat
 from .seeding import derive_seed, generator, seeded
@@ -45,9 +46,6 @@ from .train import TrainRecipe, accuracy, predict, train_network
 
 log = logging.getLogger(__name__)
 
-AUDIT_FORMAT = "distill-audit"
-AUDIT_VERSION = "1.0"
-AUDIT_FILE = "audit.json"  # in the run folder; distill export reads it
 PAIRS_FILE = "audit_pairs.png"  # in the run folder; for the local reviewer only
 STATEMENT = "An empirical audit is not a proof of privacy."
 
@@ -505,12 +503,9 @@ class AuditReport:
 
     def document(self, *, details: bool = False) -> dict:
         """The ``audit.json`` document (``details=True`` adds the local per-image results)."""
-        doc = {"format": AUDIT_FORMAT, "format_version": AUDIT_VERSION, "passed": self.passed,
-               "summary": self.summary, "statement": self.statement, "created": self.created,
-               "subject_sha256": self.subject_sha256}
-        if details:
-            doc["details"] = self.details
-        return doc
+        return audit_document(passed=self.passed, summary=self.summary, statement=self.statement,
+                              created=self.created, subject_sha256=self.subject_sha256,
+                              details=self.details if details else None)
 
     def text(self) -> str:
         """A short human-readable report for the terminal."""
@@ -760,23 +755,3 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     return report
 
 
-
-def read_audit(rundir: str | os.PathLike) -> dict:
-    """Read and check ``RUNDIR/audit.json``; raises :class:`FormatError` if it is missing or malformed."""
-    import json
-
-    path = Path(rundir) / AUDIT_FILE
-    if not path.exists():
-        raise FormatError(f"{path} does not exist; run 'distill audit {rundir} --data DATA' first.")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError:
-        raise FormatError(f"{path} is not valid JSON; run 'distill audit' again.") from None
-    if not isinstance(doc, dict) or doc.get("format") != AUDIT_FORMAT:
-        raise FormatError(f"{path} is not a distill audit file.")
-    if str(doc.get("format_version", "")).split(".")[0] != AUDIT_VERSION.split(".")[0]:
-        raise FormatError(f"{path} has audit format {doc.get('format_version')!r}; this reader reads {AUDIT_VERSION}.")
-    missing = [k for k in ("passed", "summary", "statement") if k not in doc]
-    if missing:
-        raise FormatError(f"{path} lacks {', '.join(missing)}; run 'distill audit' again.")
-    return doc

@@ -19,7 +19,7 @@ from distill.data import load_data
 from distill.distributed import World
 from distill.errors import DistillError, FormatError
 from distill.formats import trajectory
-from distill.formats.trajectory import (expert_path, list_experts, read_buffer_preprocessing, read_expert,
+from distill.formats.trajectory import (TrajectoryMeta, expert_path, list_experts, read_buffer_preprocessing, read_expert,
                                         write_expert)
 from distill.io import sha256_file
 from distill.models import create_model, load_flat
@@ -42,9 +42,9 @@ def _leftovers(folder: Path) -> list[str]:
 def _write(path, snaps, dtype="float32"):
     write_expert(path, snaps, [0, 3, 6][: len(snaps)], snapshot_dtype=dtype,
                  history={"train_loss": [0.7, 0.6], "train_acc": [0.5, 0.6], "val_acc": [0.4, 0.5]},
-                 attrs={"model": "convnet3", "num_classes": 2, "seed": 5},
-                 json_attrs={"model_kwargs": {"width": 8}, "param_names": ["a", "b"], "param_shapes": [[2], [2, 2]],
-                             "fingerprint": {"name": "tiny"}, "train": {"epochs": 2}, "software": {}})
+                 meta=TrajectoryMeta(model="convnet3", num_classes=2, channels=1, size=8, seed=5,
+                                     model_kwargs={"width": 8}, param_names=["a", "b"], param_shapes=[[2], [2, 2]],
+                                     fingerprint={"name": "tiny"}, train={"epochs": 2}))
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 1e-2)])

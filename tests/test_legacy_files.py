@@ -75,3 +75,16 @@ def test_a_run_can_go_on_from_the_old_buffer(tiny_npz, tmp_path):
                     device="cpu")
     out = distill_run(cfg)
     assert read_synset(out).images.shape == (2, 1, 8, 8)
+
+
+def test_the_old_buffer_config_reads_through_its_schema(tmp_path):
+    from distill.config import BufferConfig
+    from distill.formats.buffer_config import read_buffer_config
+
+    cfg = read_buffer_config(LEGACY / "buffer")
+    assert isinstance(cfg, BufferConfig) and cfg.data == "tiny.npz" and cfg.snapshot_dtype == "float16"
+    assert cfg.size is None and cfg.seed == 0
+    assert read_buffer_config(tmp_path) is None  # no config.toml: the caller needs --data
+    # A key from a newer version is ignored, so this reader still finds the data.
+    (tmp_path / "config.toml").write_text((LEGACY / "buffer" / "config.toml").read_text() + "future_knob = 3\n")
+    assert read_buffer_config(tmp_path) == cfg

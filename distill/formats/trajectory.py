@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import h5py
@@ -69,19 +69,46 @@ def decode_snapshots(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(arr)).float()
 
 
+# Attributes stored as JSON text; every other TrajectoryMeta field is a plain HDF5 attribute.
+JSON_KEYS = ("model_kwargs", "param_names", "param_shapes", "fingerprint", "train", "software")
+
+
+@dataclass(frozen=True)
+class TrajectoryMeta:
+    """What an expert file says about itself, besides its snapshots (one attribute per field)."""
+
+    model: str  # registered model name
+    num_classes: int
+    channels: int
+    size: int  # image side, pixels
+    param_names: list[str]  # flat snapshot layout: parameters in this order ...
+    param_shapes: list[list[int]]  # ... with these shapes
+    expert_index: int = 0
+    seed: int = 0  # the buffer's seed; expert i draws from derive_seed(seed, i)
+    snapshot_every: int = 0  # optimiser steps between snapshots; 0 = once per epoch
+    steps_per_epoch: int = 0
+    preprocessing_sha256: str = ""  # of the buffer's preprocessing.h5
+    model_kwargs: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)  # the dataset's: name, class names, counts, sha256
+    train: dict = field(default_factory=dict)  # the expert's training recipe
+    software: dict = field(default_factory=dict)
+
+
 def write_expert(path: str | os.PathLike, snapshots: torch.Tensor, snapshot_steps: list[int], *, history: dict,
-                 attrs: dict, json_attrs: dict, snapshot_dtype: str = "float32") -> None:
-    """Write one expert atomically. snapshots: (T, P) float."""
+                 meta: TrajectoryMeta, snapshot_dtype: str = "float32") -> None:
+    """Write one expert atomically. snapshots: (T, P) float; history: name -> (epochs,) values."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = TRAJECTORY_FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["snapshot_dtype"] = snapshot_dtype
             f.attrs["created"] = utc_now()
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            for k, v in json_attrs.items():
-                set_json(f, k, v)
+            for fld in fields(meta):
+                value = getattr(meta, fld.name)
+                if fld.name in JSON_KEYS:
+                    set_json(f, fld.name, value)
+                else:
+                    f.attrs[fld.name] = value
             data = encode_snapshots(snapshots, snapshot_dtype)
             f.create_dataset("snapshots", data=data, chunks=(1, data.shape[1]))
             f.create_dataset("snapshot_steps", data=np.asarray(snapshot_steps, dtype=np.int64))
@@ -135,8 +162,7 @@ def read_expert(path: str | os.PathLike) -> ExpertFile:
         check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "trajectory")
         if "snapshots" not in f or "snapshot_steps" not in f:
             raise FormatError(f"{path} lacks its snapshots.")
-        attrs = {k: get_attr(f, k) for k in f.attrs if k not in ("fingerprint", "model_kwargs", "train", "param_names",
-                                                                  "param_shapes", "software")}
+        attrs = {k: get_attr(f, k) for k in f.attrs if k not in JSON_KEYS}
         out = ExpertFile(
             path=path, attrs=attrs, fingerprint=get_json(f, "fingerprint"), model_kwargs=get_json(f, "model_kwargs"),
             train=get_json(f, "train"), param_names=get_json(f, "param_names"), param_shapes=get_json(f, "param_shapes"),

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from ..augment import Augment
-from ..config import RunConfig, load_toml, save_toml
+from ..config import RunConfig, save_toml
 from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
+from ..formats.buffer_config import read_buffer_config
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
 from ..io import check_writable_dir, software_versions
 from ..models import ParamSpec, param_spec
@@ -171,10 +172,9 @@ def resolve_config(cfg: RunConfig, pool: ExpertPool) -> RunConfig:
 def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, str]:
     """The buffer's real data (for --init real and validation), or None and the reason it is unavailable."""
     spec, size, split_seed = cfg.data, None, 0
-    buffer_cfg = pool.folder / CONFIG_FILE
-    if buffer_cfg.exists():
-        b = load_toml(buffer_cfg)
-        spec, size, split_seed = spec or str(b.get("data", "")), b.get("size"), int(b.get("seed", 0))
+    b = read_buffer_config(pool.folder)
+    if b is not None:
+        spec, size, split_seed = spec or b.data, b.size, b.seed
     if not spec:
         return None, f"{pool.folder} has no config.toml naming its data and no --data was given"
     try:

@@ -1,0 +1,74 @@
+"""The privacy audit's record (``RUNDIR/audit.json``), written by ``distill audit``, read by ``distill export``.
+
+Schema v1 (a JSON object; docs/privacy.md describes every key):
+
+- ``format`` = ``"distill-audit"``, ``format_version`` = ``"1.0"``;
+- ``passed``: bool, the verdict;
+- ``summary``: numbers and short strings only (settings, data counts, nearest
+  neighbour, membership inference, verdict reasons); it travels in the share;
+- ``statement``: the sentence printed with every verdict;
+- ``created``: UTC time, ISO 8601; ``subject_sha256``: of the audited file;
+- ``details`` (only in the local ``--json`` copy): per-image results that name
+  real training images by index. It never goes into a share.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import FormatError
+
+AUDIT_FORMAT = "distill-audit"
+AUDIT_VERSION = "1.0"
+AUDIT_FILE = "audit.json"  # in the run folder
+
+
+class AuditKey:
+    """Top-level keys of the document."""
+
+    FORMAT = "format"
+    FORMAT_VERSION = "format_version"
+    PASSED = "passed"
+    SUMMARY = "summary"
+    STATEMENT = "statement"
+    CREATED = "created"
+    SUBJECT_SHA256 = "subject_sha256"
+    DETAILS = "details"
+
+
+REQUIRED = (AuditKey.PASSED, AuditKey.SUMMARY, AuditKey.STATEMENT)
+# The summary's sections, in the order the audit writes them.
+SUMMARY_KEYS = ("settings", "data", "n_synthetic", "nearest_neighbour", "feature_network", "flagged",
+                "flagged_synthetic_indices", "membership", "verdict")
+
+
+def audit_document(*, passed: bool, summary: dict, statement: str, created: str, subject_sha256: str,
+                   details: dict | None = None) -> dict:
+    """The JSON document; ``details`` only for the local copy."""
+    doc = {AuditKey.FORMAT: AUDIT_FORMAT, AuditKey.FORMAT_VERSION: AUDIT_VERSION, AuditKey.PASSED: passed,
+           AuditKey.SUMMARY: summary, AuditKey.STATEMENT: statement, AuditKey.CREATED: created,
+           AuditKey.SUBJECT_SHA256: subject_sha256}
+    if details is not None:
+        doc[AuditKey.DETAILS] = details
+    return doc
+
+
+def read_audit(rundir: str | os.PathLike) -> dict:
+    """Read and check ``RUNDIR/audit.json``; raises :class:`FormatError` if it is missing or malformed."""
+    path = Path(rundir) / AUDIT_FILE
+    if not path.exists():
+        raise FormatError(f"{path} does not exist; run 'distill audit {rundir} --data DATA' first.")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError:
+        raise FormatError(f"{path} is not valid JSON; run 'distill audit' again.") from None
+    if not isinstance(doc, dict) or doc.get(AuditKey.FORMAT) != AUDIT_FORMAT:
+        raise FormatError(f"{path} is not a distill audit file.")
+    if str(doc.get(AuditKey.FORMAT_VERSION, "")).split(".")[0] != AUDIT_VERSION.split(".")[0]:
+        raise FormatError(f"{path} has audit format {doc.get(AuditKey.FORMAT_VERSION)!r}; "
+                          f"this reader reads {AUDIT_VERSION}.")
+    missing = [k for k in REQUIRED if k not in doc]
+    if missing:
+        raise FormatError(f"{path} lacks {', '.join(missing)}; run 'distill audit' again.")
+    return doc
