@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import DistillError
+from .io import atomic_path
 
 T = TypeVar("T")
 
@@ -134,7 +135,5 @@ def _toml_str(s: str) -> str:
 
 
 def save_toml(cfg, path: str | Path) -> None:
-    from .io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(to_toml(cfg))

@@ -8,10 +8,12 @@ exactly the same transform.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,6 +96,21 @@ class RealData:
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+def draw_random_real(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator,
+                     class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Indices of exactly ``ipc`` images per class, drawn without replacement; (num_classes * ipc,) int64, class-major."""
+    if ipc < 1:
+        raise DataError(f"--ipc must be at least 1; got {ipc}.")
+    out = []
+    for c in range(num_classes):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < ipc:
+            name = class_names[c] if class_names else str(c)
+            raise DataError(f"Class {name!r} has only {len(pool)} training images, fewer than --ipc {ipc}.")
+        out.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -220,8 +237,6 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
         raise DataError(f"{root} holds no PNG or JPEG images in its class sub-folders.")
 
     # The source hash covers names relative to root and bytes, never absolute paths.
-    import hashlib
-
     h = hashlib.sha256()
     for s in sorted(files):
         for p, _ in files[s]:

@@ -17,15 +17,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
-
-from .augment import DEFAULT_TRANSFORMS, Augment
-from .data import Preprocessing, RealData, class_counts, fit_preprocessing, load_data
+from .augment import DEFAULT_TRANSFORMS
+from .checks import check_model_builds
+from .data import Preprocessing, RealData, class_counts, draw_random_real, fit_preprocessing, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
-from .formats.share import Recipe, Share, load_share
-from .io import software_versions, write_json
+from .formats.share import Recipe, Share, load_share, share_targets
+from .formats.share_schema import LR_DECAYS
+from .io import software_versions, strict_json, write_json
+from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
 from .progress import progress
 from .seeding import derive_seed, generator, seeded
@@ -44,8 +45,6 @@ REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a
 # 3.5 h per network on one CPU core; 30 epochs is past the plateau of its validation accuracy.
 FULL_EPOCHS = 30
 DEFAULT_AUGMENT = ",".join(DEFAULT_TRANSFORMS)
-LOSSES = ("soft_cross_entropy", "cross_entropy")
-LR_DECAYS = {"half": True, "none": False}
 
 # Sub-streams of the user seed. Run r of every arm starts from the same initial weights
 # (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
@@ -74,93 +73,7 @@ class EvalConfig:
     json: str | None = None  # where to write the JSON report
 
 
-# ----------------------------------------------------------------------------- metrics (pure)
-
-
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(K, K) int64 counts; row = true class, column = predicted class."""
-    idx = labels.long().cpu() * num_classes + pred.long().cpu()
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve by the Mann-Whitney rank formula; ties count one half. NaN without both classes."""
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))  # average ranks, so ties give 1/2
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def auc_ovr(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """AUC of (N, K) class probabilities: binary for K = 2, else the macro mean of one-vs-rest AUCs.
-
-    A class absent from ``labels`` has no one-vs-rest AUC and is left out of the mean.
-    """
-    p = probs.detach().double().cpu().numpy()
-    y = labels.cpu().numpy()
-    if p.shape[1] == 2:
-        return binary_auc(p[:, 1], y == 1)
-    per_class = [binary_auc(p[:, k], y == k) for k in range(p.shape[1])]
-    valid = [a for a in per_class if not math.isnan(a)]
-    return float(np.mean(valid)) if valid else float("nan")
-
-
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy, AUC, per-class accuracy (recall; NaN for a class absent from ``labels``) and confusion."""
-    k = probs.shape[1]
-    cm = confusion_matrix(probs.argmax(1), labels, k)
-    support = cm.sum(1)
-    per_class = [float(cm[c, c] / support[c]) if support[c] else float("nan") for c in range(k)]
-    acc = float(cm.diag().sum() / cm.sum()) if cm.sum() else float("nan")
-    return {"accuracy": acc, "auc": auc_ovr(probs, labels), "per_class_accuracy": per_class,
-            "confusion": cm.tolist()}
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value) of the finite values; NaN if none."""
-    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def summarize(runs: Sequence[dict]) -> tuple[dict, dict]:
-    """Mean and std over runs of accuracy, AUC and each class's accuracy."""
-    mean, std = {}, {}
-    for key in ("accuracy", "auc"):
-        mean[key], std[key] = mean_std([r[key] for r in runs])
-    per_class = [mean_std(col) for col in zip(*(r["per_class_accuracy"] for r in runs))]
-    mean["per_class_accuracy"] = [m for m, _ in per_class]
-    std["per_class_accuracy"] = [s for _, s in per_class]
-    return mean, std
-
-
 # ----------------------------------------------------------------------------- training sets
-
-
-def draw_random_real(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator,
-                     class_names: Sequence[str] | None = None) -> torch.Tensor:
-    """Indices of exactly ``ipc`` images per class, drawn without replacement; (num_classes * ipc,) int64, class-major."""
-    if ipc < 1:
-        raise DataError(f"--ipc must be at least 1; got {ipc}.")
-    out = []
-    for c in range(num_classes):
-        pool = torch.nonzero(labels == c).flatten()
-        if len(pool) < ipc:
-            name = class_names[c] if class_names else str(c)
-            raise DataError(f"Class {name!r} has only {len(pool)} training images, fewer than --ipc {ipc}.")
-        out.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
-    return torch.cat(out)
-
-
-def share_targets(share, source: str = "share") -> torch.Tensor:
-    """The targets a share's recipe asks for: class ids for ``cross_entropy``, ``Share.targets()`` otherwise."""
-    loss = share.recipe.loss
-    if loss not in LOSSES:
-        raise FormatError(f"{source} asks for the loss {loss!r}; this version knows {', '.join(LOSSES)}.")
-    return share.labels.long() if loss == "cross_entropy" else share.targets()
 
 
 def _as_probabilities(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -296,9 +209,7 @@ def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
     if r.lr_decay not in LR_DECAYS:
         raise FormatError(f"The recipe's lr_decay {r.lr_decay!r} is unknown; expected one of {', '.join(LR_DECAYS)}.")
     try:
-        aug = Augment.parse(r.augment)
-        recipe = TrainRecipe(epochs=epochs or r.epochs, lr=r.lr, batch_size=r.batch_size, momentum=r.momentum,
-                             weight_decay=r.weight_decay, decay_at_half=LR_DECAYS[r.lr_decay], augment=aug)
+        recipe = replace(r.to_train_recipe(), epochs=epochs or r.epochs)
     except ValueError as e:
         raise DistillError(str(e)) from None
     report = {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size, "momentum": recipe.momentum,
@@ -491,10 +402,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     setup = _setup(cfg, union, train_data, test_data, baselines)
     k = len(setup.class_names)
     geometry = (k, setup.pre.channels, setup.pre.size)
-    try:
-        create_model(setup.model_name, *geometry, **setup.model_kwargs)  # fail before any training
-    except (ValueError, TypeError) as e:
-        raise DistillError(f"Model {setup.model_name} cannot be built for these images: {e}") from None
+    check_model_builds(setup.model_name, *geometry, setup.model_kwargs)  # fail before any training
 
     arms = _arms(cfg, union, setup, train_spec, train_data, baselines, device)
     x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
@@ -506,7 +414,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
             results.append(_run_arm(arm, setup.model_name, setup.model_kwargs, geometry, x_test, y_test, cfg,
                                     device, tick))
 
-    report = _json_safe({
+    report = strict_json({
         "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION, "created": utc_now(),
         "software": software_versions(), "device": str(device), "seed": cfg.seed, "runs": cfg.runs,
         "model": setup.model_name, "model_kwargs": setup.model_kwargs,
@@ -519,17 +427,6 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     if cfg.json:
         write_json(cfg.json, report)
     return report
-
-
-def _json_safe(obj):
-    """NaN/Inf become null, tuples lists: strict JSON readers reject NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- human output

@@ -1,127 +1,24 @@
 """Stage: turn a finished run folder into a share (``distill export``).
 
 Public entry point: :func:`export_share`. It reads ``RUNDIR/synthetic.h5`` and
-``RUNDIR/audit.json`` and writes the share with
-:func:`distill.formats.share.write_share`.
-
-Provenance goes through whitelists, not blacklists: a field the run record
-gains later (a path, a host name) stays home until someone reviews it and adds
-it here. Strings that survive the whitelist are still dropped when they look
-like a path or a file name.
+``RUNDIR/audit.json``, builds the share with :func:`distill.runshare.share_from_synset`
+(which scrubs the provenance) and writes it with :func:`distill.formats.share.write_share`.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
-import re
-import secrets
 from pathlib import Path
-from typing import Any
 
-from .config import RunConfig
-from .data import MEDMNIST, SPLITS
 from .errors import DistillError, FormatError
 from .formats.audit import AUDIT_FILE, read_audit
-from .formats.share import Recipe, Share, write_share
+from .formats.share import write_share
 from .formats.share_schema import Attr
-from .formats.synset import SyntheticSet, read_synset
-from .io import software_versions
-from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY
+from .formats.synset import read_synset
+from .runshare import (METHOD_HOME_ONLY, METHOD_KEYS, is_plain, scrub, scrub_sentence,  # noqa: F401 (re-exported)
+                       share_from_synset)
 
 log = logging.getLogger(__name__)
-
-METHOD_NAME = "mtt"  # Matching Training Trajectories (Cazenavette et al. 2022)
-# The run settings that travel. Every RunConfig field is in exactly one of these two lists
-# (a test checks it), so a new field stays home until someone decides where it belongs.
-METHOD_KEYS = ("ipc", "iterations", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch",
-               "trajectories_per_iter", "init", "hard_labels", "label_temperature", "lr_img", "lr_lr", "lr_label",
-               "syn_lr_init", "max_log_lr_step", "momentum", "batch_syn", "augment", "gradient", "eval_every",
-               "eval_models", "eval_epochs", "checkpoint_every", "seed")
-METHOD_HOME_ONLY = ("buffer", "out", "data", "device")  # paths, the hospital's data name, its hardware
-EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per_epoch", "snapshots", "model",
-               "model_kwargs", "seed", "zca", "train")
-EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")
-SOFTWARE_KEYS = ("distill", "python", "torch", "numpy", "h5py", "kornia", "torchvision", "scipy", "cuda", "cudnn")
-SALT_BYTES = 16  # 128 bits: no two shares ever share a salt, so their hashes cannot be matched up
-
-_MAX_TEXT = 200  # a provenance value longer than this is not a setting
-_MAX_DEPTH = 8  # nesting of the audit summary (summary > membership > share > attack > metric > ...)
-_MAX_STATEMENT = 4000  # characters; an audit statement is a paragraph
-# Extensions of the files a hospital's data or runs live in: a word ending in one is a file name.
-_EXT = r"\.(?:npz|npy|h5|hdf5|png|jpe?g|dcm|dicom|nii|gz|zip|tiff?|bmp|csv|json|toml|ya?ml|txt|pt|pth)"
-_FILE_LIKE = re.compile(_EXT + r"$", re.IGNORECASE)
-_PATHLIKE_WORD = re.compile(r"\S*[/\\]\S*|\S+" + _EXT + r"\b", re.IGNORECASE)
-_DROP = object()
-
-
-def _clean(value: Any, *, redact: bool = False, depth: int = 0) -> Any:
-    """A strict-JSON copy of ``value`` (``_DROP`` if nothing is left).
-
-    Strings that could be paths or file names are dropped; with ``redact`` (free
-    text such as the audit's reasons) only their path-like words are replaced.
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None  # strict JSON has no NaN; other languages must read it
-    if isinstance(value, str):
-        return _clean_sentence(value) if redact else value if _plain(value) else _DROP
-    if depth >= _MAX_DEPTH:
-        return _DROP
-    if isinstance(value, dict):
-        out = {str(k): _clean(v, redact=redact, depth=depth + 1) for k, v in value.items() if _plain(str(k))}
-        return {k: v for k, v in out.items() if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_clean(x, redact=redact, depth=depth + 1) for x in value) if v is not _DROP]
-    return _DROP
-
-
-def _plain(s: str) -> bool:
-    return len(s) <= _MAX_TEXT and "/" not in s and "\\" not in s and not _FILE_LIKE.search(s)
-
-
-def _clean_sentence(text: str) -> str:
-    """Free text from the audit, with any path-like or file-name-like word replaced."""
-    return _PATHLIKE_WORD.sub("[removed]", text)[:_MAX_STATEMENT]
-
-
-def _pick(record: dict, keys: tuple[str, ...]) -> dict:
-    out = {}
-    for k in keys:
-        if k in record:
-            v = _clean(record[k])
-            if v is not _DROP:
-                out[k] = v
-    dropped = sorted(set(record) - set(out))
-    if dropped:
-        log.debug("Provenance fields kept at home: %s", ", ".join(dropped))
-    return out
-
-
-def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
-    """The source dataset as a share may describe it: a MedMNIST name or "custom", geometry,
-    per-class counts per split, and a salted hash in place of the source's SHA-256.
-
-    ``source_sha256_salted`` is SHA-256(salt || the 64 lowercase hex characters of the
-    source's SHA-256). The salt stops anyone linking two shares of one source by their
-    hashes; a holder of the source file (and only they) can still confirm the link.
-    """
-    name = fp.get("name")
-    out: dict = {"name": name if name in MEDMNIST else "custom"}
-    for k in ("channels", "size"):
-        if isinstance(fp.get(k), int):
-            out[k] = fp[k]
-    counts = fp.get("counts") or {}
-    out["counts"] = {s: [int(c) for c in counts[s]] for s in SPLITS if isinstance(counts.get(s), list)}
-    sha = fp.get("sha256")
-    if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
-        out["salt"] = salt.hex()
-        out["source_sha256_salted"] = hashlib.sha256(salt + sha.encode("ascii")).hexdigest()
-    return out
 
 
 def audit_status(rundir: Path) -> tuple[str, dict]:
@@ -150,42 +47,12 @@ def _privacy(rundir: Path, force: bool) -> dict:
                            "or pass --force to export without one.")
     if status != "passed":
         log.warning("Exporting with a %s privacy audit because of --force; the share records this.", status)
-    summary = _clean(audit.get("summary", {}), redact=True)
+    summary = scrub(audit.get("summary", {}), redact=True)
     created = str(audit.get("created", ""))
     return {Attr.AUDIT_STATUS: status, Attr.FORCED: status != "passed",
             Attr.SUMMARY: summary if isinstance(summary, dict) else {},
-            Attr.STATEMENT: _clean_sentence(str(audit.get("statement", ""))),
-            Attr.AUDIT_CREATED: created if _plain(created) else ""}
-
-
-def share_from_synset(s: SyntheticSet, privacy: dict, *, license: str, description: str, citation: str) -> Share:
-    """The share of a synthetic set, with scrubbed provenance and the recipient's training recipe."""
-    method = s.method or {}
-    augment = str(method.get("augment") or "none")
-    expert_train = (s.experts or {}).get("train")
-    if augment == "expert":  # RunConfig's "the buffer's own augmentation"
-        augment = str((expert_train if isinstance(expert_train, dict) else {}).get("augment") or "none")
-    model_kwargs = _clean(s.model_kwargs)
-    if model_kwargs != s.model_kwargs:
-        raise DistillError(f"The model arguments {s.model_kwargs} cannot travel in a share (paths or non-JSON values).")
-    recipe = Recipe(model=s.model, model_kwargs=model_kwargs, lr=float(s.syn_lr),
-                    epochs=int(method.get("eval_epochs", RunConfig().eval_epochs)), batch_size=EVAL_BATCH,
-                    momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY, lr_decay="half", augment=augment,
-                    loss="cross_entropy" if s.label_logits is None else "soft_cross_entropy")
-    experts = _pick(s.experts or {}, EXPERT_KEYS)
-    if isinstance(experts.get("train"), dict):
-        experts["train"] = _pick(experts["train"], EXPERT_TRAIN_KEYS)
-    provenance = {
-        Attr.METHOD: _pick(method, METHOD_KEYS) | {"name": METHOD_NAME, "augment": augment},
-        Attr.EXPERTS: experts,
-        Attr.DATASET: dataset_fingerprint(s.fingerprint or {}, secrets.token_bytes(SALT_BYTES)),
-        Attr.SOFTWARE: _pick(s.software or {}, SOFTWARE_KEYS),
-        Attr.EXPORTED_WITH: _pick(software_versions(), SOFTWARE_KEYS),
-    }
-    return Share(images=s.images, labels=s.labels, label_logits=s.label_logits,
-                 label_temperature=float(s.label_temperature), class_names=list(s.class_names),
-                 preprocessing=s.preprocessing, recipe=recipe, provenance=provenance, privacy=privacy,
-                 license=license, description=description, citation=citation)
+            Attr.STATEMENT: scrub_sentence(str(audit.get("statement", ""))),
+            Attr.AUDIT_CREATED: created if is_plain(created) else ""}
 
 
 def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: str = "CC-BY-4.0",

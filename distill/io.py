@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from . import __version__
 from .errors import DistillError
 
 
@@ -41,6 +43,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def strict_json(obj, digits: int | None = None):
+    """A copy that any JSON reader accepts: NaN and infinities become null, tuples lists,
+    and floats are rounded to ``digits`` decimals when given."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return None
+        return round(obj, digits) if digits is not None else obj
+    if isinstance(obj, dict):
+        return {k: strict_json(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, digits) for v in obj]
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -81,8 +97,6 @@ def software_versions() -> dict[str, str]:
     import h5py
     import numpy
     import torch
-
-    from . import __version__
 
     out = {
         "distill": __version__,

@@ -25,22 +25,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Preprocessing, RealData, load_data
+from .checks import check_model_builds
+from .config import BufferConfig
+from .data import Preprocessing, RealData, draw_random_real, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.audit import AUDIT_FILE, AUDIT_FORMAT, AUDIT_VERSION, audit_document, read_audit  # noqa: F401 (re-exported)
-from .io import atomic_path, sha256_file, write_json
+from .formats.common import utc_now
+from .formats.share import load_share, share_targets
+from .formats.synset import SYNSET_FILE, SYNSET_FORMAT, read_synset
+from .formats.trajectory import read_buffer_preprocessing, read_expert
+from .io import atomic_path, sha256_file, strict_json, write_json
+from .metrics import auc, tpr_at_fpr
 from .models import create_model, load_flat
+from .runshare import share_from_synset
 from .seeding import derive_seed, generator, seeded
 from .train import TrainRecipe, accuracy, predict, train_network
 
@@ -80,6 +88,8 @@ FEATURE_EXPERT_EPOCHS = 2  # enough for discriminative features; pass --expert t
 # 0.05 AUC is about 3 standard errors with 500 points per side.
 AUC_MARGIN = 0.05
 TPR_MARGIN = 0.05  # absolute, at 1 % FPR: five times the 1 % a blind attacker finds
+
+SUMMARY_DIGITS = 5  # decimals kept in audit.json: enough for every threshold, short enough to read
 
 # Sub-streams of the audit seed.
 _FEATURE, _NET_INIT, _SHARE_TRAIN, _REAL_TRAIN, _SUBSET, _MEMBERS, _BOOT = range(7)
@@ -132,15 +142,11 @@ class Subject:
 
 def load_subject(source: str | os.PathLike) -> Subject:
     """Read a run folder, its ``synthetic.h5``, or a share ``.h5`` into one :class:`Subject`."""
-    from .formats.synset import SYNSET_FILE, SYNSET_FORMAT
-
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path} does not exist; give a run folder or a share .h5 file.")
     if path.is_dir():
         return _from_synset(path / SYNSET_FILE, path)
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format")
@@ -153,9 +159,6 @@ def load_subject(source: str | os.PathLike) -> Subject:
 
 
 def _from_synset(path: Path, rundir: Path) -> Subject:
-    from .export import share_from_synset
-    from .formats.synset import read_synset
-
     s = read_synset(path)
     # The share this run would export, so the audit trains on exactly the recipe a recipient gets.
     share = share_from_synset(s, {}, license="", description="", citation="")
@@ -164,15 +167,11 @@ def _from_synset(path: Path, rundir: Path) -> Subject:
 
 
 def _from_share(path: Path) -> Subject:
-    from .formats.share import load_share
-
     # A share keeps only a salted hash of its data, so it cannot prove which data made it.
     return _subject(load_share(path), sha256_file(path), None, None, str(path))
 
 
 def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str) -> Subject:
-    from .evaluate import share_targets
-
     try:
         recipe = share.recipe.to_train_recipe()
     except ValueError as e:
@@ -392,25 +391,6 @@ def example_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return torch.cat(out).cpu()
 
 
-def auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
-    """Area under the ROC curve of scores where higher means 'member' (ties count one half)."""
-    from .evaluate import binary_auc
-
-    return binary_auc(np.concatenate([members, nonmembers]), np.arange(len(members) + len(nonmembers)) < len(members))
-
-
-def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float) -> float:
-    """True-positive rate at the strictest threshold whose false-positive rate is at most ``fpr``.
-
-    With fewer than 1 / fpr non-members the only such threshold admits no false
-    positive at all; :func:`attack_metrics` marks that case as not resolvable.
-    """
-    allowed = int(math.floor(fpr * len(nonmembers) + 1e-9))
-    ranked = np.sort(nonmembers)[::-1]
-    threshold = ranked[allowed] if allowed < len(ranked) else -np.inf
-    return float(np.mean(members > threshold))
-
-
 def attack_metrics(members: np.ndarray | torch.Tensor, nonmembers: np.ndarray | torch.Tensor, *,
                    bootstrap: int = BOOTSTRAP, seed: int = 0) -> dict:
     """AUC and TPR at low FPR of a membership score (higher = member), with bootstrap intervals.
@@ -454,8 +434,6 @@ def _train_nets(kind: int, subset_images: list[torch.Tensor], subset_targets: li
 
 def random_real_subsets(labels: torch.Tensor, num_classes: int, ipc: int, n: int, seed: int) -> list[torch.Tensor]:
     """``n`` seeded random index sets into ``labels``, each with ``ipc`` images per class."""
-    from .evaluate import draw_random_real
-
     g = generator(seed, _SUBSET)
     return [draw_random_real(labels, num_classes, ipc, g) for _ in range(n)]
 
@@ -538,16 +516,6 @@ def _ci(m: dict) -> str:
     return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
 
 
-def _rounded(obj, digits: int = 5):
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v, digits) for v in obj]
-    return obj
-
-
 def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torch.Tensor,
                     results: dict[str, NeighbourResult], order: list[int], scale: int = 4) -> None:
     """One row per synthetic image: it, then its nearest training image under each metric, with the scores.
@@ -590,11 +558,7 @@ def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torc
 def _feature_network(subject: Subject, data: RealData, x_train: torch.Tensor, x_val: torch.Tensor, expert: str | None,
                      settings: AuditSettings, device: torch.device) -> tuple[nn.Module, dict]:
     """An expert network for feature similarity: the last snapshot of ``expert``, or one trained here."""
-    from .config import BufferConfig
-
     if expert is not None:
-        from .formats.trajectory import read_buffer_preprocessing, read_expert
-
         e = read_expert(expert)
         if e.fingerprint.get("sha256") != data.source_sha256:
             raise DataError(f"The expert {Path(expert).name} was trained on other data than --data; "
@@ -638,17 +602,14 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     ``RUNDIR/audit_pairs.png`` for a run folder, ``json_path`` (summary plus
     per-image details) and ``pairs_png`` when given.
     """
-    from .formats.common import utc_now
-
     settings = AuditSettings(holdout=holdout, networks=networks, epochs=epochs, expert_epochs=expert_epochs,
                              bootstrap=bootstrap, pairs=pairs, seed=seed)
     dev = resolve_device(device)
     subject = load_subject(source)
     data, checked = load_matching_data(subject, data_spec)
-    try:  # fail before any training when the recipe's model cannot take these images
-        create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
-    except (ValueError, TypeError) as e:
-        raise DistillError(f"The recipe's model cannot be built: {e}") from None
+    # Fail before any training when the recipe's model cannot take these images.
+    check_model_builds(subject.model, data.num_classes, data.channels, data.size, subject.model_kwargs,
+                       what="The recipe's model")
     pre = subject.preprocessing
     hold_u8, hold_y, dupes = holdout_split(data, settings.holdout)
     if dupes:
@@ -718,7 +679,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
 
     # 3. Verdict.
     passed, reasons = verdict(int(flagged.sum()), share_attacks, real_attack)
-    summary = _rounded({
+    summary = strict_json({
         "settings": dataclasses.asdict(settings) | {
             "epochs": recipe.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),
             "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
@@ -733,11 +694,11 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
         "membership": {"n_members": len(x_mem), "n_nonmembers": len(x_hold), "share": share_attacks,
                        "real_subset": real_attack, "real_subset_included": real_own},
         "verdict": {"passed": passed, "reasons": reasons},
-    })
-    details = _rounded({"synthetic": [
+    }, SUMMARY_DIGITS)
+    details = strict_json({"synthetic": [
         {"index": i, "label": int(subject.labels[i]), "flagged": bool(flagged[i]),
          **{k: {"similarity": float(r.synthetic[i]), "train_index": int(r.synthetic_index[i])} for k, r in nn_res.items()}}
-        for i in range(n_syn)]})
+        for i in range(n_syn)]}, SUMMARY_DIGITS)
     report = AuditReport(passed=passed, summary=summary, details=details, subject_sha256=subject.file_sha256,
                          created=utc_now(), reasons=reasons)
 

@@ -27,9 +27,11 @@ import h5py
 import numpy as np
 import torch
 
+from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path
+from ..train import TrainRecipe
 from . import share_schema as S
 from .common import check_version, utc_now
 from .share_schema import Attr, Key
@@ -59,10 +61,7 @@ class Recipe:
     loss: str  # "soft_cross_entropy" (targets softmax(logits / T)) or "cross_entropy"
 
     def to_train_recipe(self):
-        """The :class:`distill.train.TrainRecipe` that follows this recipe."""
-        from ..augment import Augment
-        from ..train import TrainRecipe
-
+        """The :class:`distill.train.TrainRecipe` that follows this recipe (``ValueError`` for an unknown augmentation)."""
         return TrainRecipe(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=self.momentum,
                            weight_decay=self.weight_decay, decay_at_half=self.lr_decay == "half",
                            augment=Augment.parse(self.augment))
@@ -321,6 +320,14 @@ def _dataset(group: h5py.Group, key: str, data: np.ndarray) -> h5py.Dataset:
                                 shuffle=True, fletcher32=True)
 
 
+def share_targets(share: Share, source: str = "share") -> torch.Tensor:
+    """The targets a share's recipe asks for: class ids for ``cross_entropy``, ``Share.targets()`` otherwise."""
+    loss = share.recipe.loss
+    if loss not in S.LOSSES:
+        raise FormatError(f"{source} asks for the loss {loss!r}; this version knows {', '.join(S.LOSSES)}.")
+    return share.labels.long() if loss == "cross_entropy" else share.targets()
+
+
 def write_share(path: str | os.PathLike, share: Share) -> Path:
     """Validate ``share`` and write it atomically as a v1 share; returns the path.
 
@@ -409,8 +416,6 @@ def _normalised_privacy(p: dict) -> dict:
 
 
 def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
-    from ..augment import Augment
-
     bad = None
     if not r.model:
         bad = "names no model"
