@@ -5,11 +5,14 @@ stderr and exit code 1; Ctrl-C exits 130 and keeps all finished work.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
 import click
 
+from .config import (FULL_EPOCHS, AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, RunConfig,
+                     build, default_text, load_toml)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
@@ -39,42 +42,40 @@ def cli(verbose: int) -> None:
 
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-                      help="Where to compute (default auto: a GPU when there is one).")
+                      help=f"Where to compute; auto picks a GPU when there is one {default_text(RunConfig, 'device')}.")
 SEED = click.option("--seed", type=int, default=None, help="Seed; the same seed gives the same result.")
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                       help="TOML file with defaults for this command; flags override it.")
 
 
 def _layers(config_file: str | None, **flags) -> list[dict]:
-    from .config import load_toml
-
     return [load_toml(config_file) if config_file else {}, flags]
 
 
 @cli.command()
 @click.option("--data", required=True, help="MedMNIST name (e.g. pneumoniamnist), a MedMNIST-layout .npz, or a folder with one sub-folder per class.")
-@click.option("--out", default=None, help="Output folder for the trajectories (default buffers/).")
-@click.option("--model", default=None, help="Registered model name (default convnet3).")
-@click.option("--experts", type=int, default=None, help="Number of experts (default 10).")
-@click.option("--epochs", type=int, default=None, help="Epochs per expert (default 50).")
-@click.option("--lr", type=float, default=None, help="Expert SGD learning rate (default 0.01).")
-@click.option("--batch-size", type=int, default=None, help="Expert batch size (default 256).")
-@click.option("--augment", default=None, help="Comma list of color,crop,cutout,flip,scale,rotate, or none.")
-@click.option("--zca/--no-zca", default=None, help="ZCA-whiten the images (kornia); stored with the buffer.")
-@click.option("--size", type=int, default=None, help="Resize images to SIZE x SIZE.")
-@click.option("--snapshot-every", type=int, default=None, help="Snapshot every N optimiser steps (default 0: once per epoch).")
+@click.option("--out", default=None, help=f"Output folder for the trajectories {default_text(BufferConfig, 'out')}.")
+@click.option("--model", default=None, help=f"Registered model name {default_text(BufferConfig, 'model')}.")
+@click.option("--experts", type=int, default=None, help=f"Number of experts {default_text(BufferConfig, 'experts')}.")
+@click.option("--epochs", type=int, default=None, help=f"Epochs per expert {default_text(BufferConfig, 'epochs')}.")
+@click.option("--lr", type=float, default=None, help=f"Expert SGD learning rate {default_text(BufferConfig, 'lr')}.")
+@click.option("--batch-size", type=int, default=None, help=f"Expert batch size {default_text(BufferConfig, 'batch_size')}.")
+@click.option("--augment", default=None, help=f"Comma list of color,crop,cutout,flip,scale,rotate, or none {default_text(BufferConfig, 'augment')}.")
+@click.option("--zca/--no-zca", default=None, help=f"ZCA-whiten the images (kornia); stored with the buffer {default_text(BufferConfig, 'zca')}.")
+@click.option("--size", type=int, default=None, help="Resize images to SIZE x SIZE (default: keep their size).")
+@click.option("--snapshot-every", type=int, default=None, help=f"Snapshot every N optimiser steps; 0 = once per epoch {default_text(BufferConfig, 'snapshot_every')}.")
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Storage precision of the snapshots (default float32).")
+              help=f"Storage precision of the snapshots {default_text(BufferConfig, 'snapshot_dtype')}.")
 @click.option("--batch-experts", type=int, default=None,
-              help="Train K experts at once in one vmapped network (default 1; faster on a GPU, same trajectories to rounding).")
-@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast for the experts' forward pass (changes trajectories).")
+              help="Train K experts at once in one vmapped network (faster on a GPU, same trajectories to rounding) "
+                   f"{default_text(BufferConfig, 'batch_experts')}.")
+@click.option("--bf16/--no-bf16", default=None, help=f"bf16 autocast for the experts' forward pass (changes trajectories) {default_text(BufferConfig, 'bf16')}.")
 @SEED
 @DEVICE
 @CONFIG
 def buffer(config_file, **flags):
     """Train expert networks on real data and store their trajectories."""
     from .buffer import build_buffer
-    from .config import BufferConfig, build
 
     cfg = build(BufferConfig, *_layers(config_file, **flags))
     written = build_buffer(cfg)
@@ -89,8 +90,8 @@ def buffer(config_file, **flags):
               help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full.")
 @click.option("--ipc", type=int, default=None, help="Random-real images per class (default: as many as the share has).")
 @click.option("--model", default=None, help="Registered model to train (default: the share's recipe, else convnet3).")
-@click.option("--runs", type=int, default=None, help="Networks trained per row (default 5).")
-@click.option("--epochs", type=int, default=None, help="Override the epochs of every row (default: the recipe's; full data 30).")
+@click.option("--runs", type=int, default=None, help=f"Networks trained per row {default_text(EvalConfig, 'runs')}.")
+@click.option("--epochs", type=int, default=None, help=f"Override the epochs of every row (default: the recipe's; full data {FULL_EPOCHS}).")
 @click.option("--lr", type=float, default=None, help="Override the shares' learned step size (default: their geometric mean).")
 @click.option("--zca/--no-zca", default=None, help="Baselines without a share: ZCA-whiten as `distill buffer --zca` does.")
 @click.option("--size", type=int, default=None, help="Resize real images to SIZE x SIZE (default: the share's size).")
@@ -102,8 +103,7 @@ def buffer(config_file, **flags):
 @CONFIG
 def eval_(config_file, shares, baselines, **flags):
     """Train fresh networks on one or more shares (their union) and test them on real data."""
-    from .config import build
-    from .evaluate import EvalConfig, evaluate, format_report
+    from .evaluate import evaluate, format_report
 
     cfg = build(EvalConfig, *_layers(config_file, shares=tuple(shares) or None, baselines=tuple(baselines) or None,
                                      **flags))
@@ -111,30 +111,31 @@ def eval_(config_file, shares, baselines, **flags):
 
 
 @cli.command()
-@click.option("--buffer", default=None, help="Buffer folder made by 'distill buffer' (default buffers/).")
-@click.option("--out", default=None, help="Run folder for checkpoints, metrics, grids and synthetic.h5 (default runs/run).")
-@click.option("--ipc", type=int, default=None, help="Synthetic images per class (default 10).")
-@click.option("--iterations", type=int, default=None, help="Distillation iterations (default 1000).")
-@click.option("--syn-steps", type=int, default=None, help="Student SGD steps per iteration (default 20).")
+@click.option("--buffer", default=None, help=f"Buffer folder made by 'distill buffer' {default_text(RunConfig, 'buffer')}.")
+@click.option("--out", default=None, help=f"Run folder for checkpoints, metrics, grids and synthetic.h5 {default_text(RunConfig, 'out')}.")
+@click.option("--ipc", type=int, default=None, help=f"Synthetic images per class {default_text(RunConfig, 'ipc')}.")
+@click.option("--iterations", type=int, default=None, help=f"Distillation iterations {default_text(RunConfig, 'iterations')}.")
+@click.option("--syn-steps", type=int, default=None, help=f"Student SGD steps per iteration {default_text(RunConfig, 'syn_steps')}.")
 @click.option("--expert-epochs", type=int, default=None,
-              help="Snapshot intervals the target lies ahead of the start (default 2; see docs/method.md).")
-@click.option("--max-start-epoch", type=int, default=None, help="Latest start snapshot, inclusive (default 20).")
-@click.option("--init", default=None, help="Initial images: real (random training images) or noise (default real).")
-@click.option("--hard-labels/--soft-labels", default=None, help="Class-id labels instead of learned soft labels.")
+              help=f"Snapshot intervals the target lies ahead of the start (see docs/method.md) {default_text(RunConfig, 'expert_epochs')}.")
+@click.option("--max-start-epoch", type=int, default=None, help=f"Latest start snapshot, inclusive {default_text(RunConfig, 'max_start_epoch')}.")
+@click.option("--init", default=None, help=f"Initial images: real (random training images) or noise {default_text(RunConfig, 'init')}.")
+@click.option("--hard-labels/--soft-labels", default=None, help=f"Hard labels: class ids instead of learned soft labels {default_text(RunConfig, 'hard_labels')}.")
 @click.option("--trajectories-per-iter", type=int, default=None,
-              help="Expert trajectories matched and averaged per iteration (default 1; split across torchrun ranks).")
+              help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
+                   f"{default_text(RunConfig, 'trajectories_per_iter')}.")
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
 @click.option("--gradient", type=click.Choice(["full", "checkpoint"]), default=None,
-              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps.")
-@click.option("--batch-syn", type=int, default=None, help="Synthetic images per student step (default 0: all).")
-@click.option("--eval-every", type=int, default=None, help="Validate on real data every N iterations (default 100).")
+              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps "
+                   f"{default_text(RunConfig, 'gradient')}.")
+@click.option("--batch-syn", type=int, default=None, help=f"Synthetic images per student step; 0 = all {default_text(RunConfig, 'batch_syn')}.")
+@click.option("--eval-every", type=int, default=None, help=f"Validate on real data every N iterations {default_text(RunConfig, 'eval_every')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @SEED
 @DEVICE
 @CONFIG
 def run(config_file, resume, **flags):
     """Learn a small synthetic set by matching the buffer's expert trajectories (MTT)."""
-    from .config import RunConfig, build
     from .mtt import distill_run
 
     cfg = build(RunConfig, *_layers(config_file, **flags))
@@ -145,28 +146,35 @@ def run(config_file, resume, **flags):
 @cli.command("export")
 @click.argument("rundir")
 @click.option("--out", required=True, help="The share to write, e.g. shares/pneumonia-ipc10.h5.")
-@click.option("--license", "license_", default="CC-BY-4.0", show_default=True, help="SPDX licence identifier.")
-@click.option("--description", default="", help="What the share holds and what it is for.")
-@click.option("--cite", "citation", default="", help="How to cite the share or the work behind it.")
-@click.option("--force", is_flag=True, help="Export although the privacy audit is missing or failed (recorded in the share).")
-def export_cmd(rundir, out, license_, description, citation, force):
+@click.option("--license", "license", default=None, help=f"SPDX licence identifier {default_text(ExportConfig, 'license')}.")
+@click.option("--description", default=None, help="What the share holds and what it is for.")
+@click.option("--cite", "citation", default=None, help="How to cite the share or the work behind it.")
+@click.option("--force", is_flag=True, default=None,
+              help="Export although the privacy audit is missing or failed (recorded in the share).")
+@CONFIG
+def export_cmd(rundir, out, config_file, **flags):
     """Write the self-describing .h5 share of a finished, audited run."""
     from .export import export_share
 
-    path = export_share(rundir, out, license=license_, description=description, citation=citation, force=force)
+    cfg = build(ExportConfig, *_layers(config_file, **flags))
+    path = export_share(rundir, out, **dataclasses.asdict(cfg))
     click.echo(f"Share written to {path}")
 
 
 @cli.command("inspect")
 @click.argument("share")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "json", is_flag=True, default=None, help="Print the summary as JSON.")
 @click.option("--grid", default=None, help="Also draw the images, one row per class, into this PNG.")
-def inspect_cmd(share, as_json, grid):
+@CONFIG
+def inspect_cmd(share, config_file, **flags):
     """Validate a share, summarise it and optionally draw its images."""
     import json
     import warnings
 
     from .formats import load_share
+
+    cfg = build(InspectConfig, *_layers(config_file, **flags))
+    as_json, grid = cfg.json, cfg.grid
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -186,24 +194,27 @@ def inspect_cmd(share, as_json, grid):
 @click.option("--pairs-png", type=click.Path(dir_okay=False), default=None,
               help="Side-by-side PNG of the closest pairs (default RUNDIR/audit_pairs.png); it shows real images: keep it local.")
 @click.option("--holdout", type=click.Choice(["val", "test", "val+test"]), default=None,
-              help="Real non-members: the split(s) held out from training (default val).")
-@click.option("--networks", type=int, default=None, help="Networks per side of the membership attack (default 2).")
+              help=f"Real non-members: the split(s) held out from training {default_text(AuditSettings, 'holdout')}.")
+@click.option("--networks", type=int, default=None, help=f"Networks per side of the membership attack {default_text(AuditSettings, 'networks')}.")
 @click.option("--epochs", type=int, default=None, help="Epochs of those networks (default: the share's recipe).")
 @click.option("--expert", type=click.Path(dir_okay=False), default=None,
               help="An expert trajectory file from the buffer, for feature similarity (default: train one here).")
-@click.option("--expert-epochs", type=int, default=None, help="Epochs of the feature network trained here (default 2).")
-@click.option("--bootstrap", type=int, default=None, help="Bootstrap resamples for the confidence intervals (default 200).")
-@click.option("--pairs", type=int, default=None, help="Rows in the pairs PNG (default 16; 0 for none).")
+@click.option("--expert-epochs", type=int, default=None, help=f"Epochs of the feature network trained here {default_text(AuditSettings, 'expert_epochs')}.")
+@click.option("--bootstrap", type=int, default=None, help=f"Bootstrap resamples for the confidence intervals {default_text(AuditSettings, 'bootstrap')}.")
+@click.option("--pairs", type=int, default=None, help=f"Rows in the pairs PNG; 0 for none {default_text(AuditSettings, 'pairs')}.")
 @SEED
 @DEVICE
-def audit(source, data, **flags):
+@CONFIG
+def audit(source, data, json_path, pairs_png, expert, device, config_file, **flags):
     """Measure whether a run folder's synthetic set (or a share) leaks its patients.
 
     Writes RUNDIR/audit.json, which 'distill export' embeds in the share.
     """
     from .privacy import run_audit
 
-    report = run_audit(source, data, **{k: v for k, v in flags.items() if v is not None})
+    settings = build(AuditSettings, *_layers(config_file, **flags))
+    report = run_audit(source, data, json_path=json_path, pairs_png=pairs_png, expert=expert, device=device or "auto",
+                       **dataclasses.asdict(settings))
     click.echo(report.text())
 
 

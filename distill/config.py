@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,6 +93,89 @@ class RunConfig:
     device: str = "auto"
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Recipient evaluation (``distill eval``). ``baselines=None`` means both baselines beside a share, none without."""
+
+    shares: tuple[str, ...] = ()
+    test: str | None = None  # real data whose test split is scored; defaults to ``train``
+    train: str | None = None  # real data whose train split feeds the baselines; defaults to ``test``
+    baselines: tuple[str, ...] | None = None  # subset of evaluate.BASELINES; ("none",) for none
+    ipc: int | None = None  # random-real images per class; default: the share's largest class
+    model: str | None = None  # default: the shares' recipe model, else evaluate.DEFAULT_MODEL
+    model_kwargs: dict | None = None  # arguments of --model (TOML config only); default: the share's, else none
+    runs: int = 5
+    epochs: int | None = None  # overrides every arm's epochs
+    lr: float | None = None  # overrides the distilled arm's step size (baselines keep evaluate.REAL_LR)
+    zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
+    size: int | None = None  # resize real images (default: the share's geometry, else the source's)
+    match_by_position: bool = False  # accept real data whose class names differ from the share's
+    seed: int = 0
+    device: str = "auto"
+    json: str | None = None  # where to write the JSON report
+
+
+# The full-data baseline's epochs: 300 epochs over PneumoniaMNIST's 4,708 images is about 3.5 h per
+# network on one CPU core; 30 epochs is past the plateau of its validation accuracy.
+FULL_EPOCHS = 30
+
+HOLDOUTS = ("val", "test", "val+test")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the privacy audit does (``distill audit``); recorded in its summary so a result can be repeated."""
+
+    holdout: str = "val"  # MedMNIST's val is split from the same pool as train; its test may differ in distribution
+    networks: int = 2  # networks per side of the membership attack
+    epochs: int | None = None  # None: the share's own recipe
+    expert_epochs: int = 2  # of the feature network trained here: enough for discriminative features
+    bootstrap: int = 200  # resamples per confidence interval
+    pairs: int = 16  # rows in the side-by-side PNG
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.holdout not in HOLDOUTS:
+            raise DistillError(f"--holdout must be one of {', '.join(HOLDOUTS)}; got {self.holdout!r}.")
+        for name in ("networks", "expert_epochs", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
+        if self.epochs is not None and self.epochs < 1:
+            raise DistillError(f"--epochs must be at least 1; got {self.epochs}.")
+        if self.pairs < 0:
+            raise DistillError(f"--pairs must be 0 or more; got {self.pairs}.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``distill export`` writes into the share besides the run's own record."""
+
+    license: str = "CC-BY-4.0"  # SPDX identifier
+    description: str = ""
+    citation: str = ""
+    force: bool = False  # export although the audit is missing or failed; the share records it
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """How ``distill inspect`` prints a share."""
+
+    json: bool = False  # the summary as JSON instead of text
+    grid: str | None = None  # also draw the images into this PNG
+
+
+# Settings that count something in pixels: zero or less is never meant.
+_POSITIVE = ("size",)
+
+
+def default_text(cls: type, name: str) -> str:
+    """"(default X)" for a field of a config dataclass, for help texts that must not retype defaults."""
+    value = {f.name: f for f in fields(cls)}[name].default
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"(default {value})"
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -102,8 +187,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def build(cls: type[T], *layers: dict[str, Any]) -> T:
-    """Merge layers of settings (later wins, None means 'not given') into a frozen config."""
+    """Merge layers of settings (later wins, None means 'not given') into a frozen config.
+
+    Every value, from a TOML file or a flag, is checked against its field's type here.
+    """
     names = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for layer in layers:
         for k, v in layer.items():
@@ -111,23 +200,72 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
             if k not in names:
                 raise DistillError(f"Unknown setting {k!r} for {cls.__name__}; valid: {', '.join(names)}.")
             if v is not None:
-                values[k] = v
+                values[k] = _checked(k, v, hints[k])
     return cls(**values)
 
 
+def _checked(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` asks for (int -> float, list -> tuple), or a DistillError naming all three."""
+    options = [h for h in typing.get_args(hint) if h is not type(None)] if _is_union(hint) else [hint]
+    for h in options:
+        ok, converted = _as_type(value, h)
+        if ok:
+            if key in _POSITIVE and converted <= 0:
+                raise DistillError(f"Setting {key} must be at least 1; got {value!r}.")
+            return converted
+    raise DistillError(f"Setting {key} = {value!r} is {_describe(type(value))}, "
+                       f"but it must be {' or '.join(_describe(h) for h in options)}.")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _as_type(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is dict or typing.get_origin(hint) is dict:
+        return isinstance(value, dict), value
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)) and all(_as_type(v, item)[0] for v in value):
+            return True, tuple(value)
+        return False, value
+    raise TypeError(f"config field type {hint!r} is not supported by build()")  # a programming error
+
+
+def _describe(t: Any) -> str:
+    if typing.get_origin(t) is tuple:
+        return f"a list of {_describe(typing.get_args(t)[0]).split(' ', 1)[1]}s"
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
+             dict: "a table", list: "a list", tuple: "a list", type(None): "nothing"}
+    return names.get(t, names.get(typing.get_origin(t), f"a {getattr(t, '__name__', t)}"))
+
+
 def to_toml(cfg) -> str:
-    """Serialise a flat config dataclass (str/int/float/bool/None values) as TOML."""
-    lines = []
-    for k, v in dataclasses.asdict(cfg).items():
-        if v is None:
-            continue  # TOML has no null; absence means the default
-        if isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, (int, float)):
-            lines.append(f"{k} = {v!r}")
-        else:
-            lines.append(f"{k} = {_toml_str(str(v))}")
+    """Serialise a config dataclass (str/int/float/bool/None values, lists and flat tables) as TOML."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(cfg).items()
+             if v is not None]  # TOML has no null; absence means the default
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_str(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return _toml_str(str(v))
 
 
 def _toml_str(s: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from .augment import DEFAULT_TRANSFORMS
 from .checks import check_model_builds
+from .config import FULL_EPOCHS, EvalConfig
 from .data import Preprocessing, RealData, class_counts, draw_random_real, fit_preprocessing, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
@@ -41,36 +42,11 @@ BASELINES = ("random-real", "full")
 DEFAULT_MODEL = "convnet3"  # the reference MTT evaluation network, used when no share names one
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
-# The full-data baseline is the slow one: 300 epochs over PneumoniaMNIST's 4,708 images is about
-# 3.5 h per network on one CPU core; 30 epochs is past the plateau of its validation accuracy.
-FULL_EPOCHS = 30
 DEFAULT_AUGMENT = ",".join(DEFAULT_TRANSFORMS)
 
 # Sub-streams of the user seed. Run r of every arm starts from the same initial weights
 # (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
 MODEL_KEY, DATA_KEY, SUBSET_KEY = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Recipient evaluation. ``baselines=None`` means both baselines beside a share, none without."""
-
-    shares: tuple[str, ...] = ()
-    test: str | None = None  # real data whose test split is scored; defaults to ``train``
-    train: str | None = None  # real data whose train split feeds the baselines; defaults to ``test``
-    baselines: tuple[str, ...] | None = None  # subset of BASELINES; ("none",) for none
-    ipc: int | None = None  # random-real images per class; default: the share's largest class
-    model: str | None = None  # default: the shares' recipe model, else DEFAULT_MODEL
-    model_kwargs: dict | None = None  # arguments of --model (TOML config only); default: the share's, else none
-    runs: int = 5
-    epochs: int | None = None  # overrides every arm's epochs
-    lr: float | None = None  # overrides the distilled arm's step size (baselines keep REAL_LR)
-    zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
-    size: int | None = None  # resize real images (default: the share's geometry, else the source's)
-    match_by_position: bool = False  # accept real data whose class names differ from the share's
-    seed: int = 0
-    device: str = "auto"
-    json: str | None = None  # where to write the JSON report
 
 
 # ----------------------------------------------------------------------------- training sets

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_model_builds
-from .config import BufferConfig
+from .config import HOLDOUTS, AuditSettings, BufferConfig  # noqa: F401 (HOLDOUTS re-exported)
 from .data import Preprocessing, RealData, draw_random_real, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
@@ -78,10 +78,10 @@ SSIM_CANDIDATES = 32
 
 # Membership inference.
 FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}  # Carlini et al. 2022 ask for low-FPR figures
-BOOTSTRAP = 200
+BOOTSTRAP = AuditSettings.bootstrap
 CI_LEVEL = 0.95
 REAL_SUBSET_LR = 0.01  # the MTT reference trains its random-real baselines at lr_net 0.01
-FEATURE_EXPERT_EPOCHS = 2  # enough for discriminative features; pass --expert to reuse a fully trained one
+FEATURE_EXPERT_EPOCHS = AuditSettings.expert_epochs  # pass --expert to reuse a fully trained one
 
 # Verdict: the share's attack may exceed the stronger of chance and the random-real
 # baseline by this much (and must exceed it with its whole 95 % interval to fail).
@@ -93,34 +93,9 @@ SUMMARY_DIGITS = 5  # decimals kept in audit.json: enough for every threshold, s
 
 # Sub-streams of the audit seed.
 _FEATURE, _NET_INIT, _SHARE_TRAIN, _REAL_TRAIN, _SUBSET, _MEMBERS, _BOOT = range(7)
-HOLDOUTS = ("val", "test", "val+test")
 
 
 # ----------------------------------------------------------------------------- settings and sources
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """What the audit does; recorded in the summary so a result can be repeated."""
-
-    holdout: str = "val"  # MedMNIST's val is split from the same pool as train; its test may differ in distribution
-    networks: int = 2  # networks per side of the membership attack
-    epochs: int | None = None  # None: the share's own recipe
-    expert_epochs: int = FEATURE_EXPERT_EPOCHS
-    bootstrap: int = BOOTSTRAP
-    pairs: int = 16  # rows in the side-by-side PNG
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.holdout not in HOLDOUTS:
-            raise DistillError(f"--holdout must be one of {', '.join(HOLDOUTS)}; got {self.holdout!r}.")
-        for name in ("networks", "expert_epochs", "bootstrap"):
-            if getattr(self, name) < 1:
-                raise DistillError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
-        if self.epochs is not None and self.epochs < 1:
-            raise DistillError(f"--epochs must be at least 1; got {self.epochs}.")
-        if self.pairs < 0:
-            raise DistillError(f"--pairs must be 0 or more; got {self.pairs}.")
 
 
 @dataclass(frozen=True)
