@@ -88,3 +88,30 @@ def test_the_old_buffer_config_reads_through_its_schema(tmp_path):
     # A key from a newer version is ignored, so this reader still finds the data.
     (tmp_path / "config.toml").write_text((LEGACY / "buffer" / "config.toml").read_text() + "future_knob = 3\n")
     assert read_buffer_config(tmp_path) == cfg
+
+
+def test_the_audit_of_the_old_run_repeats_its_old_summary(tiny_npz, tmp_path):
+    """The audit, now a package of stages, computes what the single module computed (same seeds, same numbers)."""
+    import json
+
+    from distill.privacy import run_audit
+
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY / "run", run)
+    old = json.loads((LEGACY / "run" / "audit.json").read_text())
+    s = old["summary"]["settings"]
+    report = run_audit(run, tiny_npz, networks=s["networks"], epochs=s["epochs"], expert_epochs=s["expert_epochs"],
+                       bootstrap=s["bootstrap"], pairs=s["pairs"], seed=s["seed"], device="cpu")
+    # Equal up to float noise another CPU's BLAS may add; keys, counts and verdict exactly.
+    assert _close(report.summary, old["summary"]), (report.summary, old["summary"])
+    assert report.document()["subject_sha256"] == old["subject_sha256"]
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return abs(a - b) <= 1e-4
+    return a == b
