@@ -17,15 +17,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from .augment import DEFAULT_TRANSFORMS
 from .checks import check_model_builds
-from .config import FULL_EPOCHS, EvalConfig
+from .config import FULL_EPOCHS, BufferConfig, EvalConfig
 from .data import Preprocessing, RealData, class_counts, draw_random_real, fit_preprocessing, load_data
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
 from .formats.share import Recipe, Share, load_share, share_targets
-from .formats.share_schema import LR_DECAYS
+from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS
 from .io import software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
@@ -42,7 +41,7 @@ BASELINES = ("random-real", "full")
 DEFAULT_MODEL = "convnet3"  # the reference MTT evaluation network, used when no share names one
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
-DEFAULT_AUGMENT = ",".join(DEFAULT_TRANSFORMS)
+DEFAULT_AUGMENT = BufferConfig.augment  # the experts' DSA list: the reference protocol
 
 # Sub-streams of the user seed. Run r of every arm starts from the same initial weights
 # (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
@@ -306,7 +305,7 @@ def _setup(cfg: EvalConfig, union: Union | None, train_data: RealData, test_data
     # Baselines without a share: the share's recipe type carries the reference protocol.
     recipe = Recipe(model=cfg.model or DEFAULT_MODEL, model_kwargs={}, lr=REAL_LR, epochs=REAL_EPOCHS,
                     batch_size=EVAL_BATCH, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY,
-                    lr_decay="half", augment=DEFAULT_AUGMENT, loss="cross_entropy")
+                    lr_decay="half", augment=DEFAULT_AUGMENT, loss=LOSS_HARD)
     return _Setup(fit_preprocessing(train_data.train.images, zca=cfg.zca), "fit on the train split",
                   list(train_data.class_names), recipe, recipe.model, dict(cfg.model_kwargs or {}))
 
@@ -317,7 +316,7 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
     arms: list[Arm] = []
     if union is not None:
         recipe, rep = _train_recipe(union.recipe, cfg.epochs)
-        rep["loss"] = "cross_entropy" if union.targets.ndim == 1 else "soft_cross_entropy"
+        rep["loss"] = LOSS_HARD if union.targets.ndim == 1 else LOSS_SOFT
         labels = {d["labels"] for d in union.described}
         n = len(union.described)
         arms.append(Arm(
@@ -343,13 +342,13 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
 
         random_real(0)  # refuse a too-small class before any training
         arms.append(Arm(name=f"random real ({ipc}/class)", kind="random-real", recipe=recipe,
-                        recipe_report=rep | {"loss": "cross_entropy"},
+                        recipe_report=rep | {"loss": LOSS_HARD},
                         trained_on={**real, "ipc": ipc, "images": ipc * k, "class_counts": [ipc] * k},
                         data_for_run=random_real))
     if "full" in baselines:
         recipe, rep = _train_recipe(real_recipe, cfg.epochs or FULL_EPOCHS)
         arms.append(Arm(name="full training split", kind="full", recipe=recipe,
-                        recipe_report=rep | {"loss": "cross_entropy"},
+                        recipe_report=rep | {"loss": LOSS_HARD},
                         trained_on={**real, "images": len(y_train), "class_counts": class_counts(y_train, k)},
                         data_for_run=lambda run: (x_train, y_train, {})))
     return arms

@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import MEDMNIST, SPLITS
 from .errors import DistillError
 from .formats.share import Recipe, Share
-from .formats.share_schema import Attr
+from .formats.share_schema import LOSS_HARD, LOSS_SOFT, Attr
 from .formats.synset import SyntheticSet
 from .io import software_versions
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY
@@ -133,7 +133,7 @@ def share_from_synset(s: SyntheticSet, privacy: dict, *, license: str, descripti
     recipe = Recipe(model=s.model, model_kwargs=model_kwargs, lr=float(s.syn_lr),
                     epochs=int(method.get("eval_epochs", RunConfig().eval_epochs)), batch_size=EVAL_BATCH,
                     momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY, lr_decay="half", augment=augment,
-                    loss="cross_entropy" if s.label_logits is None else "soft_cross_entropy")
+                    loss=LOSS_HARD if s.label_logits is None else LOSS_SOFT)
     experts = _pick(s.experts or {}, EXPERT_KEYS)
     if isinstance(experts.get("train"), dict):
         experts["train"] = _pick(experts["train"], EXPERT_TRAIN_KEYS)

@@ -277,13 +277,11 @@ def test_cli_baseline_writes_json_and_refuses_nonsense(tiny_npz, tmp_path):
 
 
 def test_cli_eval_through_a_share_file(tiny_npz, tmp_path):
-    share_mod = pytest.importorskip("distill.formats.share")
-    if not hasattr(share_mod, "write_share"):
-        pytest.skip("distill.formats.share.write_share is not written yet")
     from distill.cli import cli
+    from distill.formats.share import write_share
 
     path = tmp_path / "s.h5"
-    share_mod.write_share(path, make_share(tiny_npz, soft=True))
+    write_share(path, make_share(tiny_npz, soft=True))
     out = tmp_path / "e.json"
     res = CliRunner().invoke(cli, ["eval", str(path), str(path), "--test", str(tiny_npz), "--runs", "1",
                                    "--baseline", "random-real", "--device", "cpu", "--json", str(out)])

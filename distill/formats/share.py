@@ -325,7 +325,7 @@ def share_targets(share: Share, source: str = "share") -> torch.Tensor:
     loss = share.recipe.loss
     if loss not in S.LOSSES:
         raise FormatError(f"{source} asks for the loss {loss!r}; this version knows {', '.join(S.LOSSES)}.")
-    return share.labels.long() if loss == "cross_entropy" else share.targets()
+    return share.labels.long() if loss == S.LOSS_HARD else share.targets()
 
 
 def write_share(path: str | os.PathLike, share: Share) -> Path:
@@ -433,7 +433,7 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
         bad = f"has lr_decay {r.lr_decay!r}; expected one of {', '.join(S.LR_DECAYS)}"
     elif r.loss not in S.LOSSES:
         bad = f"has loss {r.loss!r}; expected one of {', '.join(S.LOSSES)}"
-    elif r.loss == "soft_cross_entropy" and not has_logits:
+    elif r.loss == S.LOSS_SOFT and not has_logits:
         bad = "asks for soft_cross_entropy but the share has no soft labels"
     else:
         try:

@@ -73,7 +73,9 @@ PROVENANCE_KEYS = (Attr.METHOD, Attr.EXPERTS, Attr.DATASET, Attr.SOFTWARE, Attr.
 # trains on: pixels, targets and the transform it applies to its own data.
 PAYLOAD_ORDER = (Key.IMAGES, Key.LABELS, Key.LABEL_LOGITS) + tuple(f"{Key.PREPROCESSING}/{a}" for a in PRE_ARRAYS)
 
-LOSSES = ("soft_cross_entropy", "cross_entropy")
+LOSS_SOFT = "soft_cross_entropy"  # targets softmax(label_logits / temperature)
+LOSS_HARD = "cross_entropy"  # targets the class ids
+LOSSES = (LOSS_SOFT, LOSS_HARD)
 LR_DECAYS = ("half", "none")
 AUDIT_STATUSES = ("passed", "failed", "missing", "invalid")
 LOGITS_KIND = "logits"

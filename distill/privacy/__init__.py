@@ -36,11 +36,9 @@ from .neighbours import (NN_CHUNK, NN_METRICS, NN_QUANTILE, SSIM_CANDIDATES, SSI
 from .report import AUC_MARGIN, PAIRS_FILE, STATEMENT, TPR_MARGIN, AuditReport, verdict, write_pairs_png
 from .subject import NEAR_DUPLICATE_RATIO, Subject, holdout_split, load_matching_data, load_subject
 
-FEATURE_EXPERT_EPOCHS = AuditSettings.expert_epochs
-
 __all__ = [
-    "AUC_MARGIN", "AUDIT_FILE", "AUDIT_FORMAT", "AUDIT_VERSION", "BOOTSTRAP", "CI_LEVEL", "FEATURE_EXPERT_EPOCHS",
-    "FPRS", "HOLDOUTS", "NEAR_DUPLICATE_RATIO", "NN_CHUNK", "NN_METRICS", "NN_QUANTILE", "PAIRS_FILE",
+    "AUC_MARGIN", "AUDIT_FILE", "AUDIT_FORMAT", "AUDIT_VERSION", "BOOTSTRAP", "CI_LEVEL", "FPRS",
+    "HOLDOUTS", "NEAR_DUPLICATE_RATIO", "NN_CHUNK", "NN_METRICS", "NN_QUANTILE", "PAIRS_FILE",
     "REAL_SUBSET_LR", "SSIM_CANDIDATES", "SSIM_WINDOW", "STATEMENT", "SUMMARY_DIGITS", "TPR_MARGIN", "AuditReport",
     "AuditSettings", "Membership", "NeighbourResult", "Subject", "attack_metrics", "auc", "embed", "example_losses",
     "feature_network", "holdout_split", "load_matching_data", "load_subject", "membership_inference", "nearest_rms",
