@@ -89,7 +89,7 @@ def buffer(config_file, **flags):
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random-real", "full", "none"]),
               help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full.")
 @click.option("--ipc", type=int, default=None, help="Random-real images per class (default: as many as the share has).")
-@click.option("--model", default=None, help="Registered model to train (default: the share's recipe, else convnet3).")
+@click.option("--model", default=None, help=f"Registered model to train (default: the share's recipe, else {BufferConfig.model}).")
 @click.option("--runs", type=int, default=None, help=f"Networks trained per row {default_text(EvalConfig, 'runs')}.")
 @click.option("--epochs", type=int, default=None, help=f"Override the epochs of every row (default: the recipe's; full data {FULL_EPOCHS}).")
 @click.option("--lr", type=float, default=None, help="Override the shares' learned step size (default: their geometric mean).")

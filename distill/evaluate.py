@@ -38,7 +38,7 @@ EVAL_FORMAT = "distill-eval"
 EVAL_FORMAT_VERSION = "1.0"
 
 BASELINES = ("random-real", "full")
-DEFAULT_MODEL = "convnet3"  # the reference MTT evaluation network, used when no share names one
+DEFAULT_MODEL = BufferConfig.model  # the experts' network (the reference MTT one), when no share names one
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
 DEFAULT_AUGMENT = BufferConfig.augment  # the experts' DSA list: the reference protocol

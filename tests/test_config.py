@@ -112,3 +112,20 @@ def test_saved_configs_read_back_equal(tmp_path):
             cfg = cls()
         save_toml(cfg, tmp_path / "c.toml")
         assert build(cls, load_toml(tmp_path / "c.toml")) == cfg
+
+
+def test_an_export_config_file_reaches_the_share(tmp_path, monkeypatch, capsys):
+    import shutil
+    from pathlib import Path
+
+    from distill.formats import load_share
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy_v1" / "run", run)
+    conf = tmp_path / "export.toml"
+    conf.write_text('license = "CC0-1.0"\ndescription = "from the config file"\n')
+    code, out, err = run_main(["export", str(run), "--out", str(tmp_path / "s.h5"), "--config", str(conf),
+                               "--description", "from the flag"], monkeypatch, capsys)
+    assert code == 0, err
+    share = load_share(tmp_path / "s.h5")
+    assert share.license == "CC0-1.0" and share.description == "from the flag"  # the flag beats the file

@@ -116,3 +116,22 @@ def test_no_function_local_import_of_a_distill_module_outside_the_allow_list():
     _, local = _graph()
     offenders = {m: sorted(t) for m, t in local.items() if t and m not in LAZY_IMPORTS}
     assert not offenders, f"function-local imports of distill modules (move them to the top): {offenders}"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph[todo.pop()] - seen:
+            seen.add(t)
+            todo.append(t)
+    return seen
+
+
+def test_the_walls_of_docs_style_hold():
+    """A share and an audit need neither the distiller nor the buffer (STYLE.md, 'walls worth keeping')."""
+    top, _ = _graph()
+    method = {m for m in top if m == "distill.buffer" or m.startswith("distill.mtt")}
+    readers = [m for m in top if m.startswith(("distill.formats", "distill.privacy"))]
+    readers += ["distill.evaluate", "distill.export", "distill.runshare", "distill.metrics"]
+    for m in readers:
+        assert not (_reachable(top, m) & method), f"{m} reaches {sorted(_reachable(top, m) & method)}"
