@@ -32,6 +32,7 @@ def cli(verbose: int) -> None:
       distill run      learn a tiny synthetic set by matching those trajectories
       distill audit    measure whether the synthetic set leaks its patients
       distill export   write the self-describing .h5 share
+      distill report   an HTML review page of a run or a share, for sign-off
       distill inspect  validate and summarise a share
       distill eval     train on a share and test on your own real data
     """
@@ -149,12 +150,20 @@ def run(config_file, resume, **flags):
 @click.option("--description", default="", help="What the share holds and what it is for.")
 @click.option("--cite", "citation", default="", help="How to cite the share or the work behind it.")
 @click.option("--force", is_flag=True, help="Export although the privacy audit is missing or failed (recorded in the share).")
-def export_cmd(rundir, out, license_, description, citation, force):
+@click.option("--report", "report", is_flag=True, help="Also write the in-hospital review page beside the share (SHARE.html).")
+def export_cmd(rundir, out, license_, description, citation, force, report):
     """Write the self-describing .h5 share of a finished, audited run."""
     from .export import export_share
 
     path = export_share(rundir, out, license=license_, description=description, citation=citation, force=force)
     click.echo(f"Share written to {path}")
+    page = path.with_suffix(".html")
+    if report:
+        from .report import write_report
+
+        click.echo(f"Review page written to {write_report(rundir, page, share=path)}")
+    else:
+        click.echo(f"Review page for sign-off: distill report {rundir} --share {path} --out {page}")
 
 
 @cli.command("inspect")
@@ -176,6 +185,24 @@ def inspect_cmd(share, as_json, grid):
     click.echo(json.dumps(s.summary(), indent=2, sort_keys=True) if as_json else s.describe())
     if grid:
         click.echo(f"Grid written to {s.save_grid(grid)}", err=as_json)  # stdout stays pure JSON
+
+
+@cli.command("report")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write, e.g. review.html.")
+@click.option("--share", default=None, type=click.Path(dir_okay=False),
+              help="With a run folder: the share exported from it, for its checksum and text.")
+@click.option("--eval", "eval_json", default=None, type=click.Path(dir_okay=False),
+              help="A `distill eval --json` report, for accuracy against random real and full data.")
+@click.option("--data", default=None,
+              help="The real data the set was made from, for the nearest-neighbour pairs (default: the run's).")
+@click.option("--public", is_flag=True, help="The receiving side's page: only the share's content, no real image.")
+def report_cmd(source, out, share, eval_json, data, public):
+    """Write a self-contained HTML review page of a run folder or a share, for sign-off."""
+    from .report import write_report
+
+    path = write_report(source, out, eval_json=eval_json, data=data, share=share, public=public)
+    click.echo(f"Review page written to {path}")
 
 
 @cli.command()
