@@ -222,21 +222,25 @@ def _table(rows: list[tuple], header: tuple | None = None) -> str:
 
 
 def _num(v, digits: int = 3) -> str:
-    if isinstance(v, bool) or v is None:
-        return "n/a" if v is None else str(v)
-    if isinstance(v, (int, float)):
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    return str(v)
+    """A float to ``digits`` decimals; anything else as it is, a missing value as n/a."""
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _kv(d: dict) -> str:
     """A flat dict as 'key: value' table rows (nested values as compact JSON)."""
-    rows = [(k, v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)) for k, v in sorted(d.items())]
+    def shown(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
+
+    rows = [(k, shown(v)) for k, v in sorted(d.items())]
     return _table(rows) if rows else "<p>Not recorded.</p>"
 
 
 def _svg_plot(points: list[tuple[float, float]], title: str, *, log_y: bool = False,
-              reference: tuple[float, str] | None = None, width: int = 320, height: int = 190) -> str:
+              reference: tuple[float, str] | None = None, width: int = 320, height: int = 200) -> str:
     """A small line plot as inline SVG: x = iteration; ``reference`` draws a dashed level with a label."""
     pts = [(float(x), float(y)) for x, y in points
            if isinstance(y, (int, float)) and math.isfinite(y) and (y > 0 or not log_y)]
@@ -249,7 +253,7 @@ def _svg_plot(points: list[tuple[float, float]], title: str, *, log_y: bool = Fa
     y0, y1 = min(levels), max(levels)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
-    left, right, top, bottom = 58, 10, 8, 24
+    left, right, top, bottom = 58, 10, 8, 34
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - bottom)  # noqa: E731
     shown = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
@@ -259,7 +263,8 @@ def _svg_plot(points: list[tuple[float, float]], title: str, *, log_y: bool = Fa
     for v in (y0, y1):
         parts.append(f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{_e(shown(v))}</text>')
     for v in (x0, x1):
-        parts.append(f'<text x="{sx(v):.1f}" y="{height - 8}" text-anchor="middle">{_e(f"{v:g}")}</text>')
+        parts.append(f'<text x="{sx(v):.1f}" y="{height - 20}" text-anchor="middle">{_e(f"{v:g}")}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" text-anchor="middle">iteration</text>')
     if reference and (reference[0] > 0 or not log_y):
         yr = sy(f(reference[0]))
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{yr:.1f}" y2="{yr:.1f}" class="ref"/>'
@@ -375,7 +380,7 @@ def _audit_section(audit: _Audit) -> str:
                      + _table(rows, ("attacked networks", "AUC", "TPR at 1 % FPR")))
     data = s.get("data")
     if isinstance(data, dict) and data:
-        parts.append("<h3>Audit data and settings</h3>" + _kv(data) + _kv(s.get("settings") or {}))
+        parts.append(_boxes([("Audit data", _kv(data)), ("Audit settings", _kv(s.get("settings") or {}))]))
     if audit.status in ("missing", "invalid"):
         parts.append("<p>Run <code>distill audit RUNDIR --data DATA</code> before this set is shared.</p>")
     return _section("audit", "Privacy audit", "".join(parts))
@@ -397,11 +402,15 @@ def _recipe_section(share: Share, from_run: bool) -> str:
         dataset.pop("source_sha256_salted", None)
     text = _table([("licence", share.license or "set at export"), ("description", share.description or "none"),
                    ("citation", share.citation or "none"), ("created", share.created or "not yet exported")])
-    body = (f"<h3>Text from the sender</h3>{text}<h3>Training recipe for the recipient</h3>{recipe}"
-            f"<h3>Preprocessing</h3>{prep}<h3>Method</h3>{_kv(prov.get('method') or {})}"
-            f"<h3>Expert trajectories</h3>{_kv(prov.get('experts') or {})}<h3>Source data</h3>{_kv(dataset)}"
-            f"<h3>Software</h3>{_kv(prov.get('software') or {})}")
-    return _section("recipe", "Recipe and provenance", body)
+    boxes = [("Training recipe for the recipient", recipe), ("Preprocessing", prep),
+             ("Method", _kv(prov.get("method") or {})), ("Expert trajectories", _kv(prov.get("experts") or {})),
+             ("Source data", _kv(dataset)), ("Software", _kv(prov.get("software") or {}))]
+    return _section("recipe", "Recipe and provenance", f"<h3>Text from the sender</h3>{text}" + _boxes(boxes))
+
+
+def _boxes(boxes: list[tuple[str, str]]) -> str:
+    """Titled tables side by side, wrapping on a narrow screen."""
+    return '<div class="boxes">' + "".join(f"<div><h3>{_e(t)}</h3>{body}</div>" for t, body in boxes) + "</div>"
 
 
 def _eval_section(doc: dict | None, share: Share) -> str:
@@ -433,17 +442,17 @@ def _eval_section(doc: dict | None, share: Share) -> str:
         rows, ("trained on", "kind", "images", "epochs", "accuracy %", "AUC")))
 
 
-def _bars(bars: list[tuple[str, float]], width: int = 520) -> str:
+def _bars(bars: list[tuple[str, float]], width: int = 600) -> str:
     if not bars:
         return ""
-    label_w, row_h = 200, 22
+    label_w, row_h = 250, 22
     height = row_h * len(bars) + 6
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              'aria-label="test accuracy per row">']
     for j, (name, acc) in enumerate(bars):
         y = 3 + j * row_h
         w = max(0.0, min(1.0, acc)) * (width - label_w - 50)
-        short = name if len(name) <= 30 else name[:29] + "…"
+        short = name if len(name) <= 40 else name[:39] + "…"
         parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{_e(short)}</text>'
                      f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" class="bar"/>'
                      f'<text x="{label_w + w + 4:.1f}" y="{y + 14}">{_e(f"{100 * acc:.1f} %")}</text>')
@@ -495,6 +504,7 @@ img{image-rendering:pixelated;background:#000;display:block}
 .verdict{font-size:1.2em;font-weight:700;padding:6px 10px;display:inline-block;border-radius:4px}
 .ok{background:#e3f5e1;color:#1e6b1a}.bad{background:#fde8e8;color:#a11}
 .disclaimer{font-style:italic}.warn{color:#a11;font-weight:600}
+.boxes{display:flex;flex-wrap:wrap;gap:0 22px;align-items:flex-start}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plot{margin:0}.plot figcaption{font-size:.85em;font-weight:600}
 svg text{font-size:10px;fill:#333}.frame{fill:#fafafa;stroke:#bbb}.curve{fill:none;stroke:#2c6fa8;stroke-width:1.6}
 .dot{fill:#2c6fa8}.ref{stroke:#c0392b;stroke-dasharray:4 3}.reflabel{fill:#c0392b}.bar{fill:#2c6fa8}
