@@ -239,13 +239,14 @@ def test_export_report_writes_the_page_beside_the_share(made, tmp_path, monkeypa
     assert code == 0 and "distill report" in stdout and not (tmp_path / "b.html").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_share", "bad_eval", "public_run", "public_data"])
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "not_a_share", "bad_eval", "public_run", "public_data"])
 def test_bad_input_is_one_sentence_and_exit_1(case, made, tmp_path, monkeypatch, capsys):
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
     bad_eval = tmp_path / "eval.json"
     bad_eval.write_text("{not json")
-    args = {"missing": [str(tmp_path / "nope")], "not_a_share": [str(junk)],
+    (tmp_path / "empty").mkdir()
+    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "not_a_share": [str(junk)],
             "bad_eval": [str(made["share"]), "--eval", str(bad_eval)],
             "public_run": [str(made["rundir"]), "--public"],
             "public_data": [str(made["share"]), "--public", "--data", str(made["npz"])]}[case]
