@@ -69,6 +69,7 @@ class _Pairs:
     holdout: str
     n_train: int
     n_holdout: int
+    audit_flagged: set[int]  # synthetic indices the audit flagged under any measure, the feature one included
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -157,7 +158,8 @@ def _pairs(source: Path, data_spec: str, audit: _Audit) -> _Pairs:
     return _Pairs(syn=_to_u8(syn01), nearest={k: data.train.images[r.synthetic_index].numpy() for k, r in results.items()},
                   scores={k: r.synthetic.numpy() for k, r in results.items()}, thresholds=thresholds,
                   threshold_source="the audit" if from_audit else f"the {holdout} split, computed here",
-                  holdout=holdout, n_train=len(data.train.images), n_holdout=len(hold_u8))
+                  holdout=holdout, n_train=len(data.train.images), n_holdout=len(hold_u8),
+                  audit_flagged={int(i) for i in audit.summary.get("flagged_synthetic_indices") or []})
 
 
 def _read_eval(path: str | os.PathLike) -> dict:
@@ -210,9 +212,8 @@ def _png_uri(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(img: np.ndarray, alt: str, cls: str = "") -> str:
-    return (f'<img src="{_png_uri(img)}" width="{THUMB_PX}" height="{THUMB_PX}" alt="{_e(alt)}"'
-            + (f' class="{cls}"' if cls else "") + ">")
+def _img(img: np.ndarray, alt: str) -> str:
+    return f'<img src="{_png_uri(img)}" width="{THUMB_PX}" height="{THUMB_PX}" alt="{_e(alt)}">'
 
 
 def _table(rows: list[tuple], header: tuple | None = None) -> str:
@@ -242,14 +243,16 @@ def _kv(d: dict) -> str:
 def _svg_plot(points: list[tuple[float, float]], title: str, *, log_y: bool = False,
               reference: tuple[float, str] | None = None, width: int = 320, height: int = 200) -> str:
     """A small line plot as inline SVG: x = iteration; ``reference`` draws a dashed level with a label."""
-    pts = [(float(x), float(y)) for x, y in points
-           if isinstance(y, (int, float)) and math.isfinite(y) and (y > 0 or not log_y)]
+    pts = [(float(x), float(y)) for x, y in points if isinstance(x, (int, float)) and isinstance(y, (int, float))
+           and math.isfinite(y) and (y > 0 or not log_y)]
     if not pts:
         return f'<figure class="plot"><figcaption>{_e(title)}</figcaption><p>No values logged.</p></figure>'
     f = math.log10 if log_y else (lambda v: v)
     xs, ys = [p[0] for p in pts], [f(p[1]) for p in pts]
     levels = ys + ([f(reference[0])] if reference and (reference[0] > 0 or not log_y) else [])
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:  # a single point still needs a width
+        x1 = x0 + 1
     y0, y1 = min(levels), max(levels)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
@@ -312,19 +315,23 @@ def _pairs_section(pairs: _Pairs | None, reason: str, share: Share) -> str:
     if pairs is None:
         return _section("pairs", "Nearest real training images", f"<p>{_e(reason)}</p>")
     scores = np.stack([pairs.scores[k] - pairs.thresholds[k] for k in PAIR_MEASURES])
-    order = np.argsort(-scores.max(0), kind="stable")  # flagged first, then the closest to a threshold
+    by_audit = np.array([i in pairs.audit_flagged for i in range(scores.shape[1])])
+    # Flagged first (by the audit, then here), then the closest to a threshold.
+    order = np.lexsort((-scores.max(0), ~by_audit))
     rows = []
     for i in order.tolist():
         name = share.class_names[int(share.labels[i])]
-        cells = [f'<td>{_img(pairs.syn[i], f"synthetic image {i}")}<div>#{i} {_e(name)}</div></td>']
+        mark = " FLAGGED by the audit" if by_audit[i] else ""
+        cells = [f'<td{" class=flag" if mark else ""}>{_img(pairs.syn[i], f"synthetic image {i}")}'
+                 f"<div>#{i} {_e(name)}{mark}</div></td>"]
         for k in PAIR_MEASURES:
             s, t = float(pairs.scores[k][i]), pairs.thresholds[k]
             flag = s > t
-            cells.append(f'<td class="{"flag" if flag else ""}">{_img(pairs.nearest[k][i], f"nearest training image by {MEASURE_NAMES[k]}")}'
+            cells.append(f'<td{" class=flag" if flag else ""}>{_img(pairs.nearest[k][i], f"nearest training image by {MEASURE_NAMES[k]}")}'
                          f"<div>{_e(f'{s:.3f}')} {'&gt;' if flag else '&le;'} {_e(f'{t:.3f}')}"
                          f"{' FLAGGED' if flag else ''}</div></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    n_flag = int((scores > 0).any(0).sum())
+    n_flag = int(((scores > 0).any(0) | by_audit).sum())
     head = "".join(f"<th>nearest by {_e(MEASURE_NAMES[k])}: similarity vs threshold</th>" for k in PAIR_MEASURES)
     intro = (f'<p class="warn">{_e(HOSPITAL_ONLY)}</p>'
              f"<p>Each synthetic image beside the most similar of the {pairs.n_train} real training images, under "
@@ -332,8 +339,8 @@ def _pairs_section(pairs: _Pairs | None, reason: str, share: Share) -> str:
              f"for real held-out patients ({pairs.n_holdout} images of the {_e(pairs.holdout)} split, copies of "
              f"training images removed); it comes from {_e(pairs.threshold_source)}. An image above a threshold is "
              f"closer to a training image than 99 % of other patients are to theirs. {n_flag} of "
-             f"{len(pairs.syn)} images are above a threshold. Feature-space similarity is in the audit's numbers "
-             "below. Rows are sorted with the closest to a threshold first.</p>")
+             f"{len(pairs.syn)} images are flagged here or by the audit. Feature-space similarity, the audit's third "
+             "measure, is in its numbers below. Flagged rows come first, then the closest to a threshold.</p>")
     return _section("pairs", "Nearest real training images",
                     intro + f'<table class="pairs"><tr><th>synthetic</th>{head}</tr>{"".join(rows)}</table>')
 
@@ -468,9 +475,9 @@ def _curves_section(records: list[dict], from_run: bool) -> str:
     if not its and not evals:
         return _section("curves", "Learning curves", "<p>The run folder has no metrics.jsonl entries.</p>")
     majority = next((r.get("val_majority") for r in reversed(evals) if isinstance(r.get("val_majority"), (int, float))), None)
-    plots = [_svg_plot([(r["iteration"], r.get("loss")) for r in its], "Trajectory-matching loss"),
-             _svg_plot([(r["iteration"], r.get("syn_lr")) for r in its], "Learned step size", log_y=True),
-             _svg_plot([(r["iteration"], r["val_acc_mean"]) for r in evals], "Validation accuracy",
+    plots = [_svg_plot([(r.get("iteration"), r.get("loss")) for r in its], "Trajectory-matching loss"),
+             _svg_plot([(r.get("iteration"), r.get("syn_lr")) for r in its], "Learned step size", log_y=True),
+             _svg_plot([(r.get("iteration"), r["val_acc_mean"]) for r in evals], "Validation accuracy",
                        reference=(majority, "majority class") if majority is not None else None)]
     return _section("curves", "Learning curves", f"<p>From metrics.jsonl: {len(its)} iterations, {len(evals)} "
                     f"validation points on real held-out data.</p><div class=\"plots\">{''.join(plots)}</div>")

@@ -175,7 +175,7 @@ def test_page_loads_without_console_errors_and_every_image_decodes(which, reques
 def test_hospital_page_pairs_each_synthetic_image_with_its_nearest_training_image(made, hospital_page):
     text = hospital_page.read_text(encoding="utf-8")
     assert HOSPITAL_ONLY in text and f'content="{REPORT_FORMAT} {REPORT_VERSION}"' in text
-    assert 'id="pairs"' in text and text.count("<tr><td><img") == 2 * PER_CLASS
+    assert 'id="pairs"' in text and len(re.findall(r"<tr><td[^>]*><img", text)) == 2 * PER_CLASS
     # The real pixels are on this page: the nearest training images are embedded as they are.
     real = made["data"].train.images[:, 0].numpy()
     assert _max_correlation(_decoded_images(hospital_page), real) > 0.999
@@ -183,6 +183,9 @@ def test_hospital_page_pairs_each_synthetic_image_with_its_nearest_training_imag
     audit = json.loads((made["rundir"] / "audit.json").read_text())
     thr = audit["summary"]["nearest_neighbour"]["pixel_correlation"]["threshold"]
     assert f"{thr:.3f}" in text and "An empirical audit is not a proof of privacy." in text
+    flagged = audit["summary"]["flagged_synthetic_indices"]
+    assert text.count("FLAGGED by the audit") == len(flagged)
+    assert all(re.search(rf"#{i} [^<]*FLAGGED by the audit", text) for i in flagged)
     from distill.formats import load_share
     from distill.io import sha256_file
 
