@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .config import (FULL_EPOCHS, AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, RunConfig,
+from .config import (FULL_EPOCHS, AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig,
                      build, default_text, load_toml)
 from .errors import DistillError
 
@@ -35,6 +35,7 @@ def cli(verbose: int) -> None:
       distill run      learn a tiny synthetic set by matching those trajectories
       distill audit    measure whether the synthetic set leaks its patients
       distill export   write the self-describing .h5 share
+      distill report   an HTML review page of a run or a share, for sign-off
       distill inspect  validate and summarise a share
       distill eval     train on a share and test on your own real data
     """
@@ -151,14 +152,22 @@ def run(config_file, resume, **flags):
 @click.option("--cite", "citation", default=None, help="How to cite the share or the work behind it.")
 @click.option("--force", is_flag=True, default=None,
               help="Export although the privacy audit is missing or failed (recorded in the share).")
+@click.option("--report", "report", is_flag=True, help="Also write the in-hospital review page beside the share (SHARE.html).")
 @CONFIG
-def export_cmd(rundir, out, config_file, **flags):
+def export_cmd(rundir, out, config_file, report, **flags):
     """Write the self-describing .h5 share of a finished, audited run."""
     from .export import export_share
 
     cfg = build(ExportConfig, *_layers(config_file, **flags))
     path = export_share(rundir, out, **dataclasses.asdict(cfg))
     click.echo(f"Share written to {path}")
+    page = path.with_suffix(".html")
+    if report:
+        from .report import write_report
+
+        click.echo(f"Review page written to {write_report(rundir, page, share=path)}")
+    else:
+        click.echo(f"Review page for sign-off: distill report {rundir} --share {path} --out {page}")
 
 
 @cli.command("inspect")
@@ -184,6 +193,27 @@ def inspect_cmd(share, config_file, **flags):
     click.echo(json.dumps(s.summary(), indent=2, sort_keys=True) if as_json else s.describe())
     if grid:
         click.echo(f"Grid written to {s.save_grid(grid)}", err=as_json)  # stdout stays pure JSON
+
+
+@cli.command("report")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write, e.g. review.html.")
+@click.option("--share", default=None, type=click.Path(dir_okay=False),
+              help="With a run folder: the share exported from it, for its checksum and text.")
+@click.option("--eval", "eval_json", default=None, type=click.Path(dir_okay=False),
+              help="A `distill eval --json` report, for accuracy against random real and full data.")
+@click.option("--data", default=None,
+              help="The real data the set was made from, for the nearest-neighbour pairs (default: the run's).")
+@click.option("--public", is_flag=True, default=None,
+              help="The receiving side's page: only the share's content, no real image.")
+@CONFIG
+def report_cmd(source, out, config_file, **flags):
+    """Write a self-contained HTML review page of a run folder or a share, for sign-off."""
+    from .report import write_report
+
+    cfg = build(ReportConfig, *_layers(config_file, **flags))
+    path = write_report(source, out, **dataclasses.asdict(cfg))
+    click.echo(f"Review page written to {path}")
 
 
 @cli.command()

@@ -164,6 +164,16 @@ class InspectConfig:
     grid: str | None = None  # also draw the images into this PNG
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``distill report`` puts on the review page (docs/report.md)."""
+
+    share: str | None = None  # with a run folder: the share exported from it (its checksum and text)
+    eval_json: str | None = None  # a `distill eval --json` report: accuracy against random real and full data
+    data: str | None = None  # real data for the nearest-neighbour pairs; None = the run's own
+    public: bool = False  # the receiving side's page: only the share's content, no real image
+
+
 # Settings that count something in pixels: zero or less is never meant.
 _POSITIVE = ("size",)
 
