@@ -87,6 +87,17 @@ def select(p: AugParams, k) -> AugParams:
     return AugParams(*(t[k] for t in p))
 
 
+def device_generator(seed_source: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` for :meth:`Augment.draw`, seeded by one draw from ``seed_source``.
+
+    Callers hold a CPU generator per run (distill.seeding); one seed from it per training run keeps a
+    CPU run bit-reproducible from the user's seed. A CUDA generator's stream differs from the CPU's,
+    so the same seed gives another (equally reproducible) augmentation on CUDA.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=seed_source, device=seed_source.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @dataclass(frozen=True)
 class Augment:
     """DSA with switchable transforms.
