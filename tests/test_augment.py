@@ -155,8 +155,10 @@ def test_output_statistics_match_todays_path(transforms):
     aug = Augment(transforms=transforms, mode="all")
     new = aug(x, _g(0))
     old = A._reference_call(aug, x, _g(1))
+    # Per pixel, 5 standard errors of the difference of two means of n draws (192 pixels: no false alarms).
+    stderr = ((new.var(0) + old.var(0)) / n).sqrt()
+    assert ((new.mean(0) - old.mean(0)).abs() <= 5 * stderr + 1e-6).all()
     scale = float(old.std(0).mean())
-    assert (new.mean(0) - old.mean(0)).abs().max() < 0.1 * scale
     assert (new.std(0) - old.std(0)).abs().max() < 0.1 * scale
     assert torch.allclose((new == 0).double().mean(0), (old == 0).double().mean(0), atol=0.04)
 
@@ -225,7 +227,7 @@ def test_one_warp_equals_kornias_for_the_same_numbers(which):
     theta = A._normalised_inverse(shift, scale[:, 0], scale[:, 1], angle, h, w)
     got = Augment(transforms=which).apply(x, _neutral(n, h, w)._replace(matrix=theta))
     assert torch.allclose(got, want, atol=1e-5)
-    assert torch.allclose(A._grid(theta, h, w), torch.nn.functional.affine_grid(theta, [n, c, h, w], align_corners=True),
+    assert torch.allclose(A._grid(theta, n, h, w), torch.nn.functional.affine_grid(theta, [n, c, h, w], align_corners=True),
                           atol=1e-6)
 
 
@@ -390,3 +392,13 @@ def test_apply_runs_the_same_operators_whatever_was_drawn():
     x = _x()
     counts = {frozenset(_ops(lambda s=s: aug.apply(x, aug.draw(len(x), _g(s), (8, 8)))).items()) for s in range(8)}
     assert len(counts) == 1
+
+
+def test_apply_traces_with_fake_tensors_so_graphs_and_compile_can_take_it():
+    """Tracing with fake tensors fails on any op that needs a value (an .item(), a data-dependent shape)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    aug = Augment()
+    x, p = _x(), aug.draw(6, _g(0), (8, 8))
+    graph = make_fx(lambda x, m, c, b: aug.apply(x, AugParams(m, c, b)), tracing_mode="fake")(x, *p)
+    assert any("grid_sampler" in str(node.target) for node in graph.graph.nodes)
