@@ -157,7 +157,8 @@ class Augment:
         if k.owner is not None:  # "one" mode: the columns of the chosen transform keep their values
             t = len(self.transforms)
             # floor(u * t), clamped because u * t can round up to t in low precision.
-            on = (pick * t).floor().clamp_(max=t - 1) == k.owner
+            choice = (pick * t).floor().clamp_(max=t - 1).long()
+            on = k.kind[choice] == k.owner
             v = torch.where(on, v, k.neutral)
         elif k.static_on is not None:  # "all" mode with some transforms left out
             v = torch.where(k.static_on, v, k.neutral)
@@ -248,7 +249,8 @@ class _Constants(NamedTuple):
     lo: torch.Tensor  # (columns,)
     span: torch.Tensor
     neutral: torch.Tensor
-    owner: torch.Tensor | None  # "one" mode: each column's transform index in the configuration, -1 if absent
+    kind: torch.Tensor | None  # "one" mode: the index in TRANSFORMS of each configured transform
+    owner: torch.Tensor | None  # "one" mode: the index in TRANSFORMS of each column's transform
     static_on: torch.Tensor | None  # "all" mode: which columns are on, None when all are
     last_pixel: torch.Tensor  # (2,) H - 1, W - 1
     half_side: torch.Tensor  # (2,) the cutout square's half side, rounded down, in pixels
@@ -271,16 +273,19 @@ def _constants(transforms: tuple[str, ...], mode: str, h: int, w: int, device: t
     def tensor(values):
         return torch.tensor(values, device=device, dtype=dtype)
 
-    owner = static_on = None
+    kind = owner = static_on = None
     if mode == "one" and len(transforms) > 1:
-        owner = tensor([float(transforms.index(t)) if t in transforms else -1.0 for _, t, _ in _COLUMNS])
+        # Through TRANSFORMS rather than positions in the configuration, so that a transform listed
+        # twice is chosen twice as often, as the reference's pick among the list does.
+        kind = torch.tensor([TRANSFORMS.index(t) for t in transforms], device=device)
+        owner = torch.tensor([TRANSFORMS.index(t) for _, t, _ in _COLUMNS], device=device)
     elif not all(t in transforms for _, t, _ in _COLUMNS):
         static_on = torch.tensor([t in transforms for _, t, _ in _COLUMNS], device=device)
     return _Constants(
         lo=tensor([ranges[name][0] for name, _, _ in _COLUMNS]),
         span=tensor([ranges[name][1] for name, _, _ in _COLUMNS]),
         neutral=tensor([neutral_cut.get(name, value) for name, _, value in _COLUMNS]),
-        owner=owner, static_on=static_on,
+        kind=kind, owner=owner, static_on=static_on,
         last_pixel=tensor([h - 1.0, w - 1.0]), half_side=tensor([float(ch // 2), float(cw // 2)]),
         side=tensor([float(ch), float(cw)]))
 

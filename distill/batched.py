@@ -247,7 +247,10 @@ class BatchedStep:
                 self._eager(static_idx, static_aug)
             return graph.replay, static_idx, static_aug
         finally:
-            # The warm-up trained for real: put every parameter, momentum and total back.
+            # The warm-up trained for real: put every parameter, momentum and total back (after the side
+            # stream's work, should a warm-up step have failed before the streams were joined).
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             with torch.no_grad():
                 for t, s in zip(self._state(), saved):
                     t.copy_(s)

@@ -182,6 +182,14 @@ def test_one_mode_picks_each_transform_equally_often():
         assert abs(count / s - want) < 0.02, (name, count / s)
 
 
+def test_one_mode_counts_a_transform_listed_twice_twice():
+    p = Augment(transforms=("crop", "crop")).draw(1, _g(0), (8, 8), steps=200)
+    assert (p.matrix[:, 0, :, 2].abs().sum(-1) > 0).all()  # crop every time, as the reference's pick
+    p = Augment(transforms=("crop", "crop", "color")).draw(1, _g(0), (8, 8), steps=3000)
+    crop_rate = float((p.matrix[:, 0, :, 2].abs().sum(-1) > 0).double().mean())
+    assert abs(crop_rate - 2 / 3) < 0.04
+
+
 # --- (b) outputs for fixed parameters equal today's per-transform outputs -------------------------------
 
 
