@@ -410,3 +410,25 @@ def test_apply_traces_with_fake_tensors_so_graphs_and_compile_can_take_it():
     x, p = _x(), aug.draw(6, _g(0), (8, 8))
     graph = make_fx(lambda x, m, c, b: aug.apply(x, AugParams(m, c, b)), tracing_mode="fake")(x, *p)
     assert any("grid_sampler" in str(node.target) for node in graph.graph.nodes)
+
+
+def test_apply_replays_in_a_cuda_graph(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device (pytest --device cuda)")
+    aug = Augment()
+    x = _x().to(device)
+    p = aug.draw(len(x), _g(0, device), (8, 8), steps=2)
+    static = AugParams(*(t[0].clone() for t in p))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        aug.apply(x, static)  # warm-up, as torch.cuda.graph asks
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = aug.apply(x, static)
+    for k in range(2):
+        for dst, src in zip(static, select(p, k)):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.allclose(out, aug.apply(x, select(p, k)), atol=1e-6)
