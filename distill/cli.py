@@ -68,8 +68,8 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help=f"Storage precision of the snapshots {default_text(BufferConfig, 'snapshot_dtype')}.")
 @click.option("--batch-experts", type=int, default=None,
-              help="Train K experts at once in one vmapped network (faster on a GPU, same trajectories to rounding) "
-                   f"{default_text(BufferConfig, 'batch_experts')}.")
+              help="Train K experts at once in one vmapped network, same trajectories to rounding; "
+                   f"0 = auto: up to 16 on CUDA, 1 on CPU {default_text(BufferConfig, 'batch_experts')}.")
 @click.option("--bf16/--no-bf16", default=None, help=f"bf16 autocast for the experts' forward pass (changes trajectories) {default_text(BufferConfig, 'bf16')}.")
 @SEED
 @DEVICE
