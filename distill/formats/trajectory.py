@@ -220,7 +220,7 @@ def read_expert(path: str | os.PathLike, verify: bool = True) -> ExpertFile:
         stored = attrs.get("snapshots_sha256")
         if verify and stored is not None and snapshots_checksum(f["snapshots"], out.snapshot_steps) != stored:
             raise FormatError(f"The snapshots in {path} do not match their checksum (a torn or damaged write); "
-                              "delete the file and run 'distill buffer' again with the same settings to retrain it.")
+                              "running 'distill buffer' again with the buffer's settings retrains that expert.")
     return out
 
 
