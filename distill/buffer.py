@@ -81,8 +81,12 @@ def _expert_done(path: Path, cfg: BufferConfig) -> bool:
     except FormatError as err:
         log.warning("%s will be trained again: %s", path.name, err)
         return False
-    if e.attrs.get("model") != cfg.model or int(e.attrs.get("seed", -1)) != cfg.seed or e.train.get("epochs") != cfg.epochs:
-        raise DistillError(f"{path} was made with other settings (model, seed or epochs); choose another --out folder.")
+    made = {"model": e.attrs.get("model"), "seed": e.attrs.get("seed"), "snapshot_every": e.attrs.get("snapshot_every"),
+            **{k: e.train.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")}}
+    differs = [k for k, v in made.items() if v is not None and v != getattr(cfg, k)]  # older files lack some
+    if differs:  # its config.toml would no longer describe the finished experts
+        raise DistillError(f"{path} was made with other settings ({', '.join(f'{k} {made[k]!r}' for k in differs)}); "
+                           "rerun with those or choose another --out folder.")
     return True
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -51,8 +50,8 @@ def new_h5(path: str | os.PathLike) -> Iterator["h5py.File"]:
     """A new HDF5 file built in memory; its bytes reach ``path`` through Python when the block ends.
 
     HDF5 never writes to the disk itself. On a full disk its own flush fails inside close,
-    leaves the file open in the library and crashed the interpreter at exit (exit 139, a
-    192 KB temporary file left behind); a Python write fails with an ordinary OSError, which
+    leaves the file open in the library and crashed the interpreter at exit (exit 139, the
+    temporary file left behind); a Python write fails with an ordinary OSError, which
     :func:`atomic_path` turns into one sentence. Use inside ``atomic_path``.
     """
     import h5py
@@ -71,15 +70,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Non
 
 # ----------------------------------------------------------------------------- filesystem errors
 
-_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")  # how HDF5 reports the system error inside its message
-
-
 def fs_error(e: OSError, path: str | os.PathLike) -> DistillError:
     """One sentence for a failed filesystem call on ``path``: what happened and what to do."""
     code = e.errno
-    if code is None:
-        found = _ERRNO_IN_TEXT.search(str(e))
-        code = int(found.group(1)) if found else None
     if code in (errno.ENOSPC, errno.EDQUOT):
         return DistillError(f"The disk holding {path} is full; free some space or choose another folder, "
                             "then run the command again (finished work is kept).")

@@ -472,12 +472,9 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     if world.main:
         lock.enter_context(output_lock(out))  # one writer per run folder
         remove_stale_temps(out)
-    if not resume and has_run(out):
-        if not restartable(out):
-            raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out folder.")
-        if world.main:
-            log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
-            clear_run(out)
+    start_over = not resume and has_run(out)
+    if start_over and not restartable(out):
+        raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out folder.")
     model = pool.build_model().to(device)
     spec = param_spec(model)
     if spec.total != pool.experts[0].num_params or list(spec.names) != list(pool.experts[0].param_names):
@@ -490,6 +487,9 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
                augment=Augment.parse(cfg.augment), val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
+    if start_over and world.main:  # only once every check has passed
+        log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
+        clear_run(out)
     return run, real, reason
 
 
