@@ -8,6 +8,7 @@ across torchrun processes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -21,9 +22,9 @@ from .config import BufferConfig, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
-from .formats.trajectory import (SNAPSHOT_DTYPES, TrajectoryMeta, expert_path, read_buffer_preprocessing,
-                                 read_expert, write_buffer_preprocessing, write_expert)
-from .io import check_writable_dir, software_versions
+from .formats.trajectory import (PREPROCESSING_FILE, SNAPSHOT_DTYPES, TrajectoryMeta, expert_path, numbering_gaps,
+                                 read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
+from .io import check_writable_dir, output_lock, remove_stale_temps, software_versions
 from .models import create_model, flatten_params, param_spec
 from .progress import progress
 from .seeding import generator, seeded
@@ -71,13 +72,14 @@ def resolve_batch_experts(cfg: BufferConfig, device: torch.device, model: torch.
     return max(1, min(cfg.experts, AUTO_BATCH_EXPERTS))
 
 
-def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, Preprocessing]:
-    """Load data; fit preprocessing once (rank 0) or reuse the buffer's, so every expert shares it."""
+def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, Preprocessing | None]:
+    """Load data and check it against the buffer's preprocessing; a new buffer's is fitted (rank 0), not yet written.
+
+    Returns (data, the fitted preprocessing to write once every check has passed, or None).
+    """
     data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed)
-    pre_path = out / "preprocessing.h5"
-    if world.main and not pre_path.exists():
-        write_buffer_preprocessing(out, fit_preprocessing(data.train.images, zca=cfg.zca), data.fingerprint())
-    world.barrier()
+    if not (out / PREPROCESSING_FILE).exists():
+        return data, fit_preprocessing(data.train.images, zca=cfg.zca) if world.main else None
     pre, fingerprint, _ = read_buffer_preprocessing(out)
     if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca or pre.size != data.size:
         raise DistillError(
@@ -85,19 +87,23 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
             f"{pre.channels}x{pre.size}x{pre.size}, zca={pre.zca}) than asked ({data.name}, "
             f"{data.channels}x{data.size}x{data.size}, zca={cfg.zca}); choose another --out folder or match --size/--zca."
         )
-    return data, pre
+    return data, None
 
 
 def _expert_done(path: Path, cfg: BufferConfig) -> bool:
     if not path.exists():
         return False
     try:
-        e = read_expert(path)
-    except FormatError:
-        log.warning("%s is unreadable and will be trained again.", path.name)
+        e = read_expert(path)  # checks the snapshots' checksum too
+    except FormatError as err:
+        log.warning("%s will be trained again: %s", path.name, err)
         return False
-    if e.attrs.get("model") != cfg.model or int(e.attrs.get("seed", -1)) != cfg.seed or e.train.get("epochs") != cfg.epochs:
-        raise DistillError(f"{path} was made with other settings (model, seed or epochs); choose another --out folder.")
+    made = {"model": e.attrs.get("model"), "seed": e.attrs.get("seed"), "snapshot_every": e.attrs.get("snapshot_every"),
+            **{k: e.train.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")}}
+    differs = [k for k, v in made.items() if v is not None and v != getattr(cfg, k)]  # older files lack some
+    if differs:  # its config.toml would no longer describe the finished experts
+        raise DistillError(f"{path} was made with other settings ({', '.join(f'{k} {made[k]!r}' for k in differs)}); "
+                           "rerun with those or choose another --out folder.")
     return True
 
 
@@ -208,24 +214,33 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
     world = world_from_env()
     device = resolve_device(cfg.device, world)
     init_process_group(world, device)
+    lock = contextlib.ExitStack()
     try:
         out = check_writable_dir(cfg.out)
         if world.main:
-            save_toml(cfg, out / "config.toml")
-            # A hard kill (SIGKILL, power loss) can leave a temporary file; no rank is writing yet, since
-            # the others wait at prepare_data's barrier until rank 0 gets there.
-            for stale in out.glob(".expert_*.h5.*.tmp"):
-                stale.unlink(missing_ok=True)
-        data, pre = prepare_data(cfg, world, out)
-        # Fail early on a model/size mismatch, before any expert starts.
+            lock.enter_context(output_lock(out))  # one writer per buffer folder
+            # A hard kill (SIGKILL, power loss) can leave temporary files; under the lock nobody owns them.
+            remove_stale_temps(out)
+        # Everything is checked before anything is written: a refused command leaves the folder as it was.
+        data, new_pre = prepare_data(cfg, world, out)
         try:
             probe = create_model(cfg.model, data.num_classes, data.channels, data.size)
         except ValueError as e:
             raise DistillError(str(e)) from None
+        requested = cfg  # config.toml keeps what was asked for (0 = auto), the experts record what ran
         cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
-        _, _, pre_sha = read_buffer_preprocessing(out)
         mine = world.shard(list(range(cfg.experts)))
         todo = [i for i in mine if not _expert_done(expert_path(out, i), cfg)]
+        gaps = [i for i in numbering_gaps(out) if i in todo]
+        if gaps and world.main:
+            log.info("The expert numbering of %s has a gap (%s missing); those experts are trained now.", out,
+                     ", ".join(expert_path(out, i).name for i in gaps))
+        if world.main:
+            save_toml(requested, out / "config.toml")
+            if new_pre is not None:
+                write_buffer_preprocessing(out, new_pre, data.fingerprint())
+        world.barrier()
+        pre, _, pre_sha = read_buffer_preprocessing(out)
         if len(todo) < len(mine):
             log.info("Skipping %d finished expert(s) in %s.", len(mine) - len(todo), out)
         x_train = pre(data.train.images).to(device)
@@ -249,5 +264,6 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         world.barrier()
         return written
     finally:
+        lock.close()
         destroy_process_group(world)
 

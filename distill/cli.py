@@ -17,6 +17,8 @@ from .errors import DistillError
 
 log = logging.getLogger("distill")
 
+AUDIT_FAILED = 3  # exit status of `distill audit` on a FAIL verdict (docs/privacy.md); 1 is an error
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose if verbose else logging.INFO
@@ -152,6 +154,7 @@ def run(config_file, resume, **flags):
 @click.option("--cite", "citation", default=None, help="How to cite the share or the work behind it.")
 @click.option("--force", is_flag=True, default=None,
               help="Export although the privacy audit is missing or failed (recorded in the share).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace the share at --out if it exists.")
 @click.option("--report", "report", is_flag=True, help="Also write the in-hospital review page beside the share (SHARE.html).")
 @CONFIG
 def export_cmd(rundir, out, config_file, report, **flags):
@@ -239,6 +242,8 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, **fla
     """Measure whether a run folder's synthetic set (or a share) leaks its patients.
 
     Writes RUNDIR/audit.json, which 'distill export' embeds in the share.
+    Exit status: 0 when the verdict is PASS, 3 when it is FAIL (so scripts can gate on it),
+    1 for an error.
     """
     from .privacy import run_audit
 
@@ -246,6 +251,8 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, **fla
     report = run_audit(source, data, json_path=json_path, pairs_png=pairs_png, expert=expert, device=device or "auto",
                        **dataclasses.asdict(settings))
     click.echo(report.text())
+    if not report.passed:
+        sys.exit(AUDIT_FAILED)
 
 
 def main() -> None:

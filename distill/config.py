@@ -156,6 +156,7 @@ class ExportConfig:
     description: str = ""
     citation: str = ""
     force: bool = False  # export although the audit is missing or failed; the share records it
+    overwrite: bool = False  # replace an existing share file at --out
 
 
 @dataclass(frozen=True)

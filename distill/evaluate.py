@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
 from .formats.share import Recipe, Share, load_share, share_targets
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS
-from .io import software_versions, strict_json, write_json
+from .io import check_writable_file, software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
 from .progress import progress
@@ -161,6 +162,23 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
 def load_shares(paths: Sequence[str]) -> list[tuple[str, Share]]:
     """Read and validate each share file (the reader refuses malformed ones)."""
     return [(str(p), load_share(p)) for p in paths]
+
+
+def refuse_repeats(shares: Sequence[tuple[str, Share]]) -> None:
+    """Refuse a share given twice, by two names of one file or as a copy with the same payload: it would count twice."""
+    files: dict[Path, str] = {}
+    payloads: dict[str, str] = {}
+    for name, s in shares:
+        key = Path(name).resolve()
+        if key in files:
+            said = f"{name} is given twice" if files[key] == name else f"{files[key]} and {name} name the same file"
+            raise DistillError(f"{said}; give each share once.")
+        if s.payload_sha256 in payloads:
+            raise DistillError(f"{payloads[s.payload_sha256]} and {name} hold the same images and labels (equal "
+                               "payload checksums); give each share once.")
+        files[key] = name
+        if s.payload_sha256:
+            payloads[s.payload_sha256] = name
 
 
 # ----------------------------------------------------------------------------- one arm
@@ -360,8 +378,11 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     ``shares``: already loaded ``(name, Share)`` pairs; by default ``cfg.shares`` is read from disk.
     The report (a JSON-able dict, documented in docs/evaluation.md) is also written to ``cfg.json``.
     """
+    if cfg.json:
+        check_writable_file(cfg.json)  # before the training, not after it
     if shares is None:
         shares = load_shares(cfg.shares)
+    refuse_repeats(shares)
     baselines = _validate(cfg, shares)
     device = resolve_device(cfg.device)
     union = join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr) if shares else None

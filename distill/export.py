@@ -15,6 +15,7 @@ from .formats.audit import AUDIT_FILE, read_audit
 from .formats.share import write_share
 from .formats.share_schema import Attr
 from .formats.synset import read_synset
+from .io import output_lock, remove_stale_temps
 from .runshare import (METHOD_HOME_ONLY, METHOD_KEYS, is_plain, scrub, scrub_sentence,  # noqa: F401 (re-exported)
                        share_from_synset)
 
@@ -56,18 +57,25 @@ def _privacy(rundir: Path, force: bool) -> dict:
 
 
 def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: str = "CC-BY-4.0",
-                 description: str = "", citation: str = "", force: bool = False) -> Path:
+                 description: str = "", citation: str = "", force: bool = False, overwrite: bool = False) -> Path:
     """Write the share of the run in ``rundir`` to ``out`` (atomically); returns ``out``.
 
     Refuses unless ``rundir/audit.json`` records a passed audit, or ``force`` is set,
-    in which case the share records the override.
+    in which case the share records the override. Refuses an existing ``out`` unless
+    ``overwrite``; one export at a time writes ``out`` (a lock file beside it).
     """
     rundir, out = Path(rundir), Path(out)
     if not rundir.is_dir():
         raise DistillError(f"Run folder {rundir} does not exist.")
     if out.is_dir():
         raise DistillError(f"{out} is a folder; give the share's file name, e.g. {out / 'share.h5'}.")
+    if out.exists() and not overwrite:
+        raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
     synset = read_synset(rundir)
     privacy = _privacy(rundir, force)
     share = share_from_synset(synset, privacy, license=license, description=description, citation=citation)
-    return write_share(out, share)
+    with output_lock(out.parent, f".{out.name}.lock"):
+        remove_stale_temps(out.parent, out.name)
+        if out.exists() and not overwrite:  # another export finished while this one was reading
+            raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
+        return write_share(out, share)

@@ -1,8 +1,12 @@
-"""Small file helpers shared by every stage: atomic writes and hashing."""
+"""Small file helpers shared by every stage: atomic writes, hashing, output-folder locks and
+filesystem errors turned into one sentence."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,16 +31,131 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise DistillError(f"Cannot write to {path.parent}: {e.strerror or e}.") from None
+        raise fs_error(e, path) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        raise fs_error(e, path) from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def new_h5(path: str | os.PathLike) -> Iterator["h5py.File"]:
+    """A new HDF5 file built in memory; its bytes reach ``path`` through Python when the block ends.
+
+    HDF5 never writes to the disk itself. On a full disk its own flush fails inside close,
+    leaves the file open in the library and crashed the interpreter at exit (exit 139, the
+    temporary file left behind); a Python write fails with an ordinary OSError, which
+    :func:`atomic_path` turns into one sentence. Use inside ``atomic_path``.
+    """
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    with open(path, "wb") as out:
+        out.write(buf.getbuffer())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------- filesystem errors
+
+def fs_error(e: OSError, path: str | os.PathLike) -> DistillError:
+    """One sentence for a failed filesystem call on ``path``: what happened and what to do."""
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return DistillError(f"The disk holding {path} is full; free some space or choose another folder, "
+                            "then run the command again (finished work is kept).")
+    if code in (errno.EACCES, errno.EPERM):
+        return DistillError(f"Permission denied writing {path}; choose a folder you may write to or change its "
+                            "permissions.")
+    if code == errno.EROFS:
+        return DistillError(f"{path} is on a read-only file system; choose a writable folder.")
+    if code == errno.ENOENT:
+        return DistillError(f"{path} or a folder above it disappeared while in use; restore it or choose another "
+                            "folder, then run the command again.")
+    if code == errno.ENOTDIR:
+        return DistillError(f"A part of {path} is a file, not a folder; choose another path.")
+    why = (e.strerror or str(e)).rstrip(".").replace("\n", " ")
+    return DistillError(f"Cannot write {path} ({why}); check the disk, then run the command again.")
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` for targets matching ``name``.
+
+    Only call this while holding the folder's :func:`output_lock`: then no live writer owns them,
+    and a hard kill (SIGKILL, power loss) is the only way they stay behind.
+    """
+    removed = []
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+LOCK_FILE = ".distill.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold an advisory ``flock`` on ``folder/name`` for the block; a second writer gets one sentence.
+
+    The lock file records the holder's PID for that sentence. The kernel drops a lock when its
+    process dies, so a lock file left by a killed writer does not block. The file is removed on
+    release; a writer that opened it just before checks that it still locks the file at that
+    name, and opens it again when it does not.
+    """
+    folder = Path(folder)
+    path = folder / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise DistillError(f"{folder} is in use by another distill process (PID {holder}); wait until it "
+                                   "finishes or choose another output.") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder before us removed this file as we opened it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        raise fs_error(e, path) from None
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # releases the lock
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
 
 
 def _umask() -> int:
@@ -89,6 +208,20 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise DistillError(f"Output folder {path} is not writable: {e.strerror or e}.") from None
+    return path
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Prove that ``path`` can be written later (its folder exists or can be made, and takes a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DistillError(f"{path} is a folder; give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise fs_error(e, path) from None
     return path
 
 

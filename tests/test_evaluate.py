@@ -280,14 +280,15 @@ def test_cli_eval_through_a_share_file(tiny_npz, tmp_path):
     from distill.cli import cli
     from distill.formats.share import write_share
 
-    path = tmp_path / "s.h5"
+    path, other = tmp_path / "s.h5", tmp_path / "t.h5"
     write_share(path, make_share(tiny_npz, soft=True))
+    write_share(other, make_share(tiny_npz, soft=True, seed=1))  # other soft labels: another share
     out = tmp_path / "e.json"
-    res = CliRunner().invoke(cli, ["eval", str(path), str(path), "--test", str(tiny_npz), "--runs", "1",
+    res = CliRunner().invoke(cli, ["eval", str(path), str(other), "--test", str(tiny_npz), "--runs", "1",
                                    "--baseline", "random-real", "--device", "cpu", "--json", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
-    assert report["results"][0]["trained_on"]["images"] == 12  # the union of the file with itself
+    assert report["results"][0]["trained_on"]["images"] == 12  # the union of the two files
     assert report["results"][1]["trained_on"]["ipc"] == 6
 
 

@@ -30,7 +30,7 @@ import torch
 from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
-from ..io import atomic_path
+from ..io import atomic_path, new_h5
 from ..train import TrainRecipe
 from . import share_schema as S
 from .common import check_version, utc_now
@@ -347,7 +347,7 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
     privacy = _normalised_privacy(share.privacy)
     _check_content(str(path), arrays, len(names), share.recipe, share.label_temperature, privacy)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             _set_text(f, Attr.FORMAT, S.SHARE_FORMAT)
             _set_text(f, Attr.FORMAT_VERSION, S.FORMAT_VERSION)
             _set_text(f, Attr.CREATED, utc_now())

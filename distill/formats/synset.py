@@ -27,7 +27,7 @@ import torch
 
 from ..data import Preprocessing
 from ..errors import FormatError
-from ..io import atomic_path
+from ..io import atomic_path, new_h5
 from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
 
 SYNSET_FORMAT = "distill-synthetic"
@@ -66,7 +66,7 @@ class SyntheticSet:
 
 def write_synset(path: str | os.PathLike, s: SyntheticSet) -> None:
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             f.attrs["format"] = SYNSET_FORMAT
             f.attrs["format_version"] = f"{VERSION_MAJOR}.{VERSION_MINOR}"
             f.attrs["created"] = utc_now()

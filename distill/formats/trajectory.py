@@ -13,12 +13,16 @@ Schema v1 of one expert file:
   ``fingerprint`` (JSON: name, class names, counts, sha256 of the source),
   ``preprocessing_sha256`` (of the buffer's ``preprocessing.h5``),
   ``software`` (JSON), ``created``.
+- since 1.1: ``snapshots_sha256``, the SHA-256 of the ``snapshots`` bytes as stored (row by
+  row, C order) followed by those of ``snapshot_steps``. Readers check it and refuse a file
+  whose data does not match (a torn or damaged write); a 1.0 file without it is read unchecked.
 
 The buffer folder also holds ``preprocessing.h5`` (see :mod:`.common`), which
 every later stage applies, and ``config.toml``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -29,14 +33,15 @@ import numpy as np
 import torch
 
 from ..data import Preprocessing
-from ..errors import FormatError
-from ..io import atomic_path, sha256_file
+from ..errors import DistillError, FormatError
+from ..io import atomic_path, new_h5, sha256_file
 from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
 
 TRAJECTORY_FORMAT = "distill-trajectory"
 PREPROCESSING_FORMAT = "distill-preprocessing"
-VERSION_MAJOR, VERSION_MINOR = 1, 0
+VERSION_MAJOR, VERSION_MINOR = 1, 1
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
+PREPROCESSING_VERSION = "1.0"  # preprocessing.h5 did not change in 1.1
 PREPROCESSING_FILE = "preprocessing.h5"
 EXPERT_PATTERN = re.compile(r"^expert_(\d{4,})\.h5$")
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
@@ -51,6 +56,34 @@ def list_experts(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if EXPERT_PATTERN.match(p.name))
+
+
+def expert_index(path: Path) -> int:
+    return int(EXPERT_PATTERN.match(path.name).group(1))
+
+
+def numbering_gaps(folder: str | os.PathLike) -> list[int]:
+    """Expert indices missing below the highest one in ``folder`` (empty when the numbering is whole)."""
+    present = {expert_index(p) for p in list_experts(folder)}
+    return sorted(set(range(max(present, default=-1) + 1)) - present)
+
+
+def check_numbering(folder: str | os.PathLike) -> None:
+    """Refuse a buffer whose expert numbering has a gap: an expert was deleted or never finished."""
+    gaps = numbering_gaps(folder)
+    if gaps:
+        names = ", ".join(expert_path(folder, i).name for i in gaps[:3]) + (", ..." if len(gaps) > 3 else "")
+        raise DistillError(f"The expert numbering of {folder} has a gap ({names} missing); finish the buffer with "
+                           f"'distill buffer --out {folder}' and its settings, then run again.")
+
+
+def snapshots_checksum(snapshots: h5py.Dataset | np.ndarray, steps: np.ndarray) -> str:
+    """SHA-256 of the stored snapshot rows, then of the steps; reads one row at a time."""
+    h = hashlib.sha256()
+    for i in range(len(snapshots)):
+        h.update(np.ascontiguousarray(snapshots[i]).tobytes())
+    h.update(np.ascontiguousarray(steps, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def encode_snapshots(flat: torch.Tensor, dtype: str) -> np.ndarray:
@@ -98,7 +131,7 @@ def write_expert(path: str | os.PathLike, snapshots: torch.Tensor, snapshot_step
                  meta: TrajectoryMeta, snapshot_dtype: str = "float32") -> None:
     """Write one expert atomically. snapshots: (T, P) float; history: name -> (epochs,) values."""
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             f.attrs["format"] = TRAJECTORY_FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["snapshot_dtype"] = snapshot_dtype
@@ -110,8 +143,10 @@ def write_expert(path: str | os.PathLike, snapshots: torch.Tensor, snapshot_step
                 else:
                     f.attrs[fld.name] = value
             data = encode_snapshots(snapshots, snapshot_dtype)
+            steps = np.asarray(snapshot_steps, dtype=np.int64)
             f.create_dataset("snapshots", data=data, chunks=(1, data.shape[1]))
-            f.create_dataset("snapshot_steps", data=np.asarray(snapshot_steps, dtype=np.int64))
+            f.create_dataset("snapshot_steps", data=steps)
+            f.attrs["snapshots_sha256"] = snapshots_checksum(data, steps)
             h = f.create_group("history")
             for k, v in history.items():
                 h.create_dataset(k, data=np.asarray(v, dtype=np.float64))
@@ -137,7 +172,7 @@ class ExpertFile:
 
     def snapshots(self, indices: list[int] | None = None) -> torch.Tensor:
         """(len(indices), P) float32 on the CPU."""
-        with h5py.File(self.path, "r") as f:
+        with _open(self.path) as f:
             ds = f["snapshots"]
             if indices is None:
                 arr = ds[()]
@@ -146,11 +181,23 @@ class ExpertFile:
         return decode_snapshots(arr, self.attrs["snapshot_dtype"])
 
     def history(self) -> dict[str, np.ndarray]:
-        with h5py.File(self.path, "r") as f:
+        with _open(self.path) as f:
             return {k: f["history"][k][()] for k in f["history"]}
 
 
-def read_expert(path: str | os.PathLike) -> ExpertFile:
+def _open(path: Path) -> h5py.File:
+    """An expert file opened again during a run; one sentence when it was deleted or moved meanwhile."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DistillError(f"The expert file {path} disappeared during the run; restore it (or rebuild the buffer) "
+                           "and continue with --resume.") from None
+    except OSError:
+        raise FormatError(f"{path} is no longer a readable HDF5 trajectory file; rebuild the buffer.") from None
+
+
+def read_expert(path: str | os.PathLike, verify: bool = True) -> ExpertFile:
+    """Open an expert file and check its schema; with ``verify``, also the checksum of its snapshots."""
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -170,15 +217,19 @@ def read_expert(path: str | os.PathLike) -> ExpertFile:
         )
         if f["snapshots"].shape[0] != len(out.snapshot_steps):
             raise FormatError(f"{path}: {f['snapshots'].shape[0]} snapshots but {len(out.snapshot_steps)} steps.")
+        stored = attrs.get("snapshots_sha256")
+        if verify and stored is not None and snapshots_checksum(f["snapshots"], out.snapshot_steps) != stored:
+            raise FormatError(f"The snapshots in {path} do not match their checksum (a torn or damaged write); "
+                              "running 'distill buffer' again with the buffer's settings retrains that expert.")
     return out
 
 
 def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict) -> Path:
     path = Path(folder) / PREPROCESSING_FILE
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             f.attrs["format"] = PREPROCESSING_FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["format_version"] = PREPROCESSING_VERSION
             set_json(f, "fingerprint", fingerprint)
             write_preprocessing(f.create_group("preprocessing"), pre)
     return path

@@ -15,6 +15,7 @@ One iteration (docs/method.md):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -34,14 +35,14 @@ from ..distributed import World, destroy_process_group, init_process_group, reso
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
-from ..io import check_writable_dir, software_versions
+from ..io import check_writable_dir, output_lock, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
 from ..progress import progress
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
 from .experts import ExpertPool, Segment
 from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
-                     save_checkpoint, save_grid)
+                     clear_run, restartable, save_checkpoint, save_grid)
 from .synthetic import bound_log_step, initial_images, initial_logits, list_inits, log_step_size, needs_real_data, soft_targets
 from .unroll import UnrollPlan, make_plan, matching_loss, movement_ratio, unroll_student
 
@@ -461,13 +462,18 @@ def _synthetic_set(run: _Run, state: _State) -> SyntheticSet:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool) -> tuple[_Run, RealData | None, str]:
+def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
+           lock: contextlib.ExitStack) -> tuple[_Run, RealData | None, str]:
     pool = ExpertPool(cfg.buffer)
     cfg = resolve_config(cfg, pool)
     if cfg.trajectories_per_iter < world.size:
         raise DistillError(f"With {world.size} processes each needs a trajectory: set trajectories_per_iter to at least {world.size}.")
     out = check_writable_dir(cfg.out)
-    if not resume and has_run(out):
+    if world.main:
+        lock.enter_context(output_lock(out))  # one writer per run folder
+        remove_stale_temps(out)
+    start_over = not resume and has_run(out)
+    if start_over and not restartable(out):
         raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out folder.")
     model = pool.build_model().to(device)
     spec = param_spec(model)
@@ -481,6 +487,9 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool) -> 
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
                augment=Augment.parse(cfg.augment), val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
+    if start_over and world.main:  # only once every check has passed
+        log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
+        clear_run(out)
     return run, real, reason
 
 
@@ -528,8 +537,9 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     world = world_from_env()
     device = resolve_device(cfg.device, world)
     init_process_group(world, device)
+    lock = contextlib.ExitStack()
     try:
-        run, real, reason = _setup(cfg, world, device, resume)
+        run, real, reason = _setup(cfg, world, device, resume, lock)
         state = _resumed_state(run) if resume else _fresh_state(run, real, reason)
         del real  # only the initialisation needed the training split
         if world.main:
@@ -545,4 +555,5 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
         world.barrier()
         return run.out
     finally:
+        lock.close()
         destroy_process_group(world)

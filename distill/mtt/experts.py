@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import DistillError, FormatError
-from ..formats.trajectory import ExpertFile, list_experts, read_buffer_preprocessing, read_expert
+from ..formats.trajectory import ExpertFile, check_numbering, list_experts, read_buffer_preprocessing, read_expert
 from ..models import create_model
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ class ExpertPool:
         paths = list_experts(self.folder)
         if not paths:
             raise DistillError(f"{self.folder} holds no expert_*.h5 files; make them with 'distill buffer --out {self.folder}'.")
+        check_numbering(self.folder)
         self.preprocessing, self.fingerprint, self.preprocessing_sha256 = read_buffer_preprocessing(self.folder)
-        self.experts: list[ExpertFile] = [read_expert(p) for p in paths]
+        self.experts: list[ExpertFile] = [read_expert(p) for p in paths]  # each checked against its checksum
         first = self.experts[0]
         for e in self.experts:
             differs = [k for k in _SHARED_ATTRS if e.attrs.get(k) != first.attrs.get(k)]

@@ -17,6 +17,7 @@ generator state because every iteration derives its own generators from
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..formats.common import check_version
 from ..formats.synset import SYNSET_FILE
-from ..io import atomic_path
+from ..io import atomic_path, fs_error, write_bytes_atomic
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,10 +48,27 @@ def has_run(folder: str | os.PathLike) -> bool:
     return any((folder / f).exists() for f in (CHECKPOINT_FILE, METRICS_FILE, SYNSET_FILE))
 
 
+def restartable(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds no checkpoint and no synthetic set: a run stopped before its first
+    checkpoint, which nothing can resume, so a new run may start over there."""
+    folder = Path(folder)
+    return not (folder / CHECKPOINT_FILE).exists() and not (folder / SYNSET_FILE).exists()
+
+
+def clear_run(folder: str | os.PathLike) -> None:
+    """Remove what a run stopped before its first checkpoint left: its metrics log and grids."""
+    folder = Path(folder)
+    for path in [folder / METRICS_FILE, *folder.glob("grid_*.png")]:
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` (tensors moved to the CPU by the caller or not) atomically with its format version."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "format_version": f"{VERSION_MAJOR}.{VERSION_MINOR}", **payload}, tmp)
+    # Serialised in memory first: torch.save's zip writer reports a full disk as a RuntimeError
+    # ("unexpected pos ..."), a Python write as an OSError that atomic_path turns into one sentence.
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "format_version": f"{VERSION_MAJOR}.{VERSION_MINOR}", **payload}, buf)
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict:
@@ -93,8 +111,11 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(_finite_or_none(record), sort_keys=True) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(_finite_or_none(record), sort_keys=True) + "\n")
+            except OSError as e:
+                raise fs_error(e, self.path) from None
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.enabled and self.path.exists() else 0
