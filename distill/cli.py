@@ -126,6 +126,9 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
 @click.option("--gradient", type=click.Choice(["full", "checkpoint"]), default=None,
               help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps.")
+@click.option("--fast", type=click.Choice(["auto", "graphs", "compile", "eager"]), default=None,
+              help="auto (default): each iteration one captured CUDA graph on CUDA, eager elsewhere; "
+                   "compile: torch.compile, then captured; eager: no capture.")
 @click.option("--batch-syn", type=int, default=None, help="Synthetic images per student step (default 0: all).")
 @click.option("--eval-every", type=int, default=None, help="Validate on real data every N iterations (default 100).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
