@@ -1,25 +1,56 @@
-"""Differentiable Siamese-style augmentation (DSA) on kornia, driven by an explicit generator.
+"""Differentiable Siamese augmentation (DSA) in one pass, with its randomness drawn on the device.
 
-Every random number is drawn on the CPU from the ``torch.Generator`` the caller
-passes, then moved to the data's device, so the same seed gives the same
-augmentation on any device and nothing touches the global RNG. All transforms
-are differentiable with respect to the images, which MTT needs: gradients flow
-through the augmentation into the synthetic pixels.
+Design
+------
+At 28x28 the arithmetic of an augmentation is negligible; what costs is the
+number of kernel launches and every wait of the CPU for the GPU. So the work is
+split in two:
 
-Geometry (crop as translation, scale, rotation) is one kornia affine warp.
-Colour transforms are three lines of tensor code rather than kornia's colour
-functions, because those assume RGB in [0, 1] while our inputs are normalised
-(and possibly ZCA-whitened) tensors with any number of channels.
+- :meth:`Augment.draw` draws the parameters of a whole batch (or of a whole
+  unroll, ``steps=S``) at once, on the device of the ``torch.Generator`` it is
+  given, with two random calls and no host synchronisation. It returns an
+  :class:`AugParams`, a tuple of tensors.
+- :meth:`Augment.apply` applies them with a fixed sequence of tensor operations:
+  colour (three affine maps of the pixel values), one warp that does crop, scale,
+  rotation and flip at once (one affine matrix per image, one ``grid_sample``),
+  and cutout (a mask from the box compared with index grids). Which operations
+  run depends only on the configured transforms, never on what was drawn: a
+  transform that is off for an image (in ``"one"`` mode, say) gets neutral
+  values — the identity matrix, colour (0, 1, 1), an empty box — instead of a
+  skipped branch. So ``apply`` can be captured in a CUDA graph, compiled by
+  ``torch.compile``, and vmapped over a leading trajectory dimension, and it is
+  differentiable with respect to the images, which MTT needs.
+
+Siamese: parameters are values, not a seed replayed through Python, so every use
+of one :class:`AugParams` (the forward unroll and its backward replay, or the
+same batch seen by several models) sees exactly the same transform.
+
+``mode="one"`` picks one transform per draw (per step row with ``steps=S``): all
+images of that draw share the choice, each image has its own parameters, as the
+reference DSA does for MTT. ``mode="all"`` applies every configured transform.
+
+Reproducibility: the draw follows the generator's device. The same seed gives
+the same augmentation on the same device type; CPU and CUDA generators produce
+different streams, so a CUDA run is reproducible on CUDA but differs from the
+CPU run with that seed.
+
+Colour is plain tensor code rather than kornia's colour functions, because those
+assume RGB in [0, 1] while our inputs are normalised (possibly ZCA-whitened)
+tensors with any number of channels. The warp is the same bilinear, zero-padded,
+``align_corners=True`` resampling that kornia's ``warp_affine`` performs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from kornia.geometry.transform import get_affine_matrix2d, warp_affine
+import torch.nn.functional as F
 
 TRANSFORMS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_TRANSFORMS = TRANSFORMS  # the reference DSA strategy color_crop_cutout_flip_scale_rotate
+GEOMETRIC = ("crop", "flip", "scale", "rotate")  # the transforms folded into the one affine warp
 
 # Strengths of the reference DSA (Zhao & Bilen 2021), kept so results are comparable.
 BRIGHTNESS = 1.0  # additive shift drawn from [-0.5, 0.5] * BRIGHTNESS
@@ -30,12 +61,37 @@ CUTOUT = 0.5  # a square of half the image side is zeroed
 SCALE = 1.2  # independent x/y scale in [1/1.2, 1.2]
 ROTATE = 15.0  # degrees
 
+# Columns of the one uniform draw per image; see Augment.draw.
+_U_SHIFT, _U_SCALE, _U_ANGLE, _U_FLIP, _U_COLOR, _U_CUT = slice(0, 2), slice(2, 4), 4, 5, slice(6, 9), slice(9, 11)
+_U_COLUMNS = 11
+
+
+class AugParams(NamedTuple):
+    """The drawn parameters of one batch; all on one device, leading dimensions = the batch shape.
+
+    matrix: (..., 2, 3) ``theta`` for :func:`torch.nn.functional.affine_grid` with ``align_corners=True``:
+        it maps an output pixel's normalised coordinates ([-1, 1], x then y) to the input position
+        sampled. Composes crop (translation), scale, rotation and flip; the identity where all are off.
+    color: (..., 3) brightness shift, saturation factor, contrast factor; (0, 1, 1) where colour is off.
+    cutout: (..., 4) box (y0, x0, y1, x1) in pixels, rows y0 <= y < y1 and columns x0 <= x < x1 are
+        zeroed; the empty box (0, 0, 0, 0) where cutout is off.
+    """
+
+    matrix: torch.Tensor
+    color: torch.Tensor
+    cutout: torch.Tensor
+
+
+def select(p: AugParams, k) -> AugParams:
+    """``p[k]`` on every field, e.g. ``select(p, step)`` for one row of a ``steps=S`` draw."""
+    return AugParams(*(t[k] for t in p))
+
 
 @dataclass(frozen=True)
 class Augment:
     """DSA with switchable transforms.
 
-    ``mode="one"`` applies one transform, chosen at random, per call (the
+    ``mode="one"`` applies one transform, chosen at random, per draw (the
     reference's behaviour for MTT); ``mode="all"`` applies every enabled one.
     Each image gets its own parameters.
     """
@@ -61,41 +117,175 @@ class Augment:
     def spec(self) -> str:
         return ",".join(self.transforms) + f";{self.mode}"
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """x: (N, C, H, W) float. Returns an augmented tensor of the same shape."""
+    def draw(self, n: int, generator: torch.Generator, size: tuple[int, int], *, steps: int | None = None,
+             dtype: torch.dtype = torch.float32) -> AugParams:
+        """Parameters for ``n`` images of ``size`` (H, W), on ``generator.device``.
+
+        ``steps=None``: leading dimension (n,) and one ``"one"``-mode choice for the whole call.
+        ``steps=S``: leading dimensions (S, n), one choice per step (row).
+        Always two random calls, whatever the configuration, so the generator advances the same way.
+        """
+        h, w = int(size[0]), int(size[1])
+        lead = (n,) if steps is None else (steps, n)
+        dev = generator.device
+        u = torch.rand(*lead, _U_COLUMNS, generator=generator, device=dev, dtype=dtype)
+        pick = torch.rand(*lead[:-1], 1, generator=generator, device=dev, dtype=dtype)  # one per row
+
+        def on(name: str) -> torch.Tensor:
+            """(…, n) bool: is ``name`` applied to each image? Static where the choice is static."""
+            if name not in self.transforms:
+                return torch.zeros((), dtype=torch.bool, device=dev).expand(lead)
+            if self.mode == "all" or len(self.transforms) == 1:
+                return torch.ones((), dtype=torch.bool, device=dev).expand(lead)
+            k = len(self.transforms)
+            # floor(u * k), clamped because u * k can round up to k in low precision.
+            choice = (pick * k).floor().clamp_(max=k - 1)
+            return (choice == self.transforms.index(name)).expand(lead)
+
+        # Geometry in pixels, as the reference builds it: shift (x, y), scale (x, y), angle in degrees.
+        shift = (u[..., _U_SHIFT] * 2 - 1) * CROP * torch.tensor([w, h], device=dev, dtype=dtype)
+        shift = torch.where(on("crop")[..., None], shift, 0.0)
+        scale = u[..., _U_SCALE] * (SCALE - 1 / SCALE) + 1 / SCALE
+        scale = torch.where(on("scale")[..., None], scale, 1.0)
+        angle = torch.where(on("rotate"), (u[..., _U_ANGLE] * 2 - 1) * ROTATE, 0.0)
+        mirror = on("flip") & (u[..., _U_FLIP] < 0.5)
+        sx = torch.where(mirror, -scale[..., 0], scale[..., 0])
+        matrix = _normalised_inverse(shift, sx, scale[..., 1], angle, h, w)
+
+        color = u[..., _U_COLOR] * torch.tensor([BRIGHTNESS, SATURATION, 1.0], device=dev, dtype=dtype) \
+            + torch.tensor([-0.5 * BRIGHTNESS, 0.0, CONTRAST], device=dev, dtype=dtype)
+        color = torch.where(on("color")[..., None], color, torch.tensor([0.0, 1.0, 1.0], device=dev, dtype=dtype))
+
+        # Cutout: a square of side CUTOUT * side, centred on a uniformly drawn pixel (as randint(0, h)).
+        ch, cw = max(1, round(h * CUTOUT)), max(1, round(w * CUTOUT))
+        hw = torch.tensor([h, w], device=dev, dtype=dtype)
+        centre = torch.minimum((u[..., _U_CUT] * hw).floor(), hw - 1)
+        top_left = centre - torch.tensor([ch // 2, cw // 2], device=dev, dtype=dtype)
+        box = torch.cat([top_left, top_left + torch.tensor([ch, cw], device=dev, dtype=dtype)], dim=-1)
+        box = torch.where(on("cutout")[..., None], box, 0.0)
+        return AugParams(matrix, color, box)
+
+    def apply(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
+        """x: (n, C, H, W) float; ``p`` with leading dimension (n,), drawn for this (H, W). Same shape out.
+
+        A fixed sequence of tensor operations for a given configuration, whatever was drawn.
+        """
         if not self.transforms or x.shape[0] == 0:
             return x
-        if self.mode == "one":
-            pick = int(torch.randint(len(self.transforms), (1,), generator=generator))
-            chosen = (self.transforms[pick],)
-        else:
-            chosen = self.transforms
-        if "color" in chosen:
-            x = _color(x, generator)
-        geo = [t for t in chosen if t in ("crop", "scale", "rotate", "flip")]
-        if geo:
-            x = _affine(x, generator, geo)
-        if "cutout" in chosen:
-            x = _cutout(x, generator)
+        _, _, h, w = x.shape
+        if "color" in self.transforms:
+            bright, sat, con = p.color.to(x.dtype).unbind(-1)
+            x = x + bright[:, None, None, None]
+            m = x.mean(dim=1, keepdim=True)
+            x = (x - m) * sat[:, None, None, None] + m
+            m = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - m) * con[:, None, None, None] + m
+        if any(t in self.transforms for t in GEOMETRIC):
+            x = F.grid_sample(x, _grid(p.matrix.to(x.dtype), h, w), mode="bilinear", padding_mode="zeros",
+                              align_corners=True)
+        if "cutout" in self.transforms:
+            box = p.cutout.to(x.dtype)
+            ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
+            xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
+            y0, x0, y1, x1 = (b[:, None, None] for b in box.unbind(-1))
+            inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+            x = x * (~inside).unsqueeze(1).to(x.dtype)
         return x
 
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x: (N, C, H, W) float. Draws on ``generator.device`` and applies.
 
-def _rand(n: int, g: torch.Generator, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        Pass a generator on ``x``'s device: one from another device (a CPU generator for CUDA images,
+        say) still works, at the price of one copy of the parameters per call.
+        """
+        if not self.transforms or x.shape[0] == 0:
+            return x
+        p = self.draw(len(x), generator, tuple(x.shape[-2:]), dtype=x.dtype)
+        if p.matrix.device != x.device:
+            p = AugParams(*(t.to(x.device) for t in p))
+        return self.apply(x, p)
+
+
+def _normalised_inverse(shift: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, angle: torch.Tensor,
+                        h: int, w: int) -> torch.Tensor:
+    """The ``affine_grid`` theta of kornia's ``get_affine_matrix2d(shift, centre, (sx, sy), angle)`` warp.
+
+    That forward map, in pixels about the image centre c, is ``u -> R(angle) S(sx, sy) u + shift``.
+    ``grid_sample`` needs the inverse, in coordinates normalised so that c is 0 and the borders are
+    ±1 (``align_corners=True``): with D = diag((W-1)/2, (H-1)/2), theta = [D⁻¹ A⁻¹ D | −D⁻¹ A⁻¹ shift]
+    where A⁻¹ = S⁻¹ R(−angle).
+    """
+    rad = angle * (math.pi / 180)
+    cos, sin = rad.cos(), rad.sin()
+    # As kornia's normalisation: a one-pixel side would divide by zero.
+    dw, dh = max(w - 1, 1e-14) / 2, max(h - 1, 1e-14) / 2
+    a00, a01 = cos / sx, sin / sx * (dh / dw)
+    a10, a11 = -sin / sy * (dw / dh), cos / sy
+    tx, ty = shift[..., 0] / dw, shift[..., 1] / dh
+    row0 = torch.stack([a00, a01, -(a00 * tx + a01 * ty)], dim=-1)
+    row1 = torch.stack([a10, a11, -(a10 * tx + a11 * ty)], dim=-1)
+    return torch.stack([row0, row1], dim=-2)
+
+
+def _grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (n, C, h, w), align_corners=True)`` as plain tensor code.
+
+    ``affine_grid`` has no vmap batching rule (vmap falls back to a slow loop with a warning); a
+    product with the base grid is the same arithmetic and vmaps, compiles and captures cleanly.
+    """
+    xs = torch.linspace(-1, 1, w, device=theta.device, dtype=theta.dtype)
+    ys = torch.linspace(-1, 1, h, device=theta.device, dtype=theta.dtype)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=theta.device,
+                                                                                  dtype=theta.dtype)], dim=-1)
+    return torch.einsum("hwk,njk->nhwj", base, theta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Today's path before the one-pass rewrite, kept for comparison only: tests/test_augment.py checks the
+# new draws and outputs against it, and benchmarks/speed.py counts its operator calls. Parameters are
+# drawn on the CPU, copied to the device, and each transform is its own pass (kornia warp_affine).
+
+
+def _reference_call(aug: Augment, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The pre-rewrite ``Augment.__call__``: x (N, C, H, W), a CPU generator."""
+    if not aug.transforms or x.shape[0] == 0:
+        return x
+    if aug.mode == "one":
+        pick = int(torch.randint(len(aug.transforms), (1,), generator=generator))
+        chosen = (aug.transforms[pick],)
+    else:
+        chosen = aug.transforms
+    if "color" in chosen:
+        x = _reference_color(x, generator)
+    geo = [t for t in chosen if t in GEOMETRIC]
+    if geo:
+        from kornia.geometry.transform import warp_affine
+
+        n, _, h, w = x.shape
+        mat = _reference_matrix(n, h, w, generator, geo).to(device=x.device, dtype=x.dtype)
+        x = warp_affine(x, mat, dsize=(h, w), align_corners=True)
+    if "cutout" in chosen:
+        x = _reference_cutout(x, generator)
+    return x
+
+
+def _reference_rand(n: int, g: torch.Generator, like: torch.Tensor, *shape: int) -> torch.Tensor:
     return torch.rand(n, *shape, generator=g).to(device=like.device, dtype=like.dtype)
 
 
-def _color(x, g):
+def _reference_color(x, g):
     n = x.shape[0]
-    x = x + (_rand(n, g, x, 1, 1, 1) - 0.5) * BRIGHTNESS
+    x = x + (_reference_rand(n, g, x, 1, 1, 1) - 0.5) * BRIGHTNESS
     m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * (_rand(n, g, x, 1, 1, 1) * SATURATION) + m
+    x = (x - m) * (_reference_rand(n, g, x, 1, 1, 1) * SATURATION) + m
     m = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - m) * (_rand(n, g, x, 1, 1, 1) + CONTRAST) + m
+    return (x - m) * (_reference_rand(n, g, x, 1, 1, 1) + CONTRAST) + m
 
 
-def _affine(x, g, which):
-    n, _, h, w = x.shape
-    dev, dt = x.device, x.dtype
+def _reference_matrix(n: int, h: int, w: int, g: torch.Generator, which) -> torch.Tensor:
+    """(n, 2, 3) forward affine matrices in pixels, for kornia's ``warp_affine``; drawn on the CPU."""
+    from kornia.geometry.transform import get_affine_matrix2d
+
     shift = torch.zeros(n, 2)
     scale = torch.ones(n, 2)
     angle = torch.zeros(n)
@@ -109,11 +299,10 @@ def _affine(x, g, which):
         flip = torch.rand(n, generator=g) < 0.5
         scale[:, 0] = torch.where(flip, -scale[:, 0], scale[:, 0])
     center = torch.tensor([(w - 1) / 2, (h - 1) / 2]).expand(n, 2)
-    mat = get_affine_matrix2d(shift, center, scale, angle)[:, :2].to(device=dev, dtype=dt)
-    return warp_affine(x, mat, dsize=(h, w), align_corners=True)
+    return get_affine_matrix2d(shift, center, scale, angle)[:, :2]
 
 
-def _cutout(x, g):
+def _reference_cutout(x, g):
     """Zero one square of side CUTOUT * image side per image, centred anywhere in the image."""
     n, _, h, w = x.shape
     ch, cw = max(1, round(h * CUTOUT)), max(1, round(w * CUTOUT))

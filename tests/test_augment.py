@@ -1,18 +1,61 @@
-"""Differentiable, seeded DSA augmentation: each transform on its own, seeding, gradients."""
+"""DSA in one pass: the draw against today's path (distribution), outputs for fixed parameters,
+gradients, seeding, vmap, and no host synchronisation."""
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill.augment import TRANSFORMS, Augment
+from distill import augment as A
+from distill.augment import TRANSFORMS, Augment, AugParams, select
 
 
 def _x(n=6, c=1, s=8, dtype=torch.float32, seed=0):
     return torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _g(seed=0):
-    return torch.Generator().manual_seed(seed)
+def _g(seed=0, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _neutral(n, h, w, dtype=torch.float32):
+    return AugParams(torch.eye(2, 3, dtype=dtype).expand(n, 2, 3), torch.tensor([0.0, 1.0, 1.0], dtype=dtype).expand(n, 3),
+                     torch.zeros(n, 4, dtype=dtype))
+
+
+def _pixel_forward(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(…, 2, 3) forward matrices in pixels (kornia's warp_affine convention) from affine_grid thetas."""
+    th = torch.cat([theta.double(), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(*theta.shape[:-2], 1, 3)],
+                   dim=-2)
+    to_norm = torch.tensor([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1], [0, 0, 1]], dtype=torch.float64)
+    return torch.linalg.inv(torch.linalg.inv(to_norm) @ th @ to_norm)[..., :2, :]
+
+
+def _decompose(m: torch.Tensor, h: int, w: int) -> dict[str, torch.Tensor]:
+    """shift (x, y) px, |scale| (x, y), angle in degrees and mirrored, from forward pixel matrices R S u + shift."""
+    a, c = m[..., :2], torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=m.dtype)
+    shift = m[..., 2] - c + a @ c
+    sx, sy = a[..., :, 0].norm(dim=-1), a[..., :, 1].norm(dim=-1)
+    sign = a[..., 1, 1].sign()  # cos(angle) > 0 for |angle| <= 15 degrees; a mirror negates column 0 only
+    mirrored = a[..., 0, 0] * sign < 0
+    angle = torch.atan2(a[..., 1, 0] * torch.where(mirrored, -1.0, 1.0), a[..., 0, 0] * torch.where(mirrored, -1.0, 1.0))
+    return {"shift": shift, "sx": sx, "sy": sy, "angle": angle * 180 / math.pi, "mirrored": mirrored}
+
+
+def _uniform_moments(values: torch.Tensor, lo: float, hi: float, tol: float):
+    """Mean and std of a uniform [lo, hi], within ``tol`` of the range; every value inside it."""
+    values = values.double().flatten()
+    span = hi - lo
+    assert values.min() >= lo - 1e-5 and values.max() <= hi + 1e-5
+    assert values.min() < lo + 0.01 * span and values.max() > hi - 0.01 * span  # the whole range is used
+    assert abs(float(values.mean()) - (lo + hi) / 2) < tol * span
+    assert abs(float(values.std()) - span / math.sqrt(12)) < tol * span
+
+
+# --- the API -------------------------------------------------------------------------------------------
 
 
 def test_parse():
@@ -25,35 +68,165 @@ def test_parse():
         Augment(mode="some")
 
 
-@pytest.mark.parametrize("mode", ["one", "all"])
-def test_same_generator_state_same_output_and_global_rng_untouched(mode, device, dtype):
-    aug = Augment(mode=mode)
-    x = _x(dtype=dtype).to(device)
-    state = torch.get_rng_state()
-    a, b = aug(x, _g(1)), aug(x, _g(1))
-    assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == dtype
-    outs = [aug(x, _g(s)) for s in range(2, 6)]
-    assert any(not torch.allclose(a, o) for o in outs)
+@pytest.mark.parametrize("steps", [None, 4])
+def test_draw_shapes_device_dtype_and_select(steps, device):
+    p = Augment().draw(5, _g(0, device), (8, 10), steps=steps, dtype=torch.float64)
+    lead = (5,) if steps is None else (steps, 5)
+    assert [tuple(t.shape) for t in p] == [(*lead, 2, 3), (*lead, 3), (*lead, 4)]
+    assert all(t.device.type == device.type and t.dtype == torch.float64 for t in p)
+    if steps is not None:
+        row = select(p, 2)
+        assert all(torch.equal(r, t[2]) for r, t in zip(row, p))
 
 
-def test_device_does_not_change_the_draws(device):
-    x = _x()
-    assert torch.allclose(Augment(mode="all")(x, _g(3)), Augment(mode="all")(x.to(device), _g(3)).cpu(), atol=1e-5)
+def test_transforms_that_are_off_get_neutral_values():
+    h, w = 8, 8
+    flip = Augment(transforms=("flip",), mode="all").draw(64, _g(0), (h, w))
+    neutral = _neutral(64, h, w)
+    assert torch.equal(flip.color, neutral.color) and torch.equal(flip.cutout, neutral.cutout)
+    mirrored = flip.matrix[:, 0, 0] < 0
+    assert mirrored.any() and (~mirrored).any()
+    assert torch.allclose(flip.matrix[~mirrored], neutral.matrix[~mirrored])
+    assert torch.allclose(flip.matrix[mirrored], torch.tensor([[-1.0, 0, 0], [0, 1, 0]]).expand(int(mirrored.sum()), 2, 3))
+    colour = Augment(transforms=("color", "cutout"), mode="all").draw(64, _g(0), (h, w))
+    assert torch.equal(colour.matrix, neutral.matrix)
+    assert not torch.equal(colour.color, neutral.color) and not torch.equal(colour.cutout, neutral.cutout)
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_each_transform_is_differentiable_gradcheck(name):
-    aug = Augment(transforms=(name,))
-    x = _x(n=2, s=6, dtype=torch.float64).requires_grad_(True)
-    # A fresh generator per call: gradcheck evaluates the same random transform many times.
-    assert torch.autograd.gradcheck(lambda t: aug(t, _g(7)), (x,))
+def test_one_mode_shares_the_choice_within_a_step_and_changes_it_across_steps():
+    p = Augment().draw(8, _g(0), (8, 8), steps=60)
+    color_on = (p.color != torch.tensor([0.0, 1.0, 1.0])).any(-1)  # (60, 8)
+    cut_on = (p.cutout != 0).any(-1)
+    assert ((color_on == color_on[:, :1]).all() and (cut_on == cut_on[:, :1]).all())
+    assert 0 < int(color_on[:, 0].sum()) < 60 and 0 < int(cut_on[:, 0].sum()) < 60
+    assert not (color_on & cut_on).any()
+    # Each image of a step has its own parameters.
+    rows = color_on[:, 0]
+    assert (p.color[rows][:, 0] != p.color[rows][:, 1]).all()
 
 
-def test_all_transforms_pass_gradient_to_every_image():
-    x = _x().requires_grad_(True)
-    Augment(mode="all")(x, _g(0)).square().sum().backward()
-    assert (x.grad.flatten(1).abs().sum(1) > 0).all()
+# --- (a) the draw follows today's distribution ---------------------------------------------------------
+
+
+def test_geometric_draws_match_todays_ranges_and_matrices():
+    n, h, w = 20000, 8, 12
+    aug = Augment(transforms=("crop", "flip", "scale", "rotate"), mode="all")
+    new = _pixel_forward(aug.draw(n, _g(0), (h, w)).matrix, h, w)
+    old = A._reference_matrix(n, h, w, _g(1), aug.transforms).double()
+    # Today's path and the new one: every matrix entry has the same mean and spread.
+    # 20000 draws: the standard error of a mean is std / 141, so 5% of a std is a 5-sigma margin.
+    assert ((new.mean(0) - old.mean(0)).abs() <= 0.05 * old.std(0)).all()
+    assert ((new.std(0) / old.std(0) - 1).abs() < 0.05).all()
+    p = _decompose(new, h, w)
+    _uniform_moments(p["shift"][:, 0], -A.CROP * w, A.CROP * w, 0.01)
+    _uniform_moments(p["shift"][:, 1], -A.CROP * h, A.CROP * h, 0.01)
+    _uniform_moments(p["sx"], 1 / A.SCALE, A.SCALE, 0.01)
+    _uniform_moments(p["sy"], 1 / A.SCALE, A.SCALE, 0.01)
+    _uniform_moments(p["angle"], -A.ROTATE, A.ROTATE, 0.01)
+    assert abs(float(p["mirrored"].double().mean()) - 0.5) < 0.015
+    # The decomposition reads today's matrices the same way.
+    q = _decompose(old, h, w)
+    _uniform_moments(q["angle"], -A.ROTATE, A.ROTATE, 0.01)
+    _uniform_moments(q["sx"], 1 / A.SCALE, A.SCALE, 0.01)
+
+
+def test_colour_and_cutout_draws_are_within_todays_ranges():
+    n, h, w = 20000, 8, 10
+    p = Augment(transforms=("color", "cutout"), mode="all").draw(n, _g(0), (h, w))
+    _uniform_moments(p.color[:, 0], -0.5 * A.BRIGHTNESS, 0.5 * A.BRIGHTNESS, 0.01)
+    _uniform_moments(p.color[:, 1], 0.0, A.SATURATION, 0.01)
+    _uniform_moments(p.color[:, 2], A.CONTRAST, A.CONTRAST + 1, 0.01)
+    ch, cw = round(h * A.CUTOUT), round(w * A.CUTOUT)
+    assert torch.equal(p.cutout[:, 2] - p.cutout[:, 0], torch.full((n,), float(ch)))
+    assert torch.equal(p.cutout[:, 3] - p.cutout[:, 1], torch.full((n,), float(cw)))
+    cy, cx = p.cutout[:, 0] + ch // 2, p.cutout[:, 1] + cw // 2
+    # Today: the centre is randint(0, side), every pixel equally likely.
+    for centre, side in ((cy, h), (cx, w)):
+        assert torch.equal(centre, centre.round()) and centre.min() == 0 and centre.max() == side - 1
+        freq = torch.bincount(centre.long(), minlength=side).double() / n
+        assert torch.allclose(freq, torch.full((side,), 1 / side, dtype=torch.float64), atol=0.01)
+
+
+@pytest.mark.parametrize("transforms", [("color",), ("cutout",), TRANSFORMS])
+def test_output_statistics_match_todays_path(transforms):
+    """Per pixel, mean and spread of many augmentations of one image: today's path against the new one."""
+    n = 4000
+    x = _x(n=1, c=3, s=8, seed=5).expand(n, 3, 8, 8)
+    aug = Augment(transforms=transforms, mode="all")
+    new = aug(x, _g(0))
+    old = A._reference_call(aug, x, _g(1))
+    scale = float(old.std(0).mean())
+    assert (new.mean(0) - old.mean(0)).abs().max() < 0.1 * scale
+    assert (new.std(0) - old.std(0)).abs().max() < 0.1 * scale
+    assert torch.allclose((new == 0).double().mean(0), (old == 0).double().mean(0), atol=0.04)
+
+
+def test_one_mode_picks_each_transform_equally_often():
+    s = 12000
+    p = Augment().draw(1, _g(0), (8, 8), steps=s)
+    m = _pixel_forward(p.matrix[:, 0], 8, 8)
+    d = _decompose(m, 8, 8)
+    seen = Counter()
+    seen["color"] = int((p.color[:, 0] != torch.tensor([0.0, 1.0, 1.0])).any(-1).sum())
+    seen["cutout"] = int((p.cutout[:, 0] != 0).any(-1).sum())
+    seen["crop"] = int((d["shift"].abs() > 1e-4).any(-1).sum())
+    seen["scale"] = int(((d["sx"] - 1).abs() > 1e-4).sum())
+    seen["rotate"] = int((d["angle"].abs() > 1e-4).sum())
+    seen["mirrored"] = int(d["mirrored"].sum())
+    # A drawn flip that keeps the image (half of them) looks like nothing at all.
+    seen["identity"] = s - sum(seen.values())
+    for name, count in seen.items():
+        want = 1 / 12 if name in ("mirrored", "identity") else 1 / 6
+        assert abs(count / s - want) < 0.02, (name, count / s)
+
+
+# --- (b) outputs for fixed parameters equal today's per-transform outputs -------------------------------
+
+
+def test_colour_equals_todays_for_the_same_numbers():
+    x = _x(n=5, c=3)
+    g = _g(3)
+    draws = torch.Generator().manual_seed(3)
+    b, s, c = (torch.rand(5, 1, 1, 1, generator=draws).flatten() for _ in range(3))
+    color = torch.stack([(b - 0.5) * A.BRIGHTNESS, s * A.SATURATION, c + A.CONTRAST], dim=-1)
+    p = _neutral(5, 8, 8)._replace(color=color)
+    got = Augment(transforms=("color",)).apply(x, p)
+    assert torch.equal(got, A._reference_color(x, g))
+
+
+def test_cutout_equals_todays_for_the_same_numbers():
+    x = _x(n=7, s=8).abs() + 1
+    draws = torch.Generator().manual_seed(4)
+    top = torch.randint(0, 8, (7,), generator=draws) - 2
+    left = torch.randint(0, 8, (7,), generator=draws) - 2
+    box = torch.stack([top, left, top + 4, left + 4], dim=-1).float()
+    got = Augment(transforms=("cutout",)).apply(x, _neutral(7, 8, 8)._replace(cutout=box))
+    assert torch.equal(got, A._reference_cutout(x, _g(4)))
+
+
+@pytest.mark.parametrize("which", [("crop",), ("scale",), ("rotate",), ("flip",), ("crop", "flip", "scale", "rotate")])
+def test_one_warp_equals_kornias_for_the_same_numbers(which):
+    from kornia.geometry.transform import warp_affine
+
+    n, c, h, w = 6, 2, 9, 12
+    x = _x(n=n, c=c, s=12)[..., :h, :]
+    want = warp_affine(x, A._reference_matrix(n, h, w, _g(5), which), dsize=(h, w), align_corners=True)
+    # The same numbers, in today's draw order.
+    draws = _g(5)
+    shift, scale, angle = torch.zeros(n, 2), torch.ones(n, 2), torch.zeros(n)
+    if "crop" in which:
+        shift = (torch.rand(n, 2, generator=draws) * 2 - 1) * A.CROP * torch.tensor([w, h])
+    if "scale" in which:
+        scale = torch.rand(n, 2, generator=draws) * (A.SCALE - 1 / A.SCALE) + 1 / A.SCALE
+    if "rotate" in which:
+        angle = (torch.rand(n, generator=draws) * 2 - 1) * A.ROTATE
+    if "flip" in which:
+        scale[:, 0] = torch.where(torch.rand(n, generator=draws) < 0.5, -scale[:, 0], scale[:, 0])
+    theta = A._normalised_inverse(shift, scale[:, 0], scale[:, 1], angle, h, w)
+    got = Augment(transforms=which).apply(x, _neutral(n, h, w)._replace(matrix=theta))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(A._grid(theta, h, w), torch.nn.functional.affine_grid(theta, [n, c, h, w], align_corners=True),
+                          atol=1e-6)
 
 
 def test_flip_mirrors_or_keeps_each_image():
@@ -117,3 +290,103 @@ def test_empty_batch_and_empty_transform_list():
     assert Augment()(torch.zeros(0, 1, 8, 8), _g()).shape == (0, 1, 8, 8)
     x = _x()
     assert torch.equal(Augment(transforms=())(x, _g()), x)
+
+
+# --- (c) gradients -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_each_transform_is_differentiable_gradcheck(name):
+    aug = Augment(transforms=(name,))
+    x = _x(n=2, s=6, dtype=torch.float64).requires_grad_(True)
+    # A fresh generator per call: gradcheck evaluates the same random transform many times.
+    assert torch.autograd.gradcheck(lambda t: aug(t, _g(7)), (x,))
+
+
+def test_apply_with_every_transform_is_differentiable_gradcheck():
+    aug = Augment(mode="all")
+    p = aug.draw(3, _g(2), (6, 6), dtype=torch.float64)
+    x = _x(n=3, c=2, s=6, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: aug.apply(t, p), (x,))
+
+
+def test_all_transforms_pass_gradient_to_every_image():
+    x = _x().requires_grad_(True)
+    Augment(mode="all")(x, _g(0)).square().sum().backward()
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+# --- (d) seeding ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["one", "all"])
+def test_same_generator_state_same_output_and_global_rng_untouched(mode, device, dtype):
+    aug = Augment(mode=mode)
+    x = _x(dtype=dtype).to(device)
+    state = torch.get_rng_state()
+    a, b = aug(x, _g(1, device)), aug(x, _g(1, device))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == dtype and a.device == x.device
+    outs = [aug(x, _g(s, device)) for s in range(2, 6)]
+    assert any(not torch.allclose(a, o) for o in outs)
+
+
+def test_a_steps_draw_is_reproducible_and_seed_dependent():
+    aug = Augment()
+    a, b, c = (aug.draw(4, _g(s), (8, 8), steps=5) for s in (1, 1, 2))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c))
+
+
+# --- (e) vmap over a leading trajectory dimension -------------------------------------------------------
+
+
+def test_vmap_over_steps_equals_a_loop():
+    aug = Augment(mode="all")
+    s, n = 3, 4
+    p = aug.draw(n, _g(0), (8, 8), steps=s)
+    xs = torch.randn(s, n, 2, 8, 8, generator=_g(1))
+    loop = torch.stack([aug.apply(xs[i], select(p, i)) for i in range(s)])
+    assert torch.allclose(torch.vmap(aug.apply)(xs, p), loop, atol=1e-6)
+    # The same images under every step's parameters (the unroll's case).
+    shared = torch.stack([aug.apply(xs[0], select(p, i)) for i in range(s)])
+    assert torch.allclose(torch.vmap(aug.apply, in_dims=(None, 0))(xs[0], p), shared, atol=1e-6)
+
+
+# --- (f) no host synchronisation, a fixed operator sequence ---------------------------------------------
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
+
+
+def _ops(fn) -> Counter:
+    with _Ops() as mode:
+        fn()
+    return mode.ops
+
+
+@pytest.mark.parametrize("mode", ["one", "all"])
+def test_draw_and_apply_never_read_a_value_back_to_the_host(mode):
+    aug = Augment(mode=mode)
+    x = _x().requires_grad_(True)
+    ops = _ops(lambda: aug.apply(x, aug.draw(len(x), _g(0), (8, 8), steps=None)).sum().backward())
+    assert sum(ops.values()) > 20 and not any(ops[o] for o in SYNC_OPS)
+    # The counter does see a host read: today's path has one (its int() of the drawn choice).
+    assert _ops(lambda: A._reference_call(Augment(mode="one"), x, _g(0)))["aten._local_scalar_dense"] >= 1
+
+
+def test_apply_runs_the_same_operators_whatever_was_drawn():
+    aug = Augment()
+    x = _x()
+    counts = {frozenset(_ops(lambda s=s: aug.apply(x, aug.draw(len(x), _g(s), (8, 8)))).items()) for s in range(8)}
+    assert len(counts) == 1
