@@ -236,3 +236,24 @@ def test_a_model_with_running_statistics_loops_instead_of_vmapping():
     got = MatchingEngine(model, spec, None)(starts, targets, images, labels, log_lr, stack_plans(plans))
     want = [_oracle_logits(model, spec, starts[j], targets[j], images, labels, log_lr, plans[j], None) for j in range(2)]
     assert _rel(got.images, want[0][1] + want[1][1]) < TOL and _rel(got.log_lr, want[0][3] + want[1][3]) < TOL
+
+
+def test_a_failed_capture_warns_once_and_runs_the_same_math_eagerly(monkeypatch, caplog):
+    model, spec, starts, targets, images, labels, log_lr, plans = _engine_problem(True, DSA, 2)
+    args = (starts, targets, images, labels, log_lr, stack_plans(plans))
+    want = MatchingEngine(model, spec, DSA, fast="eager")(*args)
+    engine = MatchingEngine(model, spec, DSA, fast="graphs")
+    # Pretend to be on CUDA, where capturing is attempted, and let the capture fail.
+    monkeypatch.setattr(engine, "mode", lambda device: "eager" if engine._failed else "graphs")
+
+    def no_capture(mode, a):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "_capture", no_capture)
+    with caplog.at_level("WARNING", logger="distill.mtt.engine"):
+        got = [engine(*args) for _ in range(3)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "runs eagerly" in warnings[0] and "not permitted" in warnings[0]
+    for g in got:
+        for a, b in zip(g, want):
+            assert torch.equal(a, b)
