@@ -293,10 +293,6 @@ class _NonFinite(Exception):
         self.what = what
 
 
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
 def _peak_memory(device: torch.device) -> dict:
     import resource
 
@@ -331,30 +327,35 @@ def _iteration(run: _Run, state: _State, it: int) -> dict:
     if run.world.size > 1:
         torch.distributed.all_reduce(flat)
     flat = flat / len(segments)
-    loss, movement = float(flat[0]), float(flat[1])
     parts = flat[2:].split([sums[k].numel() for k in learned])
     grads = {k: part.view_as(sums[k]) for k, part in zip(learned, parts)}
+    # One read from the device, after the work, for every number the guard and the log need.
+    names = list(grads)
+    read = torch.stack([flat[0], flat[1], state.log_lr.detach().exp(), grads["log_lr"]]
+                       + [torch.isfinite(g).all().to(flat.dtype) for g in grads.values()]
+                       + [g.norm() for g in grads.values()]).tolist()
+    loss, movement, used_lr, grad_log_lr = read[:4]
+    finite, norms = dict(zip(names, read[4:4 + len(names)])), dict(zip(names, read[4 + len(names):]))
     if not math.isfinite(loss):
         raise _NonFinite("matching loss")
-    for k, g in grads.items():
-        if not _finite(g):
+    for k in names:
+        if not finite[k]:
             raise _NonFinite(f"gradient for the {k}")
 
-    used_lr = state.syn_lr
     before = state.log_lr.detach().clone()
     for name, opt in state.optimizers.items():
         learned[name].grad = grads[name]
         opt.step()
         learned[name].grad = None
     clipped = bound_log_step(state.log_lr, before, cfg.max_log_lr_step)
-    for k, t in learned.items():
-        if not _finite(t):
+    finite = torch.stack([torch.isfinite(t).all() for t in learned.values()]).tolist()
+    for k, ok in zip(learned, finite):
+        if not ok:
             raise _NonFinite(k)
     state.iteration = it + 1
     return {
         "kind": "iteration", "iteration": it, "loss": loss, "syn_lr": used_lr, "log_lr_step_clipped": clipped,
-        "grad_norm_images": float(grads["images"].norm()), "grad_log_lr": float(grads["log_lr"]),
-        "grad_norm_logits": float(grads["logits"].norm()) if "logits" in grads else None,
+        "grad_norm_images": norms["images"], "grad_log_lr": grad_log_lr, "grad_norm_logits": norms.get("logits"),
         "movement_ratio": movement, "segments": [[s.expert, s.start] for s in segments],
         "seconds": time.perf_counter() - t0, **_peak_memory(device),
     }
