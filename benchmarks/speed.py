@@ -414,7 +414,7 @@ class Pipeline:
 PIPELINES = {
     "cuda": Pipeline("reduced protocol", "pneumoniamnist", 15, 20, 10, 20, 2, 18, 300, 3),
     # Scaled down to a few minutes on 2 CPU cores; the rows say so.
-    "cpu": Pipeline("scaled down for 2 CPU cores", "pneumoniamnist", 2, 3, 10, 10, 1, 2, 20, 1, eval_epochs=50),
+    "cpu": Pipeline("scaled down for 2 CPU cores", "pneumoniamnist", 1, 2, 10, 10, 1, 1, 20, 1, eval_epochs=50),
 }
 REFERENCE_PIPELINE = {"buffer_s": 41.7, "run_s_per_iteration": 0.231}  # ../shared/BENCHMARKS.md, H200
 
@@ -505,6 +505,25 @@ def opcount_section() -> list[dict]:
     rows = opcounts()
     for r in rows:
         log(f"[opcount] {r}")
+    return rows
+
+
+def iteration_section(device: torch.device, reps: int = 3) -> list[dict]:
+    """Seconds per MTT iteration (plan and gradients) at the op-count setting with ConvNet width 128:
+    5bd3815's path against the engine, both gradient modes, eagerly (on CUDA the engine is also captured)."""
+    from opcount import Problem, Setting
+
+    rows = []
+    for t in (1, 4):
+        p = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device)
+        fns = {"5bd3815 (full)": p.old_iteration, "engine full": lambda: p.new_iteration("full"),
+               "engine checkpoint": lambda: p.new_iteration("checkpoint")}
+        row = {"T": t, "syn_steps": p.s.syn_steps}
+        for name, fn in fns.items():
+            r = measure(fn, device, warmup=1, reps=reps)
+            row[name] = r["ms"] / 1000
+            log(f"[iteration] T={t} {name}: {row[name]:.3f} s")
+        rows.append(row)
     return rows
 
 
@@ -723,6 +742,15 @@ def render(res: dict) -> str:
         L += [f"> {res['note']}", ""]
     L += render_pipeline(res.get("pipeline"), res["device"]["name"])
     L += render_opcount(res.get("opcount"))
+    L += render_iteration(res.get("iteration"), res["device"]["name"])
+    if res.get("kept_from"):
+        k = res["kept_from"]
+        L += ["## Earlier measurements", "",
+              f"Every section below was measured on **{k['device']}** on {k['date']} by `{k['command']}`, before "
+              "`distill run` captured whole iterations (distill/mtt/engine.py) and before the one-pass augmentation; "
+              "carried over unchanged (`--keep`) until the GPU is measured again with `benchmarks/gpu_check.sh`.", ""]
+        if k.get("note"):
+            L += [f"> {k['note']}", ""]
 
     rows = res.get("mtt", [])
     if rows:
@@ -908,6 +936,34 @@ def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
                   f"({run.get('median_s', float('nan')) and o['median_s'] / run['median_s']:.2f}x this version's time)."]
     if pl.get("failed"):
         L += ["", f"Stopped early: {pl['failed']}"]
+    if not gpu:
+        g = PIPELINES["cuda"]
+        L += ["", f"On a GPU, at the reference's reduced protocol ({g.experts} experts x {g.epochs} epochs, {g.ipc} "
+                  f"images per class, hard labels, {g.syn_steps} student steps, span {g.expert_epochs}, "
+                  f"{g.iterations} iterations; `benchmarks/gpu_check.sh`):", "",
+              "| stage | wall s | per iteration s | reference (H200) | x reference |", "|---|---|---|---|---|",
+              f"| `distill buffer` | not measured in this session |  | {REFERENCE_PIPELINE['buffer_s']} |  |",
+              f"| `distill run` | not measured in this session | not measured in this session | "
+              f"{REFERENCE_PIPELINE['run_s_per_iteration']} per iteration |  |",
+              "| `distill export` | not measured in this session |  |  |  |",
+              "| `distill eval` | not measured in this session |  |  |  |"]
+    return L + [""]
+
+
+def render_iteration(rows: list[dict] | None, device_name: str) -> list[str]:
+    if not rows:
+        return []
+    names = [k for k in rows[0] if k not in ("T", "syn_steps")]
+    L = ["## Seconds per MTT iteration at a small setting", "",
+         f"On {device_name}, one thread: ConvNet-3 (width 128), 1x28x28, 2 classes x 10 images, "
+         f"{rows[0]['syn_steps']} student steps, DSA; plan drawing and gradients, median of 3 after 1 warm-up "
+         "(benchmarks/opcount.py's setting). Eager on the CPU: no graph capture here.", "",
+         "| T | " + " | ".join(names) + " | 5bd3815 / engine full | 5bd3815 / engine checkpoint |",
+         "|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        old = r[names[0]]
+        L.append(f"| {r['T']} | " + " | ".join(f"{r[n]:.3f}" for n in names) +
+                 f" | {old / r['engine full']:.2f}x | {old / r['engine checkpoint']:.2f}x |")
     return L + [""]
 
 
@@ -1107,7 +1163,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="Tiny sizes, to check on a CPU that everything runs.")
     ap.add_argument("--out", default=None, help="Markdown report (default docs/performance.md; out/performance-smoke.md with --smoke).")
     ap.add_argument("--sections", default="pipeline,mtt,steps,experts,storage,compile,opcount",
-                    help="Comma list of pipeline, mtt, steps, experts, storage, compile, opcount (run in this order).")
+                    help="Comma list of pipeline, mtt, steps, experts, storage, compile, opcount, iteration "
+                         "(run in this order).")
+    ap.add_argument("--keep", default=None, metavar="JSON",
+                    help="Carry the sections this run does not measure over from an earlier report (rendered as such).")
     ap.add_argument("--pipeline", default=None, choices=sorted(PIPELINES),
                     help="Pipeline settings: cuda = the reference's reduced protocol, cpu = scaled down (default: the device's).")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
@@ -1136,7 +1195,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     sections = set(args.sections.split(","))
-    if device.type == "cpu" and not args.smoke and sections - {"pipeline", "opcount"}:
+    if device.type == "cpu" and not args.smoke and sections - {"pipeline", "opcount", "iteration"}:
         raise SystemExit("Without a GPU the full sizes take hours; use --smoke on a CPU (pipeline and opcount run as they are).")
     out = Path(args.out or (REPO / ("out/performance-smoke.md" if args.smoke else "docs/performance.md")))
     names = [n for n in args.cases.split(",") if n]
@@ -1162,6 +1221,13 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(out) as tmp:
             tmp.write_text(render(res))
 
+    if args.keep:
+        old = json.loads(Path(args.keep).read_text())
+        kept = [k for k in ("mtt", "steps_memory_case", "steps_memory", "experts", "disk", "precision", "compile")
+                if k in old]
+        res |= {k: old[k] for k in kept}
+        res["kept_from"] = {"date": old.get("date"), "device": old.get("device", {}).get("name"),
+                            "command": old.get("command"), "note": old.get("note"), "sections": kept}
     if "pipeline" in sections:
         p = PIPELINES[args.pipeline or device.type]
         res["pipeline"] = pipeline_section(p, device, Path(args.data_dir), Path(args.old_repo) if args.old_repo else None)
@@ -1193,6 +1259,9 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "opcount" in sections:
         res["opcount"] = opcount_section()
+        save()
+    if "iteration" in sections:
+        res["iteration"] = iteration_section(device)
         save()
     log(f"Wrote {out} and {out.with_suffix('.json')} in {res['seconds']:.0f} s.")
 

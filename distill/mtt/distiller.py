@@ -504,8 +504,10 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
         del real  # only the initialisation needed the training split
         if world.main:
             save_toml(run.cfg, run.out / CONFIG_FILE)
-            log.info("Distilling %d images (%d per class) from %d expert(s) of %s on %s.", len(state.images),
-                     run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"), device)
+            log.info("Distilling %d images (%d per class) from %d expert(s) of %s on %s (%s iterations, gradient %s).",
+                     len(state.images), run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"),
+                     device, {"eager": "eager", "graphs": "captured", "compile": "compiled and captured"}[
+                         run.engine.mode(device)], run.cfg.gradient)
         world.barrier()
         _run_loop(run, state, fresh=not resume)
         if world.main:

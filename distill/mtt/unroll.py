@@ -117,9 +117,3 @@ def unroll_student(model: nn.Module, spec: ParamSpec, start: torch.Tensor, image
 def matching_loss(student_end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||θ_student − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||² (1 = no better than standing still)."""
     return (student_end - target).pow(2).sum() / (start - target).pow(2).sum()
-
-
-def movement_ratio(student_end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> float:
-    """||θ_student − θ_t|| / ||θ*_{t+M} − θ_t||: far from 1 means the settings do not fit the data."""
-    with torch.no_grad():
-        return float((student_end - start).norm() / (target - start).norm())
