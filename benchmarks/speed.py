@@ -907,12 +907,12 @@ def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
     gpu = pl["device"] == "cuda"
     L = ["## Time to a share", "",
          f"`distill buffer`, `run`, `export` and `eval` as the CLI runs them (one process each), on {device_name}: "
-         f"{p['data']}, {p['experts']} experts x {p['epochs']} epochs, {p['ipc']} images per class, hard labels, "
+         f"{p['data']}, {p['experts']} expert(s) x {p['epochs']} epochs, {p['ipc']} images per class, hard labels, "
          f"{p['syn_steps']} student steps, expert span {p['expert_epochs']}, starts up to {p['max_start_epoch']}, "
          f"{p['iterations']} iterations, `eval` {p['eval_runs']} run(s) of the share alone"
          + (f" for {p['eval_epochs']} epochs" if p.get("eval_epochs") else "") + f" ({p['name']}). Seconds per "
-         "iteration: the median of `distill run`'s own per-iteration times (metrics.jsonl), without the first, which "
-         "captures the graph.", ""]
+         "iteration: the median of `distill run`'s own per-iteration times (metrics.jsonl), without the first (which, "
+         "on CUDA, captures the graph).", ""]
     ref = REFERENCE_PIPELINE if gpu else {}
     run = st.get("run", {})
     L += ["| stage | wall s | per iteration s | reference (H200) | x reference |", "|---|---|---|---|---|"]
@@ -932,8 +932,9 @@ def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
                   f"({p['eval_runs']} network(s))."]
     if pl.get("old_run"):
         o = pl["old_run"]
-        L += ["", f"The same `distill run` from `{o['repo']}` on the same buffer: {o['median_s']:.4f} s per iteration "
-                  f"({run.get('median_s', float('nan')) and o['median_s'] / run['median_s']:.2f}x this version's time)."]
+        L += ["", f"The same `distill run` command from `{o['repo']}` (an older checkout) on the same buffer: "
+                  f"{o['median_s']:.4f} s per iteration, {o['seconds']:.1f} s in all; this version's iterations are "
+                  f"{o['median_s'] / run['median_s']:.2f}x as fast."]
     if pl.get("failed"):
         L += ["", f"Stopped early: {pl['failed']}"]
     if not gpu:
@@ -1120,21 +1121,22 @@ def disk_verdict(res: dict) -> str:
 
 
 NOTES = [
-    "- **Constant-memory exact gradient** (`distill/mtt/checkpointed.py`, `gradient = \"checkpoint\"`): exact, not an",
-    "  approximation; the float64 column is the check without rounding noise, and tests/test_checkpointed.py checks",
-    "  every term (images, soft labels, step size) against the full unroll on a CPU to 1e-4 in fp32. Between its two",
-    "  passes it keeps θ_k, P floats per inner step (1.2 MB for convnet3, 2.4 MB for convnet5 at 128x128): small",
-    "  against one step's activations, but proportional to syn_steps; `store=\"host\"` keeps them in pinned CPU",
-    "  memory instead, so that device memory does not grow with syn_steps at all (the syn_steps table).",
+    "- **One function per iteration** (`distill/mtt/engine.py`, what `distill run` uses): the iteration's unroll and its",
+    "  derivative for all of a rank's trajectories, written in `torch.func` form and vmapped over the trajectories,",
+    "  with every random number drawn beforehand on the device (the plan). On CUDA it is captured once per input shape",
+    "  as one CUDA graph and replayed (`--fast auto`, the default; `--fast compile` compiles it first); where capture",
+    "  fails, one warning and the same math eagerly. A replay dispatches only the copies of the inputs and outputs",
+    "  (the operator-count table). tests/test_checkpointed.py checks it against the full unroll on a CPU to 1e-4 in",
+    "  fp32 and 1e-10 in float64, for images, soft-label logits and the log step size, one trajectory or several.",
+    "- **Constant-memory exact gradient** (`gradient = \"checkpoint\"`, in the engine and in",
+    "  `distill/mtt/checkpointed.py`): exact, not an approximation. Between its two passes it keeps θ_k, P floats per",
+    "  inner step (1.2 MB for convnet3, 2.4 MB for convnet5 at 128x128): small against one step's activations, but",
+    "  proportional to syn_steps; `matching_grads(store=\"host\")` keeps them in pinned CPU memory instead (the",
+    "  syn_steps table).",
     "- **Cost**: it runs each step's forward and backward twice (once without a graph, once with the double backward),",
-    "  so where the network's kernels dominate it does more work than the full unroll. It is faster where launches",
-    "  dominate (small images), because each step's network work is then one CUDA graph.",
-    "- **CUDA graphs** (`CudaGraphSteps`, kept): one graph for a step's gradient and one for its vector-Jacobian product,",
-    "  captured once per shape, sharing one memory pool, replayed every step. The augmentation stays outside because",
-    "  it draws its random parameters on the CPU; autograd carries the image gradient back through it.",
-    "- **torch.compile** (`CudaGraphSteps(compile=True)`, optional): compiles the step written with",
-    "  `torch.func.grad`/`vjp` and captures the compiled kernels in the same graphs. It costs tens of seconds of",
-    "  compiling per shape; its table says what it gains.",
+    "  so where the network's kernels dominate it does more work than the full unroll; what it buys is memory.",
+    "- **Per-step CUDA graphs** (`CudaGraphSteps` in `distill/mtt/checkpointed.py`, kept for comparison): one graph",
+    "  for a step's gradient and one for its vector-Jacobian product, the augmentation eager between them.",
     "- **TF32** (a flag, off by default): tensor cores for convolutions and matrix products; the TF32 rows give its",
     "  speed and its error against strict fp32.",
     "- **channels_last** (`CudaGraphSteps(channels_last=True)`, `--channels-last` here): on the H200 on 2026-11-27 it was",
@@ -1142,11 +1144,8 @@ NOTES = [
     "  by default and timed only on request.",
     "- **Fused parameter updates**: the student's parameters are one flat vector, so each update is one kernel; the",
     "  batched experts update all K experts with one foreach SGD step over stacked tensors.",
-    "- **Augmentation** (kornia, `distill/augment.py`, unchanged): its table gives its cost. Each call draws its",
-    "  parameters on the CPU and copies them to the GPU from pageable memory, and each such copy makes the CPU wait",
-    "  for the GPU; for small images that, not kornia's arithmetic, is most of an MTT step. Copying from pinned",
-    "  memory with `non_blocking=True` would remove the waits without changing a single random number; no transform",
-    "  was replaced by our own code, because no measurement here yet shows what that would gain.",
+    "- **Augmentation** (`distill/augment.py`): every parameter of an iteration drawn at once on the device, then a",
+    "  fixed sequence of tensor operations per step (one warp), so it vmaps and is captured with the rest.",
     "- **Batched experts** (`distill buffer --batch-experts K`): K experts in one `vmap(functional_call)` over",
     "  stacked parameters; trajectories equal one-at-a-time training to the level at which the GPU disagrees with",
     "  itself (the agreement table). It runs the augmentation once per expert per step, so it gains little while",
