@@ -166,7 +166,7 @@ class Setting:
 class Problem:
     """Model, synthetic set and T expert segments for one :class:`Setting`, on ``device``."""
 
-    def __init__(self, s: Setting, trajectories: int, device: torch.device | str = "cpu"):
+    def __init__(self, s: Setting, trajectories: int, device: torch.device | str = "cpu", vmap: bool | None = True):
         self.s, self.device = s, torch.device(device)
         with seeded(0, 1):
             self.model = create_model("convnet", s.classes, s.channels, s.size, width=s.width,
@@ -181,7 +181,8 @@ class Problem:
         self.labels = (torch.arange(n) % s.classes).to(self.device)
         self.log_lr = torch.tensor(math.log(0.01), device=self.device)
         self.augment = Augment.parse(DSA)
-        self.engines = {mode: MatchingEngine(self.model, self.spec, self.augment, gradient=mode, fast="eager")
+        # By default vmapped over trajectories, as distill run does on CUDA (on a CPU it loops: vmap=None).
+        self.engines = {mode: MatchingEngine(self.model, self.spec, self.augment, gradient=mode, fast="eager", vmap=vmap)
                         for mode in ("full", "checkpoint")}
 
     def old_iteration(self, it: int = 0) -> None:

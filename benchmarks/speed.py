@@ -484,10 +484,17 @@ def pipeline_section(p: Pipeline, device: torch.device, data_dir: Path, old_repo
             stages["eval"] |= {"accuracy_mean": first["mean"]["accuracy"], "accuracy_std": first["std"]["accuracy"]}
             log(f"[pipeline] eval: {stages['eval']['seconds']:.1f} s")
             if old_repo is not None:
-                old_run = work / "old-run"
-                secs = _cli(_run_args(p, buf, old_run, device, config), old_repo, env, logfile)
-                res["old_run"] = {"repo": str(old_repo), "seconds": secs, **_iteration_seconds(old_run)}
-                log(f"[pipeline] old run: {secs:.1f} s, {res['old_run']['median_s']:.4f} s/iteration")
+                # The older checkout's run, then this one's again, then the older one's again: on a shared
+                # machine the load changes over minutes, and alternating lets both see the same spread.
+                res["old_run"], res["new_again"] = [], []
+                for k in range(2):
+                    for repo, key in ((old_repo, "old_run"), (REPO, "new_again")):
+                        if key == "new_again" and k == 1:
+                            break
+                        out_dir = work / f"{key}-{k}"
+                        secs = _cli(_run_args(p, buf, out_dir, device, config), repo, env, logfile)
+                        res[key].append({"repo": str(repo), "seconds": secs, **_iteration_seconds(out_dir)})
+                        log(f"[pipeline] {key} {k}: {secs:.1f} s, {res[key][-1]['median_s']:.4f} s/iteration")
         except Exception as e:  # noqa: BLE001 - report what was measured, and why the rest was not
             res["failed"] = f"{type(e).__name__}: {e}"
             tail = logfile.read_text().splitlines()[-15:] if logfile.exists() else []
@@ -515,13 +522,25 @@ def iteration_section(device: torch.device, reps: int = 3) -> list[dict]:
 
     rows = []
     for t in (1, 4):
-        p = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device)
+        p = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device, vmap=None)  # as distill run: loop off CUDA
+        vm = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device, vmap=True)
         fns = {"5bd3815 (full)": p.old_iteration, "engine full": lambda: p.new_iteration("full"),
-               "engine checkpoint": lambda: p.new_iteration("checkpoint")}
+               "engine checkpoint": lambda: p.new_iteration("checkpoint"),
+               "engine full, vmapped": lambda: vm.new_iteration("full")}
         row = {"T": t, "syn_steps": p.s.syn_steps}
-        for name, fn in fns.items():
-            r = measure(fn, device, warmup=1, reps=reps)
-            row[name] = r["ms"] / 1000
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        # Interleaved, so that a change in the machine's load (a shared CPU) hits every variant alike.
+        for _ in range(reps):
+            for name, fn in fns.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        for name in fns:
+            row[name] = statistics.median(times[name])
             log(f"[iteration] T={t} {name}: {row[name]:.3f} s")
         rows.append(row)
     return rows
@@ -931,10 +950,13 @@ def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
         L += ["", f"Test accuracy of the share: {100 * e['accuracy_mean']:.1f} ± {100 * e['accuracy_std']:.1f} % "
                   f"({p['eval_runs']} network(s))."]
     if pl.get("old_run"):
-        o = pl["old_run"]
-        L += ["", f"The same `distill run` command from `{o['repo']}` (an older checkout) on the same buffer: "
-                  f"{o['median_s']:.4f} s per iteration, {o['seconds']:.1f} s in all; this version's iterations are "
-                  f"{o['median_s'] / run['median_s']:.2f}x as fast."]
+        olds = [o["median_s"] for o in pl["old_run"]]
+        news = [run["median_s"]] + [o["median_s"] for o in pl.get("new_again", [])]
+        L += ["", f"The same `distill run` command from `{pl['old_run'][0]['repo']}` (an older checkout) on the same "
+                  f"buffer, alternated with this version's (this, old, this, old): old "
+                  f"{', '.join(f'{v:.3f}' for v in olds)} s per iteration, this version "
+                  f"{', '.join(f'{v:.3f}' for v in news)} s; the ratio of the means: this version's iterations are "
+                  f"{statistics.mean(olds) / statistics.mean(news):.2f}x as fast."]
     if pl.get("failed"):
         L += ["", f"Stopped early: {pl['failed']}"]
     if not gpu:
@@ -957,8 +979,10 @@ def render_iteration(rows: list[dict] | None, device_name: str) -> list[str]:
     names = [k for k in rows[0] if k not in ("T", "syn_steps")]
     L = ["## Seconds per MTT iteration at a small setting", "",
          f"On {device_name}, one thread: ConvNet-3 (width 128), 1x28x28, 2 classes x 10 images, "
-         f"{rows[0]['syn_steps']} student steps, DSA; plan drawing and gradients, median of 3 after 1 warm-up "
-         "(benchmarks/opcount.py's setting). Eager on the CPU: no graph capture here.", "",
+         f"{rows[0]['syn_steps']} student steps, DSA; plan drawing and gradients, median of 3 after 1 warm-up, the "
+         "variants interleaved (benchmarks/opcount.py's setting). Eager: no graph capture off CUDA. *engine full* "
+         "and *checkpoint* loop over the T trajectories, as `distill run` does off CUDA; *vmapped* is what it runs on "
+         "CUDA.", "",
          "| T | " + " | ".join(names) + " | 5bd3815 / engine full | 5bd3815 / engine checkpoint |",
          "|---|" + "---|" * (len(names) + 2)]
     for r in rows:

@@ -81,7 +81,7 @@ class RunConfig:
     momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
     batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
     augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
-    gradient: str = "full"  # full (reference unroll, the oracle) | checkpoint (constant memory, exact)
+    gradient: str = "full"  # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps)
     # How each iteration runs: auto = one captured CUDA graph per iteration on CUDA, eager elsewhere;
     # graphs | compile (torch.compile, then captured) | eager. Same numbers up to rounding (docs/performance.md).
     fast: str = "auto"

@@ -208,7 +208,7 @@ def test_vmapped_trajectories_equal_the_sum_of_single_ones(gradient, soft):
     """T trajectories in one vmapped call give the sum of T one-trajectory calls, each equal to the oracle."""
     T = 3
     model, spec, starts, targets, images, labels, log_lr, plans = _engine_problem(soft, DSA, T)
-    engine = MatchingEngine(model, spec, DSA, gradient=gradient, fast="eager")
+    engine = MatchingEngine(model, spec, DSA, gradient=gradient, fast="eager", vmap=True)  # off CUDA it loops by default
     together = engine(starts, targets, images, labels, log_lr, stack_plans(plans))
     singles = [engine(starts[j:j + 1], targets[j:j + 1], images, labels, log_lr, stack_plans([plans[j]]))
                for j in range(T)]
@@ -246,7 +246,7 @@ def test_a_failed_capture_warns_once_and_runs_the_same_math_eagerly(monkeypatch,
     # Pretend to be on CUDA, where capturing is attempted, and let the capture fail.
     monkeypatch.setattr(engine, "mode", lambda device: "eager" if engine._failed else "graphs")
 
-    def no_capture(mode, a):
+    def no_capture(fn, mode, a):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(engine, "_capture", no_capture)

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import distill.mtt.distiller as distiller
-import distill.mtt.engine as engine_module
 from conftest import make_tiny_arrays
 from distill.augment import Augment
 from distill.buffer import build_buffer
@@ -287,7 +286,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_matching_both_trajectories(tiny_buffer, tmp_path, monkeypatch):
+def test_two_ranks_equal_one_process_matching_both_trajectories(tiny_buffer, tmp_path):
     args = ["run", "--buffer", str(tiny_buffer), "--ipc", "1", "--iterations", "3", "--syn-steps", "2",
             "--max-start-epoch", "3", "--trajectories-per-iter", "2", "--device", "cpu"]  # as _cfg below
     config = tmp_path / "run.toml"
@@ -296,10 +295,6 @@ def test_two_ranks_equal_one_process_matching_both_trajectories(tiny_buffer, tmp
     assert two.returncode == 0, two.stderr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1), so the float sums are the same
-    # Each rank matches one trajectory; one process would vmap both, whose batched kernels round differently
-    # (tests/test_checkpointed.py checks vmapped against one at a time). Loop here, to compare like with like.
-    one_at_a_time = engine_module._iteration
-    monkeypatch.setattr(engine_module, "_iteration", lambda *a: one_at_a_time(*a[:5], False, *a[6:]))
     try:
         distill_run(_cfg(tiny_buffer, tmp_path / "one", ipc=1, iterations=3, syn_steps=2, max_start_epoch=3,
                          trajectories_per_iter=2))

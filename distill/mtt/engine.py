@@ -153,18 +153,22 @@ class MatchingEngine:
     and replays it; "compile" runs it through torch.compile, then captures that; "auto" is
     "graphs" on CUDA and "eager" elsewhere. Off CUDA every mode runs eagerly. Where capturing
     fails the engine says so in one warning and stays eager.
+
+    ``vmap``: run the trajectories through one ``torch.func.vmap`` (True) or a loop (False);
+    None = vmap on CUDA, where it saves launches, and loop elsewhere, where the batched kernels
+    are slower than a loop (docs/performance.md). Models with running statistics always loop.
     """
 
     def __init__(self, model: nn.Module, spec: ParamSpec, augment: Augment | None, *, gradient: str = "full",
-                 temperature: float = 1.0, fast: str = "auto"):
+                 temperature: float = 1.0, fast: str = "auto", vmap: bool | None = None):
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}; got {gradient!r}.")
         if fast not in FAST_MODES:
             raise ValueError(f"fast must be one of {', '.join(FAST_MODES)}; got {fast!r}.")
         # vmap cannot update running statistics (batch norm) in place; such models loop over trajectories.
-        vmapped = next(model.buffers(), None) is None
-        self.fast = fast
-        self._fn = partial(_iteration, model, spec, augment, temperature, gradient, vmapped)
+        self._can_vmap = next(model.buffers(), None) is None
+        self.fast, self.vmap = fast, vmap
+        self._fn = partial(_iteration, model, spec, augment, temperature, gradient)
         self._graphs: dict[tuple, tuple] = {}
         self._failed = False
 
@@ -179,16 +183,19 @@ class MatchingEngine:
         """starts, targets: (T, P); images (N, C, H, W); class ids (N,) or logits (N, K); log_lr (); plans: T stacked."""
         args = (starts.detach(), targets.detach(), images.detach(), labels_or_logits.detach(), log_lr.detach(),
                 plans.batches, plans.aug)
-        mode = self.mode(images.device)
+        device = images.device
+        vmapped = self._can_vmap and (self.vmap if self.vmap is not None else device.type == "cuda")
+        fn = partial(self._fn, vmapped)
+        mode = self.mode(device)
         if mode != "eager":
             try:
-                return self._pack(self._replay(mode, args), labels_or_logits)
+                return self._pack(self._replay(fn, mode, args), labels_or_logits)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same math, eagerly
                 self._failed = True
                 self._graphs.clear()
                 log.warning("Capturing the MTT iteration (%s) failed, so it runs eagerly (slower, same results): %s",
                             mode, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return self._pack(self._fn(*args), labels_or_logits)
+        return self._pack(fn(*args), labels_or_logits)
 
     @staticmethod
     def _pack(outs, labels: torch.Tensor) -> Matched:
@@ -198,13 +205,13 @@ class MatchingEngine:
             (loss, movement, g_images, g_log_lr, ends), g_labels = outs, None
         return Matched(loss, movement, g_images, g_labels, g_log_lr, ends)
 
-    def _replay(self, mode: str, args: tuple) -> tuple[torch.Tensor, ...]:
+    def _replay(self, fn, mode: str, args: tuple) -> tuple[torch.Tensor, ...]:
         leaves, spec = tree_flatten(args)
         # A graph keeps the kernels it captured, so the TF32 switches are part of what it is.
-        key = (tuple((t.shape, t.dtype, t.device) for t in leaves), str(spec),
+        key = (tuple((t.shape, t.dtype, t.device) for t in leaves), str(spec), fn.args,
                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(mode, args)
+            self._graphs[key] = self._capture(fn, mode, args)
         graph, static_in, static_out = self._graphs[key]
         for dst, src in zip(tree_flatten(static_in)[0], leaves):
             dst.copy_(src)
@@ -212,8 +219,8 @@ class MatchingEngine:
         # Copies: the next replay overwrites the graph's outputs, and the caller keeps these (momentum, logs).
         return tuple(t.clone() for t in static_out)
 
-    def _capture(self, mode: str, args: tuple):
-        fn = torch.compile(self._fn, dynamic=False) if mode == "compile" else self._fn
+    def _capture(self, fn, mode: str, args: tuple):
+        fn = torch.compile(fn, dynamic=False) if mode == "compile" else fn
         static_in = tuple(None if a is None else type(a)(*(t.clone() for t in a)) if isinstance(a, tuple) else a.clone()
                           for a in args)
         device = args[2].device
