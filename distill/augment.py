@@ -41,6 +41,7 @@ tensors with any number of channels. The warp is the same bilinear, zero-padded,
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,9 +62,18 @@ CUTOUT = 0.5  # a square of half the image side is zeroed
 SCALE = 1.2  # independent x/y scale in [1/1.2, 1.2]
 ROTATE = 15.0  # degrees
 
-# Columns of the one uniform draw per image; see Augment.draw.
-_U_SHIFT, _U_SCALE, _U_ANGLE, _U_FLIP, _U_COLOR, _U_CUT = slice(0, 2), slice(2, 4), 4, 5, slice(6, 9), slice(9, 11)
-_U_COLUMNS = 11
+# The one uniform draw per image has a column per scalar parameter. Each column belongs to a transform
+# and maps u in [0, 1) to lo + span * u when its transform is on, or to its neutral value when it is off.
+_COLUMNS = (  # name, transform, neutral
+    ("shift_x", "crop", 0.0), ("shift_y", "crop", 0.0),  # pixels
+    ("scale_x", "scale", 1.0), ("scale_y", "scale", 1.0),
+    ("angle", "rotate", 0.0),  # degrees
+    ("flip", "flip", 1.0),  # mirrored where < 0.5
+    ("brightness", "color", 0.0), ("saturation", "color", 1.0), ("contrast", "color", 1.0),
+    ("cut_y", "cutout", None), ("cut_x", "cutout", None),  # centre pixel = floor; neutral: the box at 0
+    ("cut_on", "cutout", 0.0),  # 1 (lo 1, span 0) where cutout is on: it scales the box's side
+)
+_COL = {name: i for i, (name, _, _) in enumerate(_COLUMNS)}
 
 
 class AugParams(NamedTuple):
@@ -85,6 +95,17 @@ class AugParams(NamedTuple):
 def select(p: AugParams, k) -> AugParams:
     """``p[k]`` on every field, e.g. ``select(p, step)`` for one row of a ``steps=S`` draw."""
     return AugParams(*(t[k] for t in p))
+
+
+def device_generator(seed_source: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` for :meth:`Augment.draw`, seeded by one draw from ``seed_source``.
+
+    Callers hold a CPU generator per run (distill.seeding); one seed from it per training run keeps a
+    CPU run bit-reproducible from the user's seed. A CUDA generator's stream differs from the CPU's,
+    so the same seed gives another (equally reproducible) augmentation on CUDA.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=seed_source, device=seed_source.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -128,42 +149,29 @@ class Augment:
         h, w = int(size[0]), int(size[1])
         lead = (n,) if steps is None else (steps, n)
         dev = generator.device
-        u = torch.rand(*lead, _U_COLUMNS, generator=generator, device=dev, dtype=dtype)
-        pick = torch.rand(*lead[:-1], 1, generator=generator, device=dev, dtype=dtype)  # one per row
+        k = _constants(self.transforms, self.mode, h, w, dev, dtype)
+        u = torch.rand(*lead, len(_COLUMNS), generator=generator, device=dev, dtype=dtype)
+        # One "one"-mode choice per row, drawn whatever the mode, so the generator always advances alike.
+        pick = torch.rand(*lead[:-1], 1, 1, generator=generator, device=dev, dtype=dtype)
+        v = torch.addcmul(k.lo, u, k.span)
+        if k.owner is not None:  # "one" mode: the columns of the chosen transform keep their values
+            t = len(self.transforms)
+            # floor(u * t), clamped because u * t can round up to t in low precision.
+            choice = (pick * t).floor().clamp_(max=t - 1).long()
+            on = k.kind[choice] == k.owner
+            v = torch.where(on, v, k.neutral)
+        elif k.static_on is not None:  # "all" mode with some transforms left out
+            v = torch.where(k.static_on, v, k.neutral)
 
-        def on(name: str) -> torch.Tensor:
-            """(…, n) bool: is ``name`` applied to each image? Static where the choice is static."""
-            if name not in self.transforms:
-                return torch.zeros((), dtype=torch.bool, device=dev).expand(lead)
-            if self.mode == "all" or len(self.transforms) == 1:
-                return torch.ones((), dtype=torch.bool, device=dev).expand(lead)
-            k = len(self.transforms)
-            # floor(u * k), clamped because u * k can round up to k in low precision.
-            choice = (pick * k).floor().clamp_(max=k - 1)
-            return (choice == self.transforms.index(name)).expand(lead)
-
-        # Geometry in pixels, as the reference builds it: shift (x, y), scale (x, y), angle in degrees.
-        shift = (u[..., _U_SHIFT] * 2 - 1) * CROP * torch.tensor([w, h], device=dev, dtype=dtype)
-        shift = torch.where(on("crop")[..., None], shift, 0.0)
-        scale = u[..., _U_SCALE] * (SCALE - 1 / SCALE) + 1 / SCALE
-        scale = torch.where(on("scale")[..., None], scale, 1.0)
-        angle = torch.where(on("rotate"), (u[..., _U_ANGLE] * 2 - 1) * ROTATE, 0.0)
-        mirror = on("flip") & (u[..., _U_FLIP] < 0.5)
-        sx = torch.where(mirror, -scale[..., 0], scale[..., 0])
-        matrix = _normalised_inverse(shift, sx, scale[..., 1], angle, h, w)
-
-        color = u[..., _U_COLOR] * torch.tensor([BRIGHTNESS, SATURATION, 1.0], device=dev, dtype=dtype) \
-            + torch.tensor([-0.5 * BRIGHTNESS, 0.0, CONTRAST], device=dev, dtype=dtype)
-        color = torch.where(on("color")[..., None], color, torch.tensor([0.0, 1.0, 1.0], device=dev, dtype=dtype))
-
-        # Cutout: a square of side CUTOUT * side, centred on a uniformly drawn pixel (as randint(0, h)).
-        ch, cw = max(1, round(h * CUTOUT)), max(1, round(w * CUTOUT))
-        hw = torch.tensor([h, w], device=dev, dtype=dtype)
-        centre = torch.minimum((u[..., _U_CUT] * hw).floor(), hw - 1)
-        top_left = centre - torch.tensor([ch // 2, cw // 2], device=dev, dtype=dtype)
-        box = torch.cat([top_left, top_left + torch.tensor([ch, cw], device=dev, dtype=dtype)], dim=-1)
-        box = torch.where(on("cutout")[..., None], box, 0.0)
-        return AugParams(matrix, color, box)
+        c = _COL
+        sx = torch.where(v[..., c["flip"]] < 0.5, -v[..., c["scale_x"]], v[..., c["scale_x"]])
+        matrix = _normalised_inverse(v[..., c["shift_x"]:c["shift_y"] + 1], sx, v[..., c["scale_y"]],
+                                     v[..., c["angle"]], h, w)
+        color = v[..., c["brightness"]:c["contrast"] + 1]
+        # Cutout: a square of side CUTOUT * side centred on a uniformly drawn pixel (as randint(0, side)).
+        top_left = torch.minimum(v[..., c["cut_y"]:c["cut_x"] + 1].floor(), k.last_pixel) - k.half_side
+        cutout = torch.cat([top_left, torch.addcmul(top_left, v[..., c["cut_on"], None], k.side)], dim=-1)
+        return AugParams(matrix, color, cutout)
 
     def apply(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
         """x: (n, C, H, W) float; ``p`` with leading dimension (n,), drawn for this (H, W). Same shape out.
@@ -172,24 +180,22 @@ class Augment:
         """
         if not self.transforms or x.shape[0] == 0:
             return x
-        _, _, h, w = x.shape
+        n, _, h, w = x.shape
         if "color" in self.transforms:
-            bright, sat, con = p.color.to(x.dtype).unbind(-1)
-            x = x + bright[:, None, None, None]
+            bright, sat, con = p.color.to(x.dtype).view(n, 3, 1, 1, 1).unbind(1)
+            x = x + bright
             m = x.mean(dim=1, keepdim=True)
-            x = (x - m) * sat[:, None, None, None] + m
+            x = (x - m) * sat + m
             m = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - m) * con[:, None, None, None] + m
+            x = (x - m) * con + m
         if any(t in self.transforms for t in GEOMETRIC):
-            x = F.grid_sample(x, _grid(p.matrix.to(x.dtype), h, w), mode="bilinear", padding_mode="zeros",
+            x = F.grid_sample(x, _grid(p.matrix.to(x.dtype), n, h, w), mode="bilinear", padding_mode="zeros",
                               align_corners=True)
         if "cutout" in self.transforms:
-            box = p.cutout.to(x.dtype)
-            ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
-            xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
-            y0, x0, y1, x1 = (b[:, None, None] for b in box.unbind(-1))
-            inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-            x = x * (~inside).unsqueeze(1).to(x.dtype)
+            y0, x0, y1, x1 = p.cutout.to(x.dtype).view(n, 4, 1, 1, 1).unbind(1)
+            ys = torch.arange(h, device=x.device, dtype=x.dtype).view(h, 1)
+            xs = torch.arange(w, device=x.device, dtype=x.dtype)
+            x = x.masked_fill((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1), 0.0)
         return x
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -227,7 +233,7 @@ def _normalised_inverse(shift: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
     return torch.stack([row0, row1], dim=-2)
 
 
-def _grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def _grid(theta: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """``F.affine_grid(theta, (n, C, h, w), align_corners=True)`` as plain tensor code.
 
     ``affine_grid`` has no vmap batching rule (vmap falls back to a slow loop with a warning); a
@@ -235,9 +241,53 @@ def _grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """
     xs = torch.linspace(-1, 1, w, device=theta.device, dtype=theta.dtype)
     ys = torch.linspace(-1, 1, h, device=theta.device, dtype=theta.dtype)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=theta.device,
-                                                                                  dtype=theta.dtype)], dim=-1)
-    return torch.einsum("hwk,njk->nhwj", base, theta)
+    base = torch.stack([xs.expand(h, w), ys.view(h, 1).expand(h, w), torch.ones_like(xs).expand(h, w)], dim=-1)
+    return (base.view(1, h * w, 3) @ theta.transpose(-1, -2)).view(n, h, w, 2)
+
+
+class _Constants(NamedTuple):
+    lo: torch.Tensor  # (columns,)
+    span: torch.Tensor
+    neutral: torch.Tensor
+    kind: torch.Tensor | None  # "one" mode: the index in TRANSFORMS of each configured transform
+    owner: torch.Tensor | None  # "one" mode: the index in TRANSFORMS of each column's transform
+    static_on: torch.Tensor | None  # "all" mode: which columns are on, None when all are
+    last_pixel: torch.Tensor  # (2,) H - 1, W - 1
+    half_side: torch.Tensor  # (2,) the cutout square's half side, rounded down, in pixels
+    side: torch.Tensor  # (2,) the cutout square's side
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(transforms: tuple[str, ...], mode: str, h: int, w: int, device: torch.device,
+               dtype: torch.dtype) -> _Constants:
+    """The draw's constant tensors, made once per configuration and device (no host copy per draw)."""
+    ch, cw = max(1, round(h * CUTOUT)), max(1, round(w * CUTOUT))
+    ranges = {"shift_x": (-CROP * w, 2 * CROP * w), "shift_y": (-CROP * h, 2 * CROP * h),
+              "scale_x": (1 / SCALE, SCALE - 1 / SCALE), "scale_y": (1 / SCALE, SCALE - 1 / SCALE),
+              "angle": (-ROTATE, 2 * ROTATE), "flip": (0.0, 1.0),
+              "brightness": (-0.5 * BRIGHTNESS, BRIGHTNESS), "saturation": (0.0, SATURATION),
+              "contrast": (CONTRAST, 1.0), "cut_y": (0.0, float(h)), "cut_x": (0.0, float(w)), "cut_on": (1.0, 0.0)}
+    # An off cutout keeps the empty box (0, 0, 0, 0): its centre sits at the half side, its side is 0.
+    neutral_cut = {"cut_y": float(ch // 2), "cut_x": float(cw // 2)}
+
+    def tensor(values):
+        return torch.tensor(values, device=device, dtype=dtype)
+
+    kind = owner = static_on = None
+    if mode == "one" and len(transforms) > 1:
+        # Through TRANSFORMS rather than positions in the configuration, so that a transform listed
+        # twice is chosen twice as often, as the reference's pick among the list does.
+        kind = torch.tensor([TRANSFORMS.index(t) for t in transforms], device=device)
+        owner = torch.tensor([TRANSFORMS.index(t) for _, t, _ in _COLUMNS], device=device)
+    elif not all(t in transforms for _, t, _ in _COLUMNS):
+        static_on = torch.tensor([t in transforms for _, t, _ in _COLUMNS], device=device)
+    return _Constants(
+        lo=tensor([ranges[name][0] for name, _, _ in _COLUMNS]),
+        span=tensor([ranges[name][1] for name, _, _ in _COLUMNS]),
+        neutral=tensor([neutral_cut.get(name, value) for name, _, value in _COLUMNS]),
+        kind=kind, owner=owner, static_on=static_on,
+        last_pixel=tensor([h - 1.0, w - 1.0]), half_side=tensor([float(ch // 2), float(cw // 2)]),
+        side=tensor([float(ch), float(cw)]))
 
 
 # ---------------------------------------------------------------------------------------------------

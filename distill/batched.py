@@ -9,11 +9,18 @@ kernel for all K, and SGD updates all K with one foreach update.
 
 The math per expert is that of :func:`distill.train.train_network` with the
 same generator: the same batch order, the same augmentation, SGD with the same
-momentum and weight decay (SGD is elementwise, so one optimiser over stacked
+momentum and weight decay (SGD is elementwise, so one update over stacked
 tensors is K independent optimisers). Only floating-point summation order
 differs (a grouped convolution sums in another order than a plain one), so
 trajectories agree to rounding, which then grows slowly through training;
 tests/test_batched.py states and checks the tolerance.
+
+On CUDA the whole step (gather, augmentation with pre-drawn parameters, forward,
+backward, SGD update) is one captured CUDA graph replayed every step
+(:class:`BatchedStep`); elsewhere the same code runs eagerly. This module turns
+on no reduced precision of its own: the TF32 switches keep torch's defaults (as
+one expert at a time does), because the effect of more TF32 on the trajectories
+has not been measured.
 
 Optional bf16 autocast runs the forward pass in bfloat16 (the update stays in
 fp32); that changes trajectories by far more than rounding and is off by default.
@@ -29,7 +36,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from .errors import DistillError
-from .train import TrainRecipe, soft_cross_entropy
+from .augment import AugParams, device_generator, select
+from .train import TrainRecipe, epoch_augmentation, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ def train_batched(
     generators: Sequence[torch.Generator],
     *,
     bf16: bool = False,
+    capture: bool | None = None,
     after_step: Callable[[int, StackedModels], None] | None = None,
     after_epoch: Callable[[int, list[dict], StackedModels], None] | None = None,
 ) -> tuple[StackedModels, list[list[dict]]]:
@@ -86,6 +95,7 @@ def train_batched(
 
     images: (N, C, H, W) float32, preprocessed, on the models' device. targets: (N,) int64 or (N, K) float.
     The models are copied into a :class:`StackedModels` (the inputs are left untouched).
+    ``capture``: run the step as a CUDA graph; None = on CUDA only (see :class:`BatchedStep`).
     ``after_step(step, stacked)`` runs after each optimiser step (1-based); ``after_epoch(epoch, stats, stacked)``
     after each epoch with one ``{"loss", "acc"}`` dict per model. Returns the trained stack and, per epoch,
     the list of per-model stats.
@@ -93,54 +103,157 @@ def train_batched(
     if len(generators) != len(models):
         raise ValueError(f"Need one generator per model; got {len(generators)} for {len(models)} models.")
     stacked = StackedModels(models)
-    k, n = stacked.k, len(images)
-    opt = torch.optim.SGD(stacked.params.values(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
-    sched = None
-    if recipe.decay_at_half and recipe.epochs > 1:
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[recipe.epochs // 2], gamma=0.1)
-    hard = targets if targets.ndim == 1 else targets.argmax(1)
-
-    def losses(p, x, y):
-        out = stacked._forward_one(p, x)
-        return soft_cross_entropy(out, y), out
-
-    vloss = torch.vmap(losses)
+    n = len(images)
+    step_fn = BatchedStep(stacked, images, targets, recipe, bf16=bf16,
+                          capture=images.device.type == "cuda" if capture is None else capture)
+    # The same draws, in the same order per generator, as train_network: the augmentation's device
+    # generator first, then per epoch a randperm and one augmentation draw for all its batches.
+    aug_gens = [device_generator(g, images.device) for g in generators] if recipe.augment is not None else None
     step, history = 0, []
     stacked.train(True)
     for epoch in range(1, recipe.epochs + 1):
-        # The same draws, in the same order per generator, as train_network: randperm first, then
-        # one augmentation per batch.
-        orders = [torch.randperm(n, generator=g) for g in generators]
-        orders = torch.stack(orders).to(images.device)
-        # Loss and accuracy stay on the device until the epoch ends: a .item() per step would make the
-        # CPU wait for the GPU at every step.
-        tot_loss = torch.zeros(k, device=images.device)
-        tot_correct = torch.zeros(k, device=images.device)
-        for start in range(0, n, recipe.batch_size):
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(images.device)
+        aug = None
+        if aug_gens is not None:
+            draws = [epoch_augmentation(recipe, g, images) for g in aug_gens]
+            aug = AugParams(*(torch.stack(field) for field in zip(*draws)))  # (K, steps, batch, ...)
+        decayed = recipe.decay_at_half and recipe.epochs > 1 and epoch > recipe.epochs // 2
+        step_fn.start_epoch(recipe.lr * 0.1 if decayed else recipe.lr)  # as MultiStepLR(gamma=0.1) at epochs // 2
+        for k, start in enumerate(range(0, n, recipe.batch_size)):
             idx = orders[:, start:start + recipe.batch_size]  # (K, B)
-            x = images[idx]  # (K, B, C, H, W)
-            if recipe.augment is not None:
-                x = torch.stack([recipe.augment(x[i], generators[i]) for i in range(k)])
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, out = vloss(stacked.params, x, targets[idx])
-            opt.zero_grad(set_to_none=True)
-            # The experts' losses are independent, so d(sum)/d(params of i) = d(loss_i)/d(params of i).
-            loss.sum().backward()
-            opt.step()
+            step_fn(idx, select(aug, (slice(None), k, slice(0, idx.shape[1]))) if aug is not None else None)
             step += 1
-            with torch.no_grad():
-                tot_loss += loss.detach().float() * idx.shape[1]
-                tot_correct += (out.argmax(2) == hard[idx]).sum(1).float()
             if after_step is not None:
                 after_step(step, stacked)
-        if sched is not None:
-            sched.step()
-        stats = [{"loss": float(lo) / n, "acc": float(c) / n} for lo, c in zip(tot_loss.tolist(), tot_correct.tolist())]
+        loss, correct = step_fn.totals()
+        stats = [{"loss": lo / n, "acc": c / n} for lo, c in zip(loss, correct)]
         history.append(stats)
         if after_epoch is not None:
             after_epoch(epoch, stats, stacked)
     return stacked, history
+
+
+class BatchedStep:
+    """One SGD step of all K models: gather, augment, forward, backward, update, in place.
+
+    SGD is written out (weight decay, momentum, step, as ``torch.optim.SGD`` with dampening 0 and no
+    Nesterov) so that the whole step, update included, is tensor code with the learning rate in a
+    device tensor: then one CUDA graph holds it. With ``capture`` the step is captured once per batch
+    shape (the full batch and, when N is not a multiple of it, the short last one: a second graph, so
+    no image is dropped or padded) after warm-up runs on a side stream whose effects are undone; each
+    later step is a copy of the batch's indices and augmentation parameters into the graph's inputs and
+    one replay. If capture fails, one warning and the same step runs eagerly. Off CUDA, ``capture``
+    does the warm-up and undo but runs the eager step (there are no graphs): tests cover the logic there.
+    """
+
+    WARMUP = 2  # eager runs before capture, as torch.cuda.graphs asks (cuDNN autotuning, lazy init)
+
+    def __init__(self, stacked: StackedModels, images: torch.Tensor, targets: torch.Tensor, recipe: TrainRecipe,
+                 *, bf16: bool = False, capture: bool = False):
+        self.stacked, self.images, self.targets, self.recipe, self.bf16 = stacked, images, targets, recipe, bf16
+        self.hard = targets if targets.ndim == 1 else targets.argmax(1)
+        self.names = list(stacked.params)
+        self.params = [stacked.params[name] for name in self.names]
+        self.momenta = [torch.zeros_like(p) for p in self.params] if recipe.momentum else []
+        dev = images.device
+        self.lr = torch.zeros((), device=dev)
+        self.loss = torch.zeros(stacked.k, device=dev)
+        self.correct = torch.zeros(stacked.k, device=dev)
+        self.capture = capture
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+
+        def losses(p, x, y):
+            out = stacked._forward_one(p, x)
+            return soft_cross_entropy(out, y), out
+
+        self._vloss = torch.vmap(losses)
+        self._vaug = torch.vmap(recipe.augment.apply) if recipe.augment is not None else None
+
+    def start_epoch(self, lr: float) -> None:
+        self.lr.fill_(lr)
+        self.loss.zero_()
+        self.correct.zero_()
+
+    def totals(self) -> tuple[list[float], list[float]]:
+        """Per model: the epoch's summed loss (over images) and number correct; reads the device once."""
+        return self.loss.tolist(), self.correct.tolist()
+
+    def _eager(self, idx: torch.Tensor, aug: AugParams | None) -> None:
+        x = self.images[idx]  # (K, B, C, H, W)
+        if aug is not None:
+            x = self._vaug(x, aug)
+        # No autocast cache: inside a captured graph it would keep casts of the weights of the capture.
+        with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            loss, out = self._vloss(dict(zip(self.names, self.params)), x, self.targets[idx])
+        # The models' losses are independent, so d(sum)/d(params of i) = d(loss_i)/d(params of i).
+        grads = torch.autograd.grad(loss.sum(), self.params)
+        with torch.no_grad():
+            r = self.recipe
+            if r.weight_decay:
+                grads = torch._foreach_add(grads, self.params, alpha=r.weight_decay)
+            if r.momentum:
+                torch._foreach_mul_(self.momenta, r.momentum)
+                torch._foreach_add_(self.momenta, grads)
+                grads = self.momenta
+            torch._foreach_sub_(self.params, torch._foreach_mul(grads, self.lr))
+            self.loss.add_(loss.detach().float() * idx.shape[1])
+            self.correct.add_((out.argmax(2) == self.hard[idx]).sum(1))
+
+    def __call__(self, idx: torch.Tensor, aug: AugParams | None) -> None:
+        """idx: (K, B) image indices per model; aug: parameters with leading dims (K, B), or None."""
+        if not self.capture:
+            return self._eager(idx, aug)
+        key = tuple(idx.shape)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(idx, aug)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step, eagerly
+                log.warning("CUDA graph capture of the expert step failed (%s: %s); training eagerly.",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.capture = False
+                return self._eager(idx, aug)
+        run, static_idx, static_aug = self._graphs[key]
+        static_idx.copy_(idx)
+        if aug is not None:
+            for dst, src in zip(static_aug, aug):
+                dst.copy_(src)
+        run()
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*self.params, *self.momenta, self.loss, self.correct]
+
+    def _capture(self, idx: torch.Tensor, aug: AugParams | None):
+        """Warm up on copies of this step's inputs, undo the warm-up's updates, capture; returns (run, inputs)."""
+        static_idx = idx.clone()
+        static_aug = AugParams(*(t.clone() for t in aug)) if aug is not None else None
+        saved = [t.detach().clone() for t in self._state()]
+        dev = self.images.device
+        try:
+            if dev.type != "cuda":
+                for _ in range(self.WARMUP):
+                    self._eager(static_idx, static_aug)
+                return (lambda: self._eager(static_idx, static_aug)), static_idx, static_aug
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    self._eager(static_idx, static_aug)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._eager(static_idx, static_aug)
+            return graph.replay, static_idx, static_aug
+        finally:
+            # The warm-up trained for real: put every parameter, momentum and total back (after the side
+            # stream's work, should a warm-up step have failed before the streams were joined).
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            with torch.no_grad():
+                for t, s in zip(self._state(), saved):
+                    t.copy_(s)
 
 
 @torch.no_grad()

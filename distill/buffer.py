@@ -8,6 +8,7 @@ across torchrun processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -44,14 +45,30 @@ def validate(cfg: BufferConfig) -> None:
         raise DistillError(f"--lr must be positive; got {cfg.lr}.")
     if cfg.snapshot_every < 0:
         raise DistillError(f"--snapshot-every must be 0 (once per epoch) or a positive number of steps; got {cfg.snapshot_every}.")
-    if cfg.batch_experts < 1:
-        raise DistillError(f"--batch-experts must be at least 1; got {cfg.batch_experts}.")
+    if cfg.batch_experts < 0:
+        raise DistillError(f"--batch-experts must be 0 (auto) or at least 1; got {cfg.batch_experts}.")
     if cfg.snapshot_dtype not in SNAPSHOT_DTYPES:
         raise DistillError(f"--snapshot-dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {cfg.snapshot_dtype!r}.")
     try:
         Augment.parse(cfg.augment)
     except ValueError as e:
         raise DistillError(str(e)) from None
+
+
+AUTO_BATCH_EXPERTS = 16  # experts per vmapped group on CUDA when --batch-experts is left at 0 (auto)
+
+
+def resolve_batch_experts(cfg: BufferConfig, device: torch.device, model: torch.nn.Module) -> int:
+    """``cfg.batch_experts``, with 0 (auto) made concrete: batched on CUDA, one at a time elsewhere.
+
+    Off CUDA one at a time keeps runs bit-for-bit equal to the reference loop (batching changes the
+    rounding); a model with buffers (batch norm) cannot be batched, so auto trains it one at a time.
+    """
+    if cfg.batch_experts:
+        return cfg.batch_experts
+    if device.type != "cuda" or any(True for _ in model.buffers()):
+        return 1
+    return max(1, min(cfg.experts, AUTO_BATCH_EXPERTS))
 
 
 def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, Preprocessing]:
@@ -202,9 +219,10 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         data, pre = prepare_data(cfg, world, out)
         # Fail early on a model/size mismatch, before any expert starts.
         try:
-            create_model(cfg.model, data.num_classes, data.channels, data.size)
+            probe = create_model(cfg.model, data.num_classes, data.channels, data.size)
         except ValueError as e:
             raise DistillError(str(e)) from None
+        cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
         _, _, pre_sha = read_buffer_preprocessing(out)
         mine = world.shard(list(range(cfg.experts)))
         todo = [i for i in mine if not _expert_done(expert_path(out, i), cfg)]

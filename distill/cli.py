@@ -66,7 +66,8 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--snapshot-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage precision of the snapshots (default float32).")
 @click.option("--batch-experts", type=int, default=None,
-              help="Train K experts at once in one vmapped network (default 1; faster on a GPU, same trajectories to rounding).")
+              help="Train K experts at once in one vmapped network, same trajectories to rounding "
+                   "(default 0 = auto: up to 16 on CUDA, 1 on CPU).")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast for the experts' forward pass (changes trajectories).")
 @SEED
 @DEVICE

@@ -38,7 +38,9 @@ class BufferConfig:
     snapshot_every: int = 0
     snapshot_dtype: str = "float32"  # or float16 / bfloat16 (halves disk; effect measured in docs/performance.md)
     # Experts trained at once by one vmapped network (distill/batched.py); 1 = one at a time, as the reference.
-    batch_experts: int = 1
+    # 0 = auto: groups of up to 16 on CUDA (for an instance-norm model), 1 elsewhere, so that CPU runs stay
+    # bit-for-bit one-at-a-time. The resolved number is what the buffer's files record.
+    batch_experts: int = 0
     bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
     seed: int = 0
     device: str = "auto"

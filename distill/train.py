@@ -3,6 +3,13 @@
 Datasets here are small (MedMNIST, a few hundred synthetic images), so they
 live on the device as whole tensors and mini-batches are index slices drawn
 from an explicit generator: no DataLoader workers, no hidden randomness.
+
+The augmentation draws on the data's device from a generator seeded once per
+training run by the caller's (CPU) generator, one draw per epoch for all its
+batches (:func:`epoch_augmentation`), so no step copies random numbers from the
+host, and loss and accuracy are read back once per epoch rather than per step.
+A CPU run is bit-reproducible from its seed; a CUDA run is reproducible on CUDA
+but draws another augmentation stream than the CPU with that seed.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import Augment
+from .augment import Augment, AugParams, device_generator, select
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +83,52 @@ def train_network(
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[recipe.epochs // 2], gamma=0.1)
     n = len(images)
     hard = targets if targets.ndim == 1 else targets.argmax(1)
+    aug_gen = device_generator(generator, images.device) if recipe.augment is not None else None
     step, history = 0, []
     model.train()
     for epoch in range(1, recipe.epochs + 1):
         order = torch.randperm(n, generator=generator).to(images.device)
-        tot_loss, tot_correct = 0.0, 0
-        for start in range(0, n, recipe.batch_size):
+        aug = epoch_augmentation(recipe, aug_gen, images)
+        # Loss and accuracy stay on the device until the epoch ends: a .item() per step would make the
+        # CPU wait for the GPU at every step.
+        tot_loss = torch.zeros((), device=images.device)
+        tot_correct = torch.zeros((), device=images.device)
+        for k, start in enumerate(range(0, n, recipe.batch_size)):
             idx = order[start:start + recipe.batch_size]
             x = images[idx]
-            if recipe.augment is not None:
-                x = recipe.augment(x, generator)
+            if aug is not None:
+                x = recipe.augment.apply(x, select(aug, (k, slice(0, len(idx)))))
             out = model(x)
             loss = soft_cross_entropy(out, targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            tot_loss += loss.item() * len(idx)
-            tot_correct += int((out.argmax(1) == hard[idx]).sum())
+            with torch.no_grad():
+                tot_loss += loss.detach().float() * len(idx)
+                tot_correct += (out.argmax(1) == hard[idx]).sum()
             if after_step is not None:
                 after_step(step)
         if sched is not None:
             sched.step()
-        stats = {"loss": tot_loss / n, "acc": tot_correct / n}
+        stats = {"loss": float(tot_loss) / n, "acc": float(tot_correct) / n}
         history.append(stats)
         if after_epoch is not None:
             after_epoch(epoch, stats)
     return history
+
+
+def epoch_augmentation(recipe: TrainRecipe, generator: torch.Generator | None, images: torch.Tensor) -> AugParams | None:
+    """One epoch's augmentation parameters, (steps, batch, ...) on ``generator``'s device, or None.
+
+    Drawn once per epoch for every batch (row k is batch k; a short last batch uses the first rows of
+    its draw), so the training loop itself draws nothing.
+    """
+    if recipe.augment is None or generator is None:
+        return None
+    n = len(images)
+    return recipe.augment.draw(min(recipe.batch_size, n), generator, tuple(images.shape[-2:]),
+                               steps=-(-n // recipe.batch_size), dtype=images.dtype)
 
 
 @torch.no_grad()

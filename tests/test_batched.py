@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distill.augment import Augment
-from distill.batched import StackedModels, predict_batched, train_batched
-from distill.buffer import build_buffer
+from distill.batched import BatchedStep, StackedModels, predict_batched, train_batched
+from distill.buffer import AUTO_BATCH_EXPERTS, build_buffer, resolve_batch_experts
 from distill.config import BufferConfig
 from distill.errors import DistillError
 from distill.formats.trajectory import expert_path, read_expert
@@ -112,13 +112,92 @@ def test_buffer_with_batch_experts_writes_the_same_experts(tiny_npz, tmp_path):
     assert build_buffer(two) == []
 
 
-def test_cli_refuses_a_batch_of_zero(tmp_path, tiny_npz, monkeypatch, capsys):
+def test_cli_refuses_a_negative_batch(tmp_path, tiny_npz, monkeypatch, capsys):
+    # 0 now means auto (it was refused before the auto default existed).
     from distill.cli import main
 
     monkeypatch.setattr(sys, "argv", ["distill", "buffer", "--data", str(tiny_npz), "--out", str(tmp_path / "b"),
-                                      "--batch-experts", "0", "--device", "cpu"])
+                                      "--batch-experts", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err == "Error: --batch-experts must be at least 1; got 0." and "Traceback" not in err
+    assert err == "Error: --batch-experts must be 0 (auto) or at least 1; got -1." and "Traceback" not in err
+
+
+def test_auto_batch_experts_is_one_off_cuda_and_a_group_on_cuda():
+    cfg = BufferConfig(experts=20)
+    assert cfg.batch_experts == 0  # auto is the default
+    plain, normed = _model(0), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert resolve_batch_experts(cfg, torch.device("cpu"), plain) == 1
+    assert resolve_batch_experts(cfg, torch.device("cuda"), plain) == AUTO_BATCH_EXPERTS
+    assert resolve_batch_experts(BufferConfig(experts=3), torch.device("cuda"), plain) == 3
+    assert resolve_batch_experts(cfg, torch.device("cuda"), normed) == 1  # batch norm cannot be vmapped
+    assert resolve_batch_experts(BufferConfig(batch_experts=4), torch.device("cpu"), plain) == 4  # asked for
+
+
+def test_auto_default_on_cpu_trains_one_at_a_time_and_records_it(tiny_npz, tmp_path):
+    cfg = BufferConfig(data=str(tiny_npz), out=str(tmp_path / "b"), experts=2, epochs=1, device="cpu", batch_size=8)
+    build_buffer(cfg)
+    assert all(read_expert(expert_path(cfg.out, i)).train["batch_experts"] == 1 for i in range(2))
+
+
+# 20 images in batches of 8: two full batches and a short one, so the step has two shapes (two graphs on CUDA).
+CAPTURE_RECIPE = TrainRecipe(epochs=4, lr=0.05, batch_size=8, momentum=0.9, weight_decay=5e-4, decay_at_half=True,
+                             augment=Augment.parse("color,crop,cutout,flip,scale,rotate"))
+
+
+def _train(capture, **kw):
+    x, y = _task()
+    return train_batched([_model(i) for i in range(2)], x, y, CAPTURE_RECIPE, [generator(0, i) for i in range(2)],
+                         capture=capture, **kw)
+
+
+def test_capture_path_undoes_its_warm_up_exactly():
+    # Off CUDA, capture=True runs the warm-up and the undo, then the eager step: bit-for-bit the eager run.
+    (eager, eager_hist), (captured, captured_hist) = _train(False), _train(True)
+    assert torch.equal(eager.flat(), captured.flat()) and eager_hist == captured_hist
+    assert (eager.flat() - torch.stack([flatten_params(_model(i)) for i in range(2)])).norm() > 0.1  # it trained
+
+
+def test_a_failed_capture_warns_once_and_trains_eagerly(monkeypatch, caplog):
+    def broken(self, idx, aug):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(BatchedStep, "_capture", broken)
+    with caplog.at_level("WARNING", logger="distill.batched"):
+        fallback, hist = _train(True)
+    eager, eager_hist = _train(False)
+    assert torch.equal(fallback.flat(), eager.flat()) and hist == eager_hist
+    warnings = [r for r in caplog.records if "capture" in r.getMessage()]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0].getMessage()
+
+
+def test_training_on_cpu_is_bit_reproducible():
+    x, y = _task()
+    runs = []
+    for _ in range(2):
+        m = _model(0)
+        hist = train_network(m, x, y, CAPTURE_RECIPE, generator(0, 0))
+        runs.append((flatten_params(m), hist))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    (a, ha), (b, hb) = _train(False), _train(False)
+    assert torch.equal(a.flat(), b.flat()) and ha == hb
+
+
+def test_captured_step_matches_the_eager_step_on_the_device(device, caplog):
+    """On CUDA (pytest --device cuda) the real graphs against eager; on the CPU both are eager."""
+    x, y = (t.to(device) for t in _task())
+
+    def run(capture):
+        models = [_model(i).to(device) for i in range(2)]
+        return train_batched(models, x, y, CAPTURE_RECIPE, [generator(0, i) for i in range(2)], capture=capture)
+
+    with caplog.at_level("WARNING", logger="distill.batched"):
+        (captured, hist), (eager, eager_hist) = run(True), run(False)
+    assert not [r for r in caplog.records if "capture" in r.getMessage()]  # it captured, no fallback
+    start = torch.stack([flatten_params(_model(i)) for i in range(2)]).to(device)
+    rel = (captured.flat() - eager.flat()).norm(dim=1) / (eager.flat() - start).norm(dim=1)
+    assert bool((rel < TOL).all())
+    for h, e in zip(hist, eager_hist):
+        assert [s["acc"] for s in h] == pytest.approx([s["acc"] for s in e], abs=0.1)
