@@ -32,7 +32,7 @@ from distill.models import create_model, flatten_params, param_spec
 from distill.mtt.engine import MatchingEngine
 from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student
 from distill.seeding import generator, seeded
-from distill.train import TrainRecipe, train_network
+from distill.train import TrainRecipe, soft_cross_entropy, train_network
 
 DSA = "color,crop,cutout,flip,scale,rotate"
 
@@ -220,16 +220,29 @@ class Problem:
         return len(inputs) + len(outputs)
 
     def expert_step(self, old: bool) -> None:
-        """One optimiser step of ``train_network`` on a batch of ``expert_batch`` images, with DSA."""
+        """One optimiser step on a batch of ``expert_batch`` images with DSA.
+
+        New: ``train_network`` for one epoch of one batch (its per-epoch draw included). Old: 5bd3815's
+        loop body, with the augmentation drawn on the CPU for the batch.
+        """
         s = self.s
         g = generator(0, 5)
         x = torch.randn(s.expert_batch, s.channels, s.size, s.size, generator=g).to(self.device)
         y = (torch.arange(s.expert_batch) % s.classes).to(self.device)
         with seeded(0, 6):
             net = create_model("convnet", s.classes, s.channels, s.size, width=s.width, depth=s.depth).to(self.device)
-        aug = _OldAugment(self.augment.transforms) if old else self.augment
-        recipe = TrainRecipe(epochs=1, lr=0.01, batch_size=s.expert_batch, augment=aug)
-        train_network(net, x, y, recipe, g)
+        if not old:
+            train_network(net, x, y, TrainRecipe(epochs=1, lr=0.01, batch_size=s.expert_batch, augment=self.augment), g)
+            return
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        order = torch.randperm(len(x), generator=g).to(self.device)
+        idx = order[:s.expert_batch]
+        out = net(_OldAugment(self.augment.transforms)(x[idx], g))
+        loss = soft_cross_entropy(out, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.item()), int((out.argmax(1) == y[idx]).sum())  # 5bd3815 read both every step
 
 
 def opcounts(s: Setting = Setting(), trajectories: tuple[int, ...] = (1, 4)) -> list[dict]:
