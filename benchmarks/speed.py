@@ -1262,8 +1262,10 @@ def main(argv: list[str] | None = None) -> None:
         res["pipeline"] = pipeline_section(p, device, Path(args.data_dir), Path(args.old_repo) if args.old_repo else None)
         save()
     if "mtt" in sections:
-        res["mtt"] = mtt_section(cases, device, args.channels_last)
-        save()
+        res["mtt"] = []
+        for case in cases:  # saved after each case, so a run cut short keeps the cases it finished
+            res["mtt"] += mtt_section([case], device, args.channels_last)
+            save()
     if "steps" in sections and cases:
         base = cases[0]
         steps = (base.syn_steps, 2 * base.syn_steps) if args.smoke else (10, 30)
