@@ -1,4 +1,4 @@
-"""Speed and memory: the full unroll against the constant-memory path, expert training, snapshot storage.
+"""Speed and memory: time to a share, the full unroll against the fast paths, expert training, storage, op counts.
 
 A benchmark script, not a test: CI never runs it. It measures, in one process on
 one device, the four cases of ../shared/BENCHMARKS.md and writes one report:
@@ -6,6 +6,13 @@ one device, the four cases of ../shared/BENCHMARKS.md and writes one report:
     python benchmarks/speed.py --device cuda --out docs/performance.md        # GPU, about 6 minutes
     python benchmarks/speed.py --smoke                                        # CPU, tiny sizes, 1-2 minutes
     python benchmarks/speed.py --render docs/performance.json --out docs/performance.md   # re-render only
+    python benchmarks/speed.py --device cpu --sections pipeline,opcount --pipeline cpu    # CPU rows, ~5 minutes
+
+*pipeline* times ``distill buffer``, ``run``, ``export`` and ``eval`` as the CLI
+runs them (one subprocess each) on PneumoniaMNIST, beside the reference's
+figures; ``--old-repo DIR`` also times another checkout's ``distill run`` (git
+5bd3815, say) on the same buffer. *opcount* counts the aten operators of one MTT
+iteration and one expert step (benchmarks/opcount.py), today's path against 5bd3815's.
 
 Every MTT row pairs the full unroll with ``create_graph=True`` (the reference's
 math and the project's correctness oracle, :func:`distill.mtt.unroll.unroll_student`)
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import subprocess
 import datetime as dt
 import gc
 import json
@@ -44,6 +53,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from distill.augment import Augment  # noqa: E402
 from distill.batched import train_batched  # noqa: E402
@@ -52,7 +62,8 @@ from distill.formats.trajectory import (decode_snapshots, encode_snapshots, list
 from distill.io import atomic_path, software_versions, write_json  # noqa: E402
 from distill.models import CONVNET_WIDTH, create_model, flatten_params, param_spec  # noqa: E402
 from distill.mtt.checkpointed import CudaGraphSteps, matching_grads  # noqa: E402
-from distill.mtt.unroll import make_plan, matching_loss, unroll_student  # noqa: E402
+from distill.mtt.engine import MatchingEngine  # noqa: E402
+from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student  # noqa: E402
 from distill.seeding import generator, seeded  # noqa: E402
 from distill.train import TrainRecipe, train_network  # noqa: E402
 
@@ -184,7 +195,8 @@ class MTTCase:
         self.labels = (torch.arange(case.images) % case.classes).to(device)  # hard labels, as the reference
         self.lr = torch.tensor(0.01, device=device, dtype=dtype)
         self.augment = Augment.parse(DSA)
-        self.plan = make_plan(case.images, syn_steps or case.syn_steps, case.batch_syn, g)
+        self.plan = make_plan(case.images, syn_steps or case.syn_steps, case.batch_syn, g, augment=self.augment,
+                              size=(case.size, case.size), device=device, dtype=dtype)
 
     def full(self):
         x = self.images.detach().requires_grad_(True)
@@ -198,11 +210,16 @@ class MTTCase:
                                           self.lr, self.plan, self.augment, store=store, graphs=graphs)
         return gx, glr
 
+    def iteration(self, engine: MatchingEngine):
+        """The engine ``distill run`` uses: the whole iteration in one call (one CUDA graph with fast="graphs")."""
+        m = engine(self.start[None], self.target[None], self.images, self.labels, self.lr.log(), stack_plans([self.plan]))
+        return m.images, m.log_lr / self.lr  # d/d lr = d/d log lr / lr, as the other variants report
+
     def augment_cost(self, device: torch.device) -> dict:
         """ms per augmentation call on one step's batch: without a graph (forward pass) and with its backward."""
         b = self.plan.batches[0].numel()
         x = self.images[:b]
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
 
         def fwd():
             with torch.no_grad():
@@ -305,6 +322,10 @@ def mtt_section(cases: list[Case], device: torch.device, channels_last: bool = F
         variants = [
             ("checkpointed", False, lambda: mc.checkpointed),
             ("checkpointed+graphs", False, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
+            ("iteration graph (full)", False, lambda: partial(mc.iteration, MatchingEngine(
+                mc.model, mc.spec, mc.augment, gradient="full", fast="graphs"))),
+            ("iteration graph (checkpoint)", False, lambda: partial(mc.iteration, MatchingEngine(
+                mc.model, mc.spec, mc.augment, gradient="checkpoint", fast="graphs"))),
             ("full", True, lambda: mc.full),
             ("checkpointed+graphs", True, lambda: partial(mc.checkpointed, CudaGraphSteps(mc.model, mc.spec))),
         ]
@@ -365,6 +386,165 @@ def steps_memory_section(case: Case, device: torch.device, steps: tuple[int, ...
         del mc
         free(device)
     return out
+
+
+# ----------------------------------------------------------------------------- time to a share
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The settings of one pipeline run: buffer, run, export and eval, as a user would type them."""
+
+    name: str
+    data: str
+    experts: int
+    epochs: int
+    ipc: int
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    iterations: int
+    eval_runs: int
+    eval_epochs: int | None = None  # None: the share's own recipe
+    batch_experts: int | None = None  # None: distill buffer's default
+
+
+# ../shared/BENCHMARKS.md's reduced protocol: 15 experts x 20 epochs, 10 images per class, hard labels,
+# 20 student steps, span 2, 300 iterations. Starts up to 18, so that start + span stays within 20 epochs.
+PIPELINES = {
+    "cuda": Pipeline("reduced protocol", "pneumoniamnist", 15, 20, 10, 20, 2, 18, 300, 3),
+    # Scaled down to a few minutes on 2 CPU cores; the rows say so.
+    "cpu": Pipeline("scaled down for 2 CPU cores", "pneumoniamnist", 1, 2, 10, 10, 1, 1, 20, 1, eval_epochs=50),
+}
+REFERENCE_PIPELINE = {"buffer_s": 41.7, "run_s_per_iteration": 0.231}  # ../shared/BENCHMARKS.md, H200
+
+
+def _cli(args: list[str], repo: Path, env: dict, log_to: Path) -> float:
+    """Wall seconds of one ``python -m distill.cli ...`` in ``repo``; the output goes to ``log_to``."""
+    t0 = time.perf_counter()
+    with open(log_to, "a") as f:
+        f.write(f"$ distill {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=repo, env={**env, "PYTHONPATH": str(repo)},
+                              stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"distill {args[0]} failed (exit {proc.returncode}); see {log_to}")
+    return seconds
+
+
+def _iteration_seconds(run_dir: Path) -> dict:
+    """Median seconds per iteration from the run's metrics.jsonl, without the first (capture, warm-up)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    secs = [r["seconds"] for r in rows if r.get("kind") == "iteration"]
+    rest = secs[1:] or secs
+    return {"first_s": secs[0], "median_s": statistics.median(rest), "iterations": len(secs)}
+
+
+def _run_args(p: Pipeline, buffer: Path, out: Path, device: torch.device, config: Path) -> list[str]:
+    return ["run", "--buffer", str(buffer), "--out", str(out), "--ipc", str(p.ipc), "--hard-labels",
+            "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
+            "--max-start-epoch", str(p.max_start_epoch), "--iterations", str(p.iterations),
+            "--device", device.type, "--config", str(config)]
+
+
+def pipeline_section(p: Pipeline, device: torch.device, data_dir: Path, old_repo: Path | None = None) -> dict:
+    """Wall time of each stage as the CLI runs it, in a scratch folder; seconds per MTT iteration from the run's log."""
+    env = {**os.environ, "DISTILL_DATA": str(data_dir)}
+    res: dict = {"settings": asdict(p), "device": device.type, "stages": {}}
+    with tempfile.TemporaryDirectory(prefix="distill-pipeline-") as tmp:
+        work = Path(tmp)
+        logfile = work / "log.txt"
+        # No evaluation inside `distill run`: `distill eval` is its own stage.
+        config = work / "run.toml"
+        config.write_text("eval_models = 0\neval_every = 0\n")
+        buf, run = work / "buffer", work / "run"
+        stages = res["stages"]
+        try:
+            buffer_args = ["buffer", "--data", p.data, "--out", str(buf), "--experts", str(p.experts),
+                           "--epochs", str(p.epochs), "--device", device.type]
+            if p.batch_experts:
+                buffer_args += ["--batch-experts", str(p.batch_experts)]
+            stages["buffer"] = {"seconds": _cli(buffer_args, REPO, env, logfile)}
+            log(f"[pipeline] buffer: {stages['buffer']['seconds']:.1f} s")
+            stages["run"] = {"seconds": _cli(_run_args(p, buf, run, device, config), REPO, env, logfile),
+                             **_iteration_seconds(run)}
+            log(f"[pipeline] run: {stages['run']['seconds']:.1f} s, {stages['run']['median_s']:.4f} s/iteration")
+            share = work / "share.h5"
+            # The privacy audit is its own stage (distill audit); --force records in the share that it was skipped.
+            stages["export"] = {"seconds": _cli(["export", str(run), "--out", str(share), "--force"], REPO, env, logfile)}
+            log(f"[pipeline] export: {stages['export']['seconds']:.1f} s")
+            eval_args = ["eval", str(share), "--test", p.data, "--baseline", "none", "--runs", str(p.eval_runs),
+                         "--device", device.type, "--json", str(work / "eval.json")]
+            if p.eval_epochs:
+                eval_args += ["--epochs", str(p.eval_epochs)]
+            stages["eval"] = {"seconds": _cli(eval_args, REPO, env, logfile)}
+            report = json.loads((work / "eval.json").read_text())
+            first = report["results"][0]
+            stages["eval"] |= {"accuracy_mean": first["mean"]["accuracy"], "accuracy_std": first["std"]["accuracy"]}
+            log(f"[pipeline] eval: {stages['eval']['seconds']:.1f} s")
+            if old_repo is not None:
+                # The older checkout's run, then this one's again, then the older one's again: on a shared
+                # machine the load changes over minutes, and alternating lets both see the same spread.
+                res["old_run"], res["new_again"] = [], []
+                for k in range(2):
+                    for repo, key in ((old_repo, "old_run"), (REPO, "new_again")):
+                        if key == "new_again" and k == 1:
+                            break
+                        out_dir = work / f"{key}-{k}"
+                        secs = _cli(_run_args(p, buf, out_dir, device, config), repo, env, logfile)
+                        res[key].append({"repo": str(repo), "seconds": secs, **_iteration_seconds(out_dir)})
+                        log(f"[pipeline] {key} {k}: {secs:.1f} s, {res[key][-1]['median_s']:.4f} s/iteration")
+        except Exception as e:  # noqa: BLE001 - report what was measured, and why the rest was not
+            res["failed"] = f"{type(e).__name__}: {e}"
+            tail = logfile.read_text().splitlines()[-15:] if logfile.exists() else []
+            res["log_tail"] = tail
+            log(f"[pipeline] failed: {e}\n" + "\n".join(tail))
+    return res
+
+
+# ----------------------------------------------------------------------------- operator counts
+
+
+def opcount_section() -> list[dict]:
+    from opcount import opcounts
+
+    rows = opcounts()
+    for r in rows:
+        log(f"[opcount] {r}")
+    return rows
+
+
+def iteration_section(device: torch.device, reps: int = 3) -> list[dict]:
+    """Seconds per MTT iteration (plan and gradients) at the op-count setting with ConvNet width 128:
+    5bd3815's path against the engine, both gradient modes, eagerly (on CUDA the engine is also captured)."""
+    from opcount import Problem, Setting
+
+    rows = []
+    for t in (1, 4):
+        p = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device, vmap=None)  # as distill run: loop off CUDA
+        fns = {"5bd3815 (full)": p.old_iteration, "engine full": lambda: p.new_iteration("full"),
+               "engine checkpoint": lambda: p.new_iteration("checkpoint")}
+        if t > 1:  # one trajectory is never vmapped
+            vm = Problem(Setting(width=CONVNET_WIDTH, syn_steps=10), t, device, vmap=True)
+            fns["engine full, vmapped"] = lambda: vm.new_iteration("full")
+        row = {"T": t, "syn_steps": p.s.syn_steps}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        # Interleaved, so that a change in the machine's load (a shared CPU) hits every variant alike.
+        for _ in range(reps):
+            for name, fn in fns.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        for name in fns:
+            row[name] = statistics.median(times[name])
+            log(f"[iteration] T={t} {name}: {row[name]:.3f} s")
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- experts
@@ -580,6 +760,17 @@ def render(res: dict) -> str:
           "this device. Raw numbers: the `.json` file beside this one.", ""]
     if res.get("note"):
         L += [f"> {res['note']}", ""]
+    L += render_pipeline(res.get("pipeline"), res["device"]["name"])
+    L += render_opcount(res.get("opcount"))
+    L += render_iteration(res.get("iteration"), res["device"]["name"])
+    if res.get("kept_from"):
+        k = res["kept_from"]
+        L += ["## Earlier measurements", "",
+              f"Every section below was measured on **{k['device']}** on {k['date']} by `{k['command']}`, before "
+              "`distill run` captured whole iterations (distill/mtt/engine.py) and before the one-pass augmentation; "
+              "carried over unchanged (`--keep`) until the GPU is measured again with `benchmarks/gpu_check.sh`.", ""]
+        if k.get("note"):
+            L += [f"> {k['note']}", ""]
 
     rows = res.get("mtt", [])
     if rows:
@@ -728,6 +919,108 @@ def render(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
+    """The time-to-a-share table; the reference's H200 figures beside ours."""
+    if not pl:
+        return []
+    st, p = pl.get("stages", {}), pl["settings"]
+    gpu = pl["device"] == "cuda"
+    L = ["## Time to a share", "",
+         f"`distill buffer`, `run`, `export` and `eval` as the CLI runs them (one process each), on {device_name}: "
+         f"{p['data']}, {p['experts']} expert(s) x {p['epochs']} epochs, {p['ipc']} images per class, hard labels, "
+         f"{p['syn_steps']} student steps, expert span {p['expert_epochs']}, starts up to {p['max_start_epoch']}, "
+         f"{p['iterations']} iterations, `eval` {p['eval_runs']} run(s) of the share alone"
+         + (f" for {p['eval_epochs']} epochs" if p.get("eval_epochs") else "") + f" ({p['name']}). Seconds per "
+         "iteration: the median of `distill run`'s own per-iteration times (metrics.jsonl), without the first (which, "
+         "on CUDA, captures the graph).", ""]
+    ref = REFERENCE_PIPELINE if gpu else {}
+    run = st.get("run", {})
+    L += ["| stage | wall s | per iteration s | reference (H200) | x reference |", "|---|---|---|---|---|"]
+    for name in ("buffer", "run", "export", "eval"):
+        if name not in st:
+            L.append(f"| `distill {name}` | not measured |  |  |  |")
+            continue
+        secs = st[name]["seconds"]
+        per = fmt(run.get("median_s"), ".4f") if name == "run" else ""
+        r = ref.get("buffer_s") if name == "buffer" else ref.get("run_s_per_iteration") if name == "run" else None
+        mine = secs if name == "buffer" else run.get("median_s") if name == "run" else None
+        L.append(f"| `distill {name}` | {secs:.1f} | {per} | {fmt(r, '.3f') if r else '—'} | "
+                 f"{fmt(r / mine, '.2f') + 'x' if r and mine else '—'} |")
+    if "eval" in st and st["eval"].get("accuracy_mean") is not None:
+        e = st["eval"]
+        L += ["", f"Test accuracy of the share: {100 * e['accuracy_mean']:.1f} ± {100 * e['accuracy_std']:.1f} % "
+                  f"({p['eval_runs']} network(s))."]
+    if pl.get("old_run"):
+        olds = [o["median_s"] for o in pl["old_run"]]
+        news = [run["median_s"]] + [o["median_s"] for o in pl.get("new_again", [])]
+        L += ["", f"The same `distill run` command from `{pl['old_run'][0]['repo']}` (an older checkout) on the same "
+                  f"buffer, alternated with this version's (this, old, this, old): old "
+                  f"{', '.join(f'{v:.3f}' for v in olds)} s per iteration, this version "
+                  f"{', '.join(f'{v:.3f}' for v in news)} s; the ratio of the means: this version's iterations are "
+                  f"{statistics.mean(olds) / statistics.mean(news):.2f}x as fast."]
+    if pl.get("failed"):
+        L += ["", f"Stopped early: {pl['failed']}"]
+    if not gpu:
+        g = PIPELINES["cuda"]
+        L += ["", f"On a GPU, at the reference's reduced protocol ({g.experts} experts x {g.epochs} epochs, {g.ipc} "
+                  f"images per class, hard labels, {g.syn_steps} student steps, span {g.expert_epochs}, "
+                  f"{g.iterations} iterations; `benchmarks/gpu_check.sh`):", "",
+              "| stage | wall s | per iteration s | reference (H200) | x reference |", "|---|---|---|---|---|",
+              f"| `distill buffer` | not measured in this session |  | {REFERENCE_PIPELINE['buffer_s']} |  |",
+              f"| `distill run` | not measured in this session | not measured in this session | "
+              f"{REFERENCE_PIPELINE['run_s_per_iteration']} per iteration |  |",
+              "| `distill export` | not measured in this session |  |  |  |",
+              "| `distill eval` | not measured in this session |  |  |  |"]
+    return L + [""]
+
+
+def render_iteration(rows: list[dict] | None, device_name: str) -> list[str]:
+    if not rows:
+        return []
+    names = [k for k in rows[-1] if k not in ("T", "syn_steps")]
+    L = ["## Seconds per MTT iteration at a small setting", "",
+         f"On {device_name}, one thread: ConvNet-3 (width 128), 1x28x28, 2 classes x 10 images, "
+         f"{rows[0]['syn_steps']} student steps, DSA; plan drawing and gradients, median of 3 after 1 warm-up, the "
+         "variants interleaved (benchmarks/opcount.py's setting). Eager: no graph capture off CUDA. *engine full* "
+         "and *checkpoint* loop over the T trajectories, as `distill run` does off CUDA; *vmapped* is what it runs on "
+         "CUDA.", "",
+         "| T | " + " | ".join(names) + " | 5bd3815 / engine full | 5bd3815 / engine checkpoint |",
+         "|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        old = r[names[0]]
+        L.append(f"| {r['T']} | " + " | ".join(fmt(r.get(n), ".3f") for n in names) +
+                 f" | {old / r['engine full']:.2f}x | {old / r['engine checkpoint']:.2f}x |")
+    return L + [""]
+
+
+def render_opcount(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    L = ["## Operator calls (aten ops dispatched, counted on the CPU)", "",
+         "One MTT iteration (plan drawing and the gradients; the optimiser update is the same in both) and one expert",
+         "step, counted by a `TorchDispatchMode` (benchmarks/opcount.py): ConvNet-3, 1x28x28, 2 classes x 10 images,",
+         "20 student steps, the whole set each step, DSA. *Today* is git 5bd3815: a Python loop over steps and",
+         "trajectories, each step's augmentation drawn on the CPU. *Eager* is this version's engine called without",
+         "capture, its T trajectories vmapped as on CUDA. *Captured*: a replayed CUDA graph dispatches no aten",
+         "operator for its work, only the copies of the iteration's inputs into the graph and of its outputs (counted",
+         "from the engine's inputs and outputs here; `benchmarks/engine_check.py` counts them during a real replay).", "",
+         "| what | T | today (5bd3815) | eager, gradient full | eager, checkpoint | captured (host) | "
+         "eager full / today | captured / today |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["what"] == "mtt_iteration":
+            L.append(f"| MTT iteration | {r['T']} | {r['old']} | {r['new_full']} | {r['new_checkpoint']} | "
+                     f"{r['captured_host']} | {r['new_full'] / r['old']:.2f} | {r['captured_host'] / r['old']:.4f} |")
+        else:
+            L.append(f"| expert step (batch 256) | 1 | {r['old']} | {r['new']} | — | — | {r['new'] / r['old']:.2f} | — |")
+    mtt = [r for r in rows if r["what"] == "mtt_iteration"]
+    ok = all(r["captured_host"] <= r["old"] / 10 for r in mtt)
+    eager_ok = all(r["new_full"] <= r["old"] / 10 for r in mtt)
+    L += ["", "Per trajectory, divide by T. The issue's target, at most 1/10 of today's calls per iteration: "
+          f"captured path {'met' if ok else '**missed**'}; eager path {'met' if eager_ok else '**missed**'} ("
+          + ", ".join(f"T={r['T']}: {r['new_full'] / r['old']:.2f} of today's" for r in mtt) + ").", ""]
+    return L
+
+
 def own_ratio(best: dict | None, full: dict | None) -> float | None:
     """Optimised / full peak memory, each net of what was allocated before its call (so leftovers of earlier rows
     don't count)."""
@@ -858,21 +1151,22 @@ def disk_verdict(res: dict) -> str:
 
 
 NOTES = [
-    "- **Constant-memory exact gradient** (`distill/mtt/checkpointed.py`, `gradient = \"checkpoint\"`): exact, not an",
-    "  approximation; the float64 column is the check without rounding noise, and tests/test_checkpointed.py checks",
-    "  every term (images, soft labels, step size) against the full unroll on a CPU to 1e-4 in fp32. Between its two",
-    "  passes it keeps θ_k, P floats per inner step (1.2 MB for convnet3, 2.4 MB for convnet5 at 128x128): small",
-    "  against one step's activations, but proportional to syn_steps; `store=\"host\"` keeps them in pinned CPU",
-    "  memory instead, so that device memory does not grow with syn_steps at all (the syn_steps table).",
+    "- **One function per iteration** (`distill/mtt/engine.py`, what `distill run` uses): the iteration's unroll and its",
+    "  derivative for all of a rank's trajectories, written in `torch.func` form and vmapped over the trajectories,",
+    "  with every random number drawn beforehand on the device (the plan). On CUDA it is captured once per input shape",
+    "  as one CUDA graph and replayed (`--fast auto`, the default; `--fast compile` compiles it first); where capture",
+    "  fails, one warning and the same math eagerly. A replay dispatches only the copies of the inputs and outputs",
+    "  (the operator-count table). tests/test_checkpointed.py checks it against the full unroll on a CPU to 1e-4 in",
+    "  fp32 and 1e-10 in float64, for images, soft-label logits and the log step size, one trajectory or several.",
+    "- **Constant-memory exact gradient** (`gradient = \"checkpoint\"`, in the engine and in",
+    "  `distill/mtt/checkpointed.py`): exact, not an approximation. Between its two passes it keeps θ_k, P floats per",
+    "  inner step (1.2 MB for convnet3, 2.4 MB for convnet5 at 128x128): small against one step's activations, but",
+    "  proportional to syn_steps; `matching_grads(store=\"host\")` keeps them in pinned CPU memory instead (the",
+    "  syn_steps table).",
     "- **Cost**: it runs each step's forward and backward twice (once without a graph, once with the double backward),",
-    "  so where the network's kernels dominate it does more work than the full unroll. It is faster where launches",
-    "  dominate (small images), because each step's network work is then one CUDA graph.",
-    "- **CUDA graphs** (`CudaGraphSteps`, kept): one graph for a step's gradient and one for its vector-Jacobian product,",
-    "  captured once per shape, sharing one memory pool, replayed every step. The augmentation stays outside because",
-    "  it draws its random parameters on the CPU; autograd carries the image gradient back through it.",
-    "- **torch.compile** (`CudaGraphSteps(compile=True)`, optional): compiles the step written with",
-    "  `torch.func.grad`/`vjp` and captures the compiled kernels in the same graphs. It costs tens of seconds of",
-    "  compiling per shape; its table says what it gains.",
+    "  so where the network's kernels dominate it does more work than the full unroll; what it buys is memory.",
+    "- **Per-step CUDA graphs** (`CudaGraphSteps` in `distill/mtt/checkpointed.py`, kept for comparison): one graph",
+    "  for a step's gradient and one for its vector-Jacobian product, the augmentation eager between them.",
     "- **TF32** (a flag, off by default): tensor cores for convolutions and matrix products; the TF32 rows give its",
     "  speed and its error against strict fp32.",
     "- **channels_last** (`CudaGraphSteps(channels_last=True)`, `--channels-last` here): on the H200 on 2026-11-27 it was",
@@ -880,11 +1174,8 @@ NOTES = [
     "  by default and timed only on request.",
     "- **Fused parameter updates**: the student's parameters are one flat vector, so each update is one kernel; the",
     "  batched experts update all K experts with one foreach SGD step over stacked tensors.",
-    "- **Augmentation** (kornia, `distill/augment.py`, unchanged): its table gives its cost. Each call draws its",
-    "  parameters on the CPU and copies them to the GPU from pageable memory, and each such copy makes the CPU wait",
-    "  for the GPU; for small images that, not kornia's arithmetic, is most of an MTT step. Copying from pinned",
-    "  memory with `non_blocking=True` would remove the waits without changing a single random number; no transform",
-    "  was replaced by our own code, because no measurement here yet shows what that would gain.",
+    "- **Augmentation** (`distill/augment.py`): every parameter of an iteration drawn at once on the device, then a",
+    "  fixed sequence of tensor operations per step (one warp), so it vmaps and is captured with the rest.",
     "- **Batched experts** (`distill buffer --batch-experts K`): K experts in one `vmap(functional_call)` over",
     "  stacked parameters; trajectories equal one-at-a-time training to the level at which the GPU disagrees with",
     "  itself (the agreement table). It runs the augmentation once per expert per step, so it gains little while",
@@ -900,8 +1191,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--smoke", action="store_true", help="Tiny sizes, to check on a CPU that everything runs.")
     ap.add_argument("--out", default=None, help="Markdown report (default docs/performance.md; out/performance-smoke.md with --smoke).")
-    ap.add_argument("--sections", default="mtt,steps,experts,storage,compile",
-                    help="Comma list of mtt, steps, experts, storage, compile (run in this order).")
+    ap.add_argument("--sections", default="pipeline,mtt,steps,experts,storage,compile,opcount",
+                    help="Comma list of pipeline, mtt, steps, experts, storage, compile, opcount, iteration "
+                         "(run in this order).")
+    ap.add_argument("--keep", default=None, metavar="JSON",
+                    help="Carry the sections this run does not measure over from an earlier report (rendered as such).")
+    ap.add_argument("--pipeline", default=None, choices=sorted(PIPELINES),
+                    help="Pipeline settings: cuda = the reference's reduced protocol, cpu = scaled down (default: the device's).")
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
+                    help="Folder with pneumoniamnist.npz for the pipeline (DISTILL_DATA).")
+    ap.add_argument("--old-repo", default=None,
+                    help="Another checkout (e.g. `git archive 5bd3815 | tar -x -C /tmp/old`) whose distill run is timed too.")
     ap.add_argument("--cases", default=",".join(c.name for c in CASES), help="Comma list of MTT cases.")
     ap.add_argument("--compile-cases", default=None,
                     help="Cases for the torch.compile section (default medmnist28_ipc10,cifar_ipc10 on a GPU, none on a CPU, "
@@ -923,10 +1223,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit("Without a GPU the full sizes take hours; use --smoke on a CPU.")
-    out = Path(args.out or (REPO / ("out/performance-smoke.md" if args.smoke else "docs/performance.md")))
     sections = set(args.sections.split(","))
+    if device.type == "cpu" and not args.smoke and sections - {"pipeline", "opcount", "iteration"}:
+        raise SystemExit("Without a GPU the full sizes take hours; use --smoke on a CPU (pipeline and opcount run as they are).")
+    out = Path(args.out or (REPO / ("out/performance-smoke.md" if args.smoke else "docs/performance.md")))
     names = [n for n in args.cases.split(",") if n]
     unknown = set(names) - {c.name for c in CASES}
     if unknown:
@@ -950,9 +1250,22 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(out) as tmp:
             tmp.write_text(render(res))
 
-    if "mtt" in sections:
-        res["mtt"] = mtt_section(cases, device, args.channels_last)
+    if args.keep:
+        old = json.loads(Path(args.keep).read_text())
+        kept = [k for k in ("mtt", "steps_memory_case", "steps_memory", "experts", "disk", "precision", "compile")
+                if k in old]
+        res |= {k: old[k] for k in kept}
+        res["kept_from"] = {"date": old.get("date"), "device": old.get("device", {}).get("name"),
+                            "command": old.get("command"), "note": old.get("note"), "sections": kept}
+    if "pipeline" in sections:
+        p = PIPELINES[args.pipeline or device.type]
+        res["pipeline"] = pipeline_section(p, device, Path(args.data_dir), Path(args.old_repo) if args.old_repo else None)
         save()
+    if "mtt" in sections:
+        res["mtt"] = []
+        for case in cases:  # saved after each case, so a run cut short keeps the cases it finished
+            res["mtt"] += mtt_section([case], device, args.channels_last)
+            save()
     if "steps" in sections and cases:
         base = cases[0]
         steps = (base.syn_steps, 2 * base.syn_steps) if args.smoke else (10, 30)
@@ -974,6 +1287,12 @@ def main(argv: list[str] | None = None) -> None:
     compile_cases = [c for c in cases if c.name in set(filter(None, wanted.split(",")))]
     if "compile" in sections and compile_cases:
         res["compile"] = compile_section(compile_cases, device)
+        save()
+    if "opcount" in sections:
+        res["opcount"] = opcount_section()
+        save()
+    if "iteration" in sections:
+        res["iteration"] = iteration_section(device)
         save()
     log(f"Wrote {out} and {out.with_suffix('.json')} in {res['seconds']:.0f} s.")
 

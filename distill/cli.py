@@ -131,6 +131,9 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--gradient", type=click.Choice(["full", "checkpoint"]), default=None,
               help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps "
                    f"{default_text(RunConfig, 'gradient')}.")
+@click.option("--fast", type=click.Choice(["auto", "graphs", "compile", "eager"]), default=None,
+              help="auto: each iteration one captured CUDA graph on CUDA, eager elsewhere; "
+                   f"compile: torch.compile, then captured; eager: no capture {default_text(RunConfig, 'fast')}.")
 @click.option("--batch-syn", type=int, default=None, help=f"Synthetic images per student step; 0 = all {default_text(RunConfig, 'batch_syn')}.")
 @click.option("--eval-every", type=int, default=None, help=f"Validate on real data every N iterations {default_text(RunConfig, 'eval_every')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")

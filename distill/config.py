@@ -86,7 +86,10 @@ class RunConfig:
     momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
     batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
     augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
-    gradient: str = "full"  # full (reference unroll, the oracle) | checkpoint (constant memory, exact)
+    gradient: str = "full"  # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps)
+    # How each iteration runs: auto = one captured CUDA graph per iteration on CUDA, eager elsewhere;
+    # graphs | compile (torch.compile, then captured) | eager. Same numbers up to rounding (docs/performance.md).
+    fast: str = "auto"
     eval_every: int = 100  # iterations between evaluations (0 = only at the end); ref 100
     eval_models: int = 2  # fresh networks trained per evaluation (0 = no evaluation); ref 5
     eval_epochs: int = 300  # epochs each; ref 1000 (fewer keeps the periodic check cheap)

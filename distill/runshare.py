@@ -35,7 +35,7 @@ METHOD_KEYS = ("ipc", "iterations", "syn_steps", "expert_epochs", "min_start_epo
                "trajectories_per_iter", "init", "hard_labels", "label_temperature", "lr_img", "lr_lr", "lr_label",
                "syn_lr_init", "max_log_lr_step", "momentum", "batch_syn", "augment", "gradient", "eval_every",
                "eval_models", "eval_epochs", "checkpoint_every", "seed")
-METHOD_HOME_ONLY = ("buffer", "out", "data", "device")  # paths, the hospital's data name, its hardware
+METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast")  # paths, the hospital's data name, its hardware and how it ran there
 EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per_epoch", "snapshots", "model",
                "model_kwargs", "seed", "zca", "train")
 EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")

@@ -17,8 +17,6 @@ LAZY_IMPORTS = {
     # Each command imports its stage when it runs, so `distill --help` and a mistyped flag
     # answer without loading torch.
     "distill.cli": "startup speed of the command line",
-    # The pre-checkpointed fallback of _checkpointed_grads; the distiller rewrite removes it.
-    "distill.mtt.distiller": "the checkpointed gradient is imported only when asked for",
 }
 
 

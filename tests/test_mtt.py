@@ -3,7 +3,6 @@ resume, the NaN guard, torchrun against one process, and an end-to-end run on Br
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -37,7 +36,7 @@ TINY_SNAPSHOT_EVERY = 2  # optimiser steps per snapshot interval in the tiny buf
 # ----------------------------------------------------------------------------- the matching gradient
 
 
-def _tiny_problem(n: int = 4, steps: int = 3, size: int = 4):
+def _tiny_problem(n: int = 4, steps: int = 3, size: int = 4, augment: Augment | None = None):
     """A float64 depth-2 ConvNet (width 4) on 4x4 images (few pixels keep finite differences cheap);
     the target is a small random move away from the start."""
     with seeded(0):
@@ -49,14 +48,15 @@ def _tiny_problem(n: int = 4, steps: int = 3, size: int = 4):
     images = torch.randn(n, 1, size, size, generator=g, dtype=torch.float64)
     logits = torch.randn(n, 2, generator=g, dtype=torch.float64)
     log_lr = torch.tensor(math.log(0.1), dtype=torch.float64)
-    plan = make_plan(n, steps, 2, g)  # batches of 2 out of 4: every step sees another subset
+    # Batches of 2 out of 4: every step sees another subset; the augmentation is drawn into the plan.
+    plan = make_plan(n, steps, 2, g, augment=augment, size=(size, size), dtype=torch.float64)
     return model, spec, start, target, images, logits, log_lr, plan
 
 
 @pytest.mark.parametrize("augment", [None, Augment(("color", "crop", "flip", "scale", "rotate"), mode="all")],
                          ids=["no-augment", "fixed-augment"])
 def test_matching_gradients_agree_with_finite_differences(augment):
-    model, spec, start, target, images, logits, log_lr, plan = _tiny_problem()
+    model, spec, start, target, images, logits, log_lr, plan = _tiny_problem(augment=augment)
 
     def loss(x, z, a):
         return matching_objective(model, spec, start, target, x, z, a, plan, augment)[0]
@@ -81,20 +81,17 @@ def test_hard_label_gradients_agree_with_finite_differences():
     assert g_labels is None
 
 
-def test_compute_grads_is_pure_and_checkpoint_mode_matches_or_says_unavailable():
+def test_compute_grads_is_pure_and_checkpoint_mode_matches():
     model, spec, start, target, images, logits, log_lr, plan = _tiny_problem()
     full = compute_grads(model, spec, start, target, images, logits, log_lr, plan, None)
     again = compute_grads(model, spec, start, target, images, logits, log_lr, plan, None)
     for a, b in zip(full, again):
         assert torch.equal(a, b) and not a.requires_grad
     assert images.grad is None and not images.requires_grad  # the caller's tensors are untouched
-    if importlib.util.find_spec("distill.mtt.checkpointed") is None:
-        with pytest.raises(DistillError, match="not available"):
-            compute_grads(model, spec, start, target, images, logits, log_lr, plan, None, gradient="checkpoint")
-    else:  # the constant-memory path must reproduce the oracle
-        ckpt = compute_grads(model, spec, start, target, images, logits, log_lr, plan, None, gradient="checkpoint")
-        for a, b in zip(full, ckpt):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    # The constant-memory path must reproduce the full one.
+    ckpt = compute_grads(model, spec, start, target, images, logits, log_lr, plan, None, gradient="checkpoint")
+    for a, b in zip(full, ckpt):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
 
 
 def test_log_step_size_cannot_collapse_or_cross_zero():
@@ -193,7 +190,7 @@ def test_real_init_starts_from_real_training_images(tiny_buffer, tmp_path):
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_buffer, tmp_path, monkeypatch):
     whole = read_synset(distill_run(_cfg(tiny_buffer, tmp_path / "whole")))
     calls = {"n": 0}
-    real_grads = distiller.compute_grads
+    real_grads = distiller.match_segments
 
     def interrupt_at_iteration_3(*a, **kw):
         calls["n"] += 1
@@ -201,10 +198,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_buffer, tmp_
             raise KeyboardInterrupt
         return real_grads(*a, **kw)
 
-    monkeypatch.setattr(distiller, "compute_grads", interrupt_at_iteration_3)
+    monkeypatch.setattr(distiller, "match_segments", interrupt_at_iteration_3)
     with pytest.raises(KeyboardInterrupt):
         distill_run(_cfg(tiny_buffer, tmp_path / "cut"))
-    monkeypatch.setattr(distiller, "compute_grads", real_grads)
+    monkeypatch.setattr(distiller, "match_segments", real_grads)
     # checkpoint_every is 2, so only the save on Ctrl-C holds iteration 3: no finished iteration is lost.
     assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["iteration"] == 3
     resumed = read_synset(distill_run(_cfg(tiny_buffer, tmp_path / "cut"), resume=True))
@@ -218,17 +215,17 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_buffer, tmp_
 def test_nan_guard_keeps_the_last_good_state_which_resumes_exactly(tiny_buffer, tmp_path, monkeypatch):
     whole = read_synset(distill_run(_cfg(tiny_buffer, tmp_path / "whole", hard_labels=True, checkpoint_every=10)))
     calls = {"n": 0}
-    real_grads = distiller.compute_grads
+    real_grads = distiller.match_segments
 
     def nan_at_iteration_2(*a, **kw):
         calls["n"] += 1
-        loss, *rest = real_grads(*a, **kw)
-        return (loss * float("nan") if calls["n"] == 3 else loss, *rest)
+        m = real_grads(*a, **kw)
+        return m._replace(loss=m.loss * float("nan")) if calls["n"] == 3 else m
 
-    monkeypatch.setattr(distiller, "compute_grads", nan_at_iteration_2)
+    monkeypatch.setattr(distiller, "match_segments", nan_at_iteration_2)
     with pytest.raises(DivergenceError, match="iteration 2"):
         distill_run(_cfg(tiny_buffer, tmp_path / "bad", hard_labels=True, checkpoint_every=10))
-    monkeypatch.setattr(distiller, "compute_grads", real_grads)
+    monkeypatch.setattr(distiller, "match_segments", real_grads)
     ck = torch.load(tmp_path / "bad" / CHECKPOINT_FILE, weights_only=True)
     assert ck["iteration"] == 2 and torch.isfinite(ck["images"]).all()
     assert not (tmp_path / "bad" / "synthetic.h5").exists()

@@ -19,8 +19,14 @@ reference, 78 GiB for 128x128 chest X-rays). Here the unroll runs twice:
    (Cui et al. 2023); each term here carries its factor exactly once, and
    ``tests/test_checkpointed.py`` checks every one against the full unroll.
 
-Each step replays the plan's augmentation seed, so step k sees the same
+Each step replays the plan's augmentation parameters, so step k sees the same
 augmented batch in both passes and in the oracle.
+
+This module is the per-step path: a Python loop over steps, each step's network
+work optionally one CUDA graph (:class:`CudaGraphSteps`). ``distill run`` uses
+:mod:`.engine`, the same algebra in ``torch.func`` form, vmapped over
+trajectories and captured as one graph per iteration; the benchmarks keep this
+path to compare against.
 
 The θ_k kept between the passes cost ``syn_steps x P x 4`` bytes (1.2 MB a step
 for convnet3 at 28x28, 2.4 MB for convnet5 at 128x128), against hundreds of MB
@@ -36,9 +42,9 @@ import logging
 import torch
 from torch import nn
 
-from ..augment import Augment
+from ..augment import Augment, AugParams
 from ..models import ParamSpec
-from .unroll import UnrollPlan, inner_loss, step_generator
+from .unroll import UnrollPlan, inner_loss
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +52,17 @@ STORES = ("device", "host")
 
 
 def _step_grad(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-               augment: Augment | None, seed: int) -> torch.Tensor:
+               augment: Augment | None, aug: AugParams | None) -> torch.Tensor:
     """∇ℓ_k(θ_k) without a graph: the forward pass needs only the update, not its derivatives."""
     theta = theta.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = inner_loss(model, spec, theta, x, y, augment, seed)
+        loss = inner_loss(model, spec, theta, x, y, augment, aug)
         (g,) = torch.autograd.grad(loss, theta)
     return g
 
 
 def _step_vjp(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-              augment: Augment | None, seed: int, g_next: torch.Tensor
+              augment: Augment | None, aug: AugParams | None, g_next: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For one step: (∇ℓ_k, H_k g, ∂⟨∇ℓ_k, g⟩/∂x_k, ∂⟨∇ℓ_k, g⟩/∂y_k or None for class ids).
 
@@ -67,7 +73,7 @@ def _step_vjp(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.T
     soft = y.is_floating_point()
     y = y.detach().requires_grad_(soft)
     with torch.enable_grad():
-        loss = inner_loss(model, spec, theta, x, y, augment, seed)
+        loss = inner_loss(model, spec, theta, x, y, augment, aug)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         inputs = [theta, x] + ([y] if soft else [])
         # allow_unused: a parameter can drop out of the second derivative (e.g. the last bias);
@@ -82,7 +88,7 @@ def _step_vjp(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.T
 
 def _func_grad(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:func:`_step_grad` without augmentation, in torch.func form (which torch.compile can trace)."""
-    return torch.func.grad(lambda t: inner_loss(model, spec, t, x, y, None, 0))(theta)
+    return torch.func.grad(lambda t: inner_loss(model, spec, t, x, y, None, None))(theta)
 
 
 def _func_vjp(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -107,8 +113,9 @@ class CudaGraphSteps:
 
     The small cases are latency-bound: a 28x28 step is ~200 tiny kernels whose launch costs more
     than their arithmetic. A captured graph launches them all at once. The augmentation stays
-    eager, outside the graphs, because it draws its parameters on the CPU; the graphs take the
-    augmented batch as input, and its gradient is carried back through the augmentation by autograd.
+    eager, outside the graphs; the graphs take the augmented batch as input, and its gradient is
+    carried back through the augmentation by autograd. :class:`.engine.MatchingEngine` captures a
+    whole iteration instead.
 
     Keep one instance per model for a whole run and pass it to every :func:`matching_grads` call:
     capturing costs a few warm-up steps, replaying costs one launch. ``channels_last`` feeds the
@@ -131,8 +138,8 @@ class CudaGraphSteps:
             self._grad_fn = torch.compile(functools.partial(_func_grad, model, spec), dynamic=False)
             self._vjp_fn = torch.compile(functools.partial(_func_vjp, model, spec), dynamic=False)
         else:
-            self._grad_fn = lambda t, x, y: _step_grad(model, spec, t, x, y, None, 0)
-            self._vjp_fn = lambda t, x, y, g: _step_vjp(model, spec, t, x, y, None, 0, g)
+            self._grad_fn = lambda t, x, y: _step_grad(model, spec, t, x, y, None, None)
+            self._vjp_fn = lambda t, x, y, g: _step_vjp(model, spec, t, x, y, None, None, g)
 
     @staticmethod
     def _key(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -207,24 +214,22 @@ def matching_grads(model: nn.Module, spec: ParamSpec, start: torch.Tensor, targe
     images, targets, lr = images.detach(), targets.detach(), lr.detach()
     soft = targets.is_floating_point()
     offload = store == "host" and start.device.type != "cpu"
-    # One transfer of every step's indices: a pageable copy per step would stall the GPU each time.
-    batches = torch.stack(plan.batches).to(images.device) if plan.steps else None
-
     kept: list[torch.Tensor] = []
     theta = start.detach()
-    for k, seed in enumerate(plan.aug_seeds):
+    for k in range(plan.steps):
+        idx, aug = plan.step(k)
         if offload:
             # Pinned memory lets the copy overlap with the next step's kernels.
             buf = torch.empty(theta.shape, dtype=theta.dtype, pin_memory=True)
             kept.append(buf.copy_(theta, non_blocking=True))
         else:
             kept.append(theta)
-        x, y = images[batches[k]], targets[batches[k]]
+        x, y = images[idx], targets[idx]
         if graphs is None:
-            grad_k = _step_grad(model, spec, theta, x, y, augment, seed)
+            grad_k = _step_grad(model, spec, theta, x, y, augment, aug)
         else:
             with torch.no_grad():
-                xa = augment(x, step_generator(seed)) if augment is not None else x
+                xa = augment.apply(x, aug) if augment is not None else x
             grad_k = graphs.grad(theta, xa, y)
         theta = theta - lr * grad_k
     student_end = theta
@@ -237,18 +242,18 @@ def matching_grads(model: nn.Module, spec: ParamSpec, start: torch.Tensor, targe
     grad_targets = torch.zeros_like(targets) if soft else None
     grad_lr = torch.zeros((), dtype=g.dtype, device=g.device)
     for k in range(plan.steps - 1, -1, -1):
-        idx, seed = batches[k], plan.aug_seeds[k]
+        idx, aug = plan.step(k)
         theta_k = kept.pop().to(start.device, non_blocking=True)
         x, y = images[idx], targets[idx]
         if graphs is None:
-            grad_k, hvp, gx, gy = _step_vjp(model, spec, theta_k, x, y, augment, seed, g)
+            grad_k, hvp, gx, gy = _step_vjp(model, spec, theta_k, x, y, augment, aug, g)
         elif augment is None:
             grad_k, hvp, gx, gy = graphs.vjp(theta_k, x, y, g)
         else:
             # The graph stops at the augmented batch; autograd carries its gradient through the augmentation.
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                xa = augment(x, step_generator(seed))
+                xa = augment.apply(x, aug)
             grad_k, hvp, gxa, gy = graphs.vjp(theta_k, xa.detach(), y, g)
             (gx,) = torch.autograd.grad(xa, x, gxa)
         grad_lr -= (grad_k * g).sum()

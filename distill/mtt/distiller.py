@@ -5,9 +5,11 @@ One iteration (docs/method.md):
 1. A generator derived from ``(seed, iteration)`` draws ``trajectories_per_iter``
    segments (expert, start snapshot t) and one :class:`~.unroll.UnrollPlan` each.
    Every rank draws the same ones, and a resumed run redraws them exactly.
-2. Each rank takes its share of the segments and, for each, unrolls a student
-   from θ*_t for ``syn_steps`` SGD steps and differentiates the matching loss
-   ||θ_student − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||² (:func:`compute_grads`).
+2. Each rank takes its share of the segments and, for all of them at once
+   (one vmapped function, captured as a CUDA graph on CUDA: :mod:`.engine`),
+   unrolls a student from θ*_t for ``syn_steps`` SGD steps and differentiates
+   the matching loss ||θ_student − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²
+   (:func:`match_segments`).
 3. Losses and gradients are summed over ranks and divided by the number of
    segments: the mean over segments, whichever rank matched them.
 4. NaN guard, then SGD with momentum on the images, the label logits and the
@@ -23,7 +25,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ from .experts import ExpertPool, Segment
 from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
                      clear_run, restartable, save_checkpoint, save_grid)
 from .synthetic import bound_log_step, initial_images, initial_logits, list_inits, log_step_size, needs_real_data, soft_targets
-from .unroll import UnrollPlan, make_plan, matching_loss, movement_ratio, unroll_student
+from .engine import FAST_MODES, GRADIENTS, Matched, MatchingEngine
+from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, unroll_student
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ INIT_KEY, ITER_KEY, EVAL_KEY = 0, 1, 2  # independent sub-streams of the run see
 # (r - 1)^2: at r = 2 it is no closer than where it started, below r = 0.5 it covers under half
 # the way. Outside this range the settings, not the images, dominate the loss.
 MOVEMENT_RANGE = (0.5, 2.0)
-GRADIENTS = ("full", "checkpoint")
 
 
 # ----------------------------------------------------------------------------- the matching gradient
@@ -74,55 +75,26 @@ def matching_objective(model: nn.Module, spec: ParamSpec, start: torch.Tensor, t
     return matching_loss(end, start, target), end
 
 
-def _full_grads(model, spec, start, target, images, labels, log_lr, plan, augment, temperature):
-    loss, end = matching_objective(model, spec, start, target, images, labels, log_lr, plan, augment, temperature)
-    soft = labels.is_floating_point()
-    grads = torch.autograd.grad(loss, (images, log_lr, labels) if soft else (images, log_lr))
-    return loss.detach(), grads[0], grads[2] if soft else None, grads[1], end.detach()
-
-
-def _checkpointed_grads(model, spec, start, target, images, labels, log_lr, plan, augment, temperature):
-    """The constant-memory path: ``checkpointed.matching_grads`` differentiates with respect to the
-    images, the *targets* and the *step size*; the chain rule to logits and log step size is here.
-
-    Expected contract: ``matching_grads(model, spec, start, target, images, targets, lr, plan, augment)
-    -> (loss, d/d images, d/d targets or None for class ids, d/d lr, student_end)``, equal to the full unroll.
-    """
-    try:
-        from .checkpointed import matching_grads
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.checkpointed":
-            raise
-        raise DistillError('gradient = "checkpoint" is not available in this installation; use gradient = "full".') from None
-    soft = labels.is_floating_point()
-    lr = log_lr.exp()
-    targets = soft_targets(labels, temperature) if soft else labels
-    loss, g_img, g_targets, g_lr, end = matching_grads(model, spec, start, target, images.detach(), targets.detach(),
-                                                       lr.detach(), plan, augment)
-    g_logits = torch.autograd.grad(targets, labels, g_targets)[0] if soft else None
-    return loss, g_img, g_logits, g_lr * lr.detach(), end  # d/d log_lr = lr * d/d lr
-
-
-_GRADIENT_FNS: dict[str, Callable] = {"full": _full_grads, "checkpoint": _checkpointed_grads}
-
-
 def compute_grads(model: nn.Module, spec: ParamSpec, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
                   labels_or_logits: torch.Tensor, log_lr: torch.Tensor, plan: UnrollPlan, augment: Augment | None, *,
                   temperature: float = 1.0, gradient: str = "full"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Loss and gradients of one segment: ``(loss, d/d images, d/d logits or None, d/d log_lr, student_end)``.
 
-    The one call site for every gradient mode; all results are detached. ``gradient``
-    is ``"full"`` (autograd through the whole unroll: the oracle) or ``"checkpoint"``.
+    All results are detached; ``gradient`` is ``"full"`` (through the whole unroll) or ``"checkpoint"``
+    (constant memory). The same function as ``distill run`` runs, eagerly, for one trajectory.
     """
-    if gradient not in _GRADIENT_FNS:
+    if gradient not in GRADIENTS:
         raise DistillError(f"Unknown gradient mode {gradient!r}; choose one of {', '.join(GRADIENTS)}.")
-    images = images.detach().requires_grad_(True)
-    log_lr = log_lr.detach().requires_grad_(True)
-    labels = labels_or_logits.detach()
-    if labels.is_floating_point():
-        labels.requires_grad_(True)
-    return _GRADIENT_FNS[gradient](model, spec, start, target, images, labels, log_lr, plan, augment, temperature)
+    engine = MatchingEngine(model, spec, augment, gradient=gradient, temperature=temperature, fast="eager")
+    m = engine(start[None], target[None], images, labels_or_logits, log_lr, stack_plans([plan]))
+    return m.loss, m.images, m.labels, m.log_lr, m.ends[0]
+
+
+def match_segments(engine: MatchingEngine, starts: torch.Tensor, targets: torch.Tensor, state: "_State",
+                   plans: UnrollPlan) -> Matched:
+    """One rank's share of an iteration: T segments (starts, targets (T, P), plans stacked) in one call."""
+    return engine(starts, targets, state.images, state.label_input, state.log_lr, plans)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -148,6 +120,7 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.momentum < 1, f"momentum must be in [0, 1); got {cfg.momentum}."),
         (cfg.batch_syn >= 0, f"batch_syn must be 0 (the whole set) or positive; got {cfg.batch_syn}."),
         (cfg.gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}; got {cfg.gradient!r}."),
+        (cfg.fast in FAST_MODES, f"fast must be one of {', '.join(FAST_MODES)}; got {cfg.fast!r}."),
         (cfg.eval_every >= 0, f"eval_every must be 0 (only at the end) or positive; got {cfg.eval_every}."),
         (cfg.eval_models >= 0, f"eval_models must be 0 (no evaluation) or positive; got {cfg.eval_models}."),
         (cfg.eval_epochs >= 1, f"eval_epochs must be at least 1; got {cfg.eval_epochs}."),
@@ -202,6 +175,7 @@ class _Run:
     model: nn.Module
     spec: ParamSpec
     augment: Augment | None
+    engine: MatchingEngine
     val: tuple[torch.Tensor, torch.Tensor] | None  # preprocessed validation images and labels, on the device
     metrics: MetricsLog
 
@@ -320,10 +294,6 @@ class _NonFinite(Exception):
         self.what = what
 
 
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
 def _peak_memory(device: torch.device) -> dict:
     import resource
 
@@ -344,51 +314,49 @@ def _iteration(run: _Run, state: _State, it: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     gen = generator(cfg.seed, ITER_KEY, it)
     segments = run.pool.sample(gen, cfg.trajectories_per_iter, cfg.min_start_epoch, cfg.max_start_epoch, cfg.expert_epochs)
-    plans = [make_plan(len(state.images), cfg.syn_steps, cfg.batch_syn, gen) for _ in segments]
+    # Every rank draws every plan, so the generator's state (and the plans) do not depend on the rank.
+    plans = [make_plan(len(state.images), cfg.syn_steps, cfg.batch_syn, gen, augment=run.augment,
+                       size=tuple(state.images.shape[-2:]), device=device) for _ in segments]
+    mine = run.world.shard(list(range(len(segments))))
+    pairs = [run.pool.pair(segments[j], device) for j in mine]
+    m = match_segments(run.engine, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), state,
+                       stack_plans([plans[j] for j in mine]))
     learned = state.learned()
-    sums = {k: torch.zeros_like(v) for k, v in learned.items()}
-    loss_sum = torch.zeros((), device=device)
-    move_sum = 0.0
-    for j in run.world.shard(list(range(len(segments)))):
-        start, target = run.pool.pair(segments[j], device)
-        loss, g_img, g_lab, g_log_lr, end = compute_grads(
-            run.model, run.spec, start, target, state.images, state.label_input, state.log_lr, plans[j], run.augment,
-            temperature=cfg.label_temperature, gradient=cfg.gradient)
-        loss_sum += loss
-        move_sum += movement_ratio(end, start, target)
-        sums["images"] += g_img
-        sums["log_lr"] += g_log_lr
-        if g_lab is not None:
-            sums["logits"] += g_lab
+    sums = {"images": m.images, "log_lr": m.log_lr} | ({"logits": m.labels} if m.labels is not None else {})
     # One all-reduce for everything, then the mean over all segments, whichever rank matched them.
-    flat = torch.cat([loss_sum.view(1), torch.tensor([move_sum], device=device)] + [g.flatten() for g in sums.values()])
+    flat = torch.cat([m.loss.view(1), m.movement.view(1)] + [sums[k].flatten() for k in learned])
     if run.world.size > 1:
         torch.distributed.all_reduce(flat)
     flat = flat / len(segments)
-    loss, movement = float(flat[0]), float(flat[1])
-    parts = flat[2:].split([g.numel() for g in sums.values()])
-    grads = {k: part.view_as(sums[k]) for k, part in zip(sums, parts)}
+    parts = flat[2:].split([sums[k].numel() for k in learned])
+    grads = {k: part.view_as(sums[k]) for k, part in zip(learned, parts)}
+    # One read from the device, after the work, for every number the guard and the log need.
+    names = list(grads)
+    read = torch.stack([flat[0], flat[1], state.log_lr.detach().exp(), grads["log_lr"]]
+                       + [torch.isfinite(g).all().to(flat.dtype) for g in grads.values()]
+                       + [g.norm() for g in grads.values()]).tolist()
+    loss, movement, used_lr, grad_log_lr = read[:4]
+    finite, norms = dict(zip(names, read[4:4 + len(names)])), dict(zip(names, read[4 + len(names):]))
     if not math.isfinite(loss):
         raise _NonFinite("matching loss")
-    for k, g in grads.items():
-        if not _finite(g):
+    for k in names:
+        if not finite[k]:
             raise _NonFinite(f"gradient for the {k}")
 
-    used_lr = state.syn_lr
     before = state.log_lr.detach().clone()
     for name, opt in state.optimizers.items():
         learned[name].grad = grads[name]
         opt.step()
         learned[name].grad = None
     clipped = bound_log_step(state.log_lr, before, cfg.max_log_lr_step)
-    for k, t in learned.items():
-        if not _finite(t):
+    finite = torch.stack([torch.isfinite(t).all() for t in learned.values()]).tolist()
+    for k, ok in zip(learned, finite):
+        if not ok:
             raise _NonFinite(k)
     state.iteration = it + 1
     return {
         "kind": "iteration", "iteration": it, "loss": loss, "syn_lr": used_lr, "log_lr_step_clipped": clipped,
-        "grad_norm_images": float(grads["images"].norm()), "grad_log_lr": float(grads["log_lr"]),
-        "grad_norm_logits": float(grads["logits"].norm()) if "logits" in grads else None,
+        "grad_norm_images": norms["images"], "grad_log_lr": grad_log_lr, "grad_norm_logits": norms.get("logits"),
         "movement_ratio": movement, "segments": [[s.expert, s.start] for s in segments],
         "seconds": time.perf_counter() - t0, **_peak_memory(device),
     }
@@ -485,8 +453,10 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
         val = (pool.preprocessing(real.val.images).to(device), real.val.labels.to(device))
     elif cfg.eval_models > 0 and world.main:
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
+    augment = Augment.parse(cfg.augment)
+    engine = MatchingEngine(model, spec, augment, gradient=cfg.gradient, temperature=cfg.label_temperature, fast=cfg.fast)
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
-               augment=Augment.parse(cfg.augment), val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
+               augment=augment, engine=engine, val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
     if start_over and world.main:  # only once every check has passed
         log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
         clear_run(out)
@@ -544,8 +514,10 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
         del real  # only the initialisation needed the training split
         if world.main:
             save_toml(run.cfg, run.out / CONFIG_FILE)
-            log.info("Distilling %d images (%d per class) from %d expert(s) of %s on %s.", len(state.images),
-                     run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"), device)
+            log.info("Distilling %d images (%d per class) from %d expert(s) of %s on %s (%s iterations, gradient %s).",
+                     len(state.images), run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"),
+                     device, {"eager": "eager", "graphs": "captured", "compile": "compiled and captured"}[
+                         run.engine.mode(device)], run.cfg.gradient)
         world.barrier()
         _run_loop(run, state, fresh=not resume)
         if world.main:
