@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.venv/bin/distill
 PY=.venv/bin/python
+# One thread per process: at 28x28 a second thread buys no speed (2.8 s per expert epoch either way, measured),
+# and on a busy machine two threads per process slowed distill run from ~3 s to ~20 s an iteration.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${1:-out/quickstart}
 DATA=retinamnist
 mkdir -p "$OUT"
