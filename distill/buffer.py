@@ -59,7 +59,8 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
     data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed)
     pre_path = out / "preprocessing.h5"
     if world.main and not pre_path.exists():
-        write_buffer_preprocessing(out, fit_preprocessing(data.train.images, zca=cfg.zca), data.fingerprint())
+        write_buffer_preprocessing(out, fit_preprocessing(data.train.images, zca=cfg.zca), data.fingerprint(),
+                                   split_indices=data.split_indices)  # what the experts train on, exactly
     world.barrier()
     pre, fingerprint, _ = read_buffer_preprocessing(out)
     if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca or pre.size != data.size:

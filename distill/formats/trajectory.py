@@ -32,11 +32,13 @@ from ..data import Preprocessing
 from ..errors import FormatError
 from ..io import atomic_path, sha256_file
 from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
+from .split import write_split_group
 
 TRAJECTORY_FORMAT = "distill-trajectory"
 PREPROCESSING_FORMAT = "distill-preprocessing"
 VERSION_MAJOR, VERSION_MINOR = 1, 0
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
+PREPROCESSING_VERSION_MINOR = 1  # 1.1: the split the experts trained on (formats/split.py); 1.0 still reads
 PREPROCESSING_FILE = "preprocessing.h5"
 EXPERT_PATTERN = re.compile(r"^expert_(\d{4,})\.h5$")
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
@@ -173,14 +175,16 @@ def read_expert(path: str | os.PathLike) -> ExpertFile:
     return out
 
 
-def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict) -> Path:
+def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict,
+                               split_indices: dict | None = None) -> Path:
     path = Path(folder) / PREPROCESSING_FILE
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = PREPROCESSING_FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["format_version"] = f"{VERSION_MAJOR}.{PREPROCESSING_VERSION_MINOR}"
             set_json(f, "fingerprint", fingerprint)
             write_preprocessing(f.create_group("preprocessing"), pre)
+            write_split_group(f, split_indices)
     return path
 
 
@@ -193,7 +197,8 @@ def read_buffer_preprocessing(folder: str | os.PathLike) -> tuple[Preprocessing,
         with h5py.File(path, "r") as f:
             if get_attr(f, "format", None) != PREPROCESSING_FORMAT:
                 raise FormatError(f"{path} is not a distill preprocessing file.")
-            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "preprocessing")
+            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, PREPROCESSING_VERSION_MINOR,
+                          "preprocessing")
             return read_preprocessing(f["preprocessing"]), get_json(f, "fingerprint"), sha256_file(path)
     except OSError:
         raise FormatError(f"{path} is not a readable HDF5 file.") from None

@@ -32,7 +32,7 @@ from ..config import RunConfig, save_toml
 from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
-from ..formats.buffer_config import read_buffer_config
+from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
 from ..io import check_writable_dir, software_versions
 from ..models import ParamSpec, param_spec
@@ -170,7 +170,11 @@ def resolve_config(cfg: RunConfig, pool: ExpertPool) -> RunConfig:
 
 
 def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, str]:
-    """The buffer's real data (for --init real and validation), or None and the reason it is unavailable."""
+    """The buffer's real data (for --init real and validation), or None and the reason it is unavailable.
+
+    The splits are the ones the experts trained on (recorded in the buffer), never a fresh carve,
+    so validation images are images no expert has seen.
+    """
     spec, size, split_seed = cfg.data, None, 0
     b = read_buffer_config(pool.folder)
     if b is not None:
@@ -178,7 +182,9 @@ def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, s
     if not spec:
         return None, f"{pool.folder} has no config.toml naming its data and no --data was given"
     try:
-        data = load_data(spec, size=size, split_seed=split_seed)
+        record, indices = read_buffer_split(pool.folder)
+        # A buffer from before splits were recorded carved with its own seed, which is what this reproduces.
+        data = load_data(spec, size=size, split_seed=split_seed, split=record, split_indices=indices)
     except DistillError as e:
         return None, str(e).rstrip(".")
     if data.source_sha256 != pool.fingerprint.get("sha256"):
