@@ -424,7 +424,8 @@ def _warn_movement(run: _Run, ratio: float, lr: float) -> None:
 def _evaluate(run: _Run, state: _State) -> None:
     """Grid PNG, then ``eval_models`` fresh networks trained on the current set and tested on the val split."""
     cfg, it = run.cfg, state.iteration
-    save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc)
+    save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc,
+              run.pool.fingerprint.get("class_names"))
     record = {"kind": "eval", "iteration": it, "syn_lr": state.syn_lr, "grid": grid_name(it)}
     if run.val is not None and cfg.eval_models > 0:
         x_val, y_val = run.val
