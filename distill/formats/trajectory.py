@@ -15,7 +15,8 @@ Schema v1 of one expert file:
   ``software`` (JSON), ``created``.
 
 The buffer folder also holds ``preprocessing.h5`` (see :mod:`.common`), which
-every later stage applies, and ``config.toml``.
+every later stage applies, with the split the experts trained on (format 1.1,
+:mod:`.split`), and ``config.toml``.
 """
 from __future__ import annotations
 
