@@ -332,9 +332,9 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
                   "val_fraction": fractions["val"], "test_fraction": fractions["test"],
                   "members_sha256": {s: _indices_sha256(parts[s]) for s in SPLITS}}
         # It changes the per-class counts the user sees, so it is said at WARNING level.
-        log.warning("%s has no %s folder; carved %s from %s with seed %d (train %d, val %d, test %d images).", root,
-                    " or ".join(carved), " and ".join(carved), "train/" if presplit else "the folder", seed,
-                    len(parts["train"]), len(parts["val"]), len(parts["test"]))
+        sizes = ", ".join(f"{s} {len(parts[s])}" for s in ("train", *carved))
+        log.warning("%s has no %s folder; carved %s from %s with seed %d (%s images).", root, " or ".join(carved),
+                    " and ".join(carved), "train/" if presplit else "the folder", seed, sizes)
         made = {s: Split(pool.images[parts[s]], pool.labels[parts[s]]) for s in SPLITS}
         splits = {s: made[s] if s == "train" or s in carved else splits[s] for s in SPLITS}
     return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), split_record=record,
