@@ -9,6 +9,7 @@ documented in docs/evaluation.md.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from .checks import check_model_builds
 from .config import FULL_EPOCHS, BufferConfig, EvalConfig
-from .data import Preprocessing, RealData, class_counts, draw_random_real, fit_preprocessing, load_data
+from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
+                   fit_preprocessing, load_data)
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
 from .formats.share import Recipe, Share, load_share, share_targets
-from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS
+from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
 from .io import software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
@@ -358,6 +360,28 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
     return arms
 
 
+def _source_split(shares: Sequence[tuple[str, Share]], data: RealData) -> dict | None:
+    """The split a share's buffer carved, when the share was made from ``data`` itself (its salted hash matches).
+
+    Scoring such a share on a fresh carve of its own source would put images its experts trained
+    on into the test split. Returns None when no share comes from ``data`` or nothing was carved.
+    """
+    for name, share in shares:
+        ds = share.provenance.get(Attr.DATASET) or {}
+        split, salt, salted = ds.get("split"), ds.get("salt"), ds.get("source_sha256_salted")
+        if not (isinstance(split, dict) and split.get("method") == SPLIT_CARVED and isinstance(salt, str)):
+            continue
+        try:
+            mine = hashlib.sha256(bytes.fromhex(salt) + data.source_sha256.encode("ascii")).hexdigest()
+        except ValueError:
+            continue
+        if mine == salted and any(data.split_record.get(k) != v for k, v in split.items()):
+            log.info("%s was made from %s; scoring on the split its buffer carved (%s), so no test image is one "
+                     "its experts trained on.", name, data.name, describe_split(split))
+            return split
+    return None
+
+
 def plan(arms: Sequence[Arm], runs: int) -> list[tuple[int, str]]:
     """What the evaluation will cost, said before it starts: (log level, line) pairs.
 
@@ -394,6 +418,9 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     size = cfg.size or (union.preprocessing.size if union else None)
     test_spec, train_spec = cfg.test or cfg.train, cfg.train or cfg.test
     test_data = load_data(test_spec, size=size)
+    carve = _source_split(shares, test_data)
+    if carve is not None:
+        test_data = load_data(test_spec, size=size, split=carve)
     train_data = test_data if train_spec == test_spec else load_data(train_spec, size=size)
     if len(test_data.test) == 0:
         raise DataError(f"{test_data.name} has an empty test split; there is nothing to score.")

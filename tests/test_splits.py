@@ -130,3 +130,27 @@ def test_npz_with_an_official_split_audits_its_own_val(tmp_path):
     official_train = torch.from_numpy(arrays["train_images"][:, None])
     assert _rows(hold) <= _rows(torch.from_numpy(arrays["val_images"][:, None]))
     assert not (_rows(hold) & _rows(official_train))
+
+
+def test_eval_of_a_share_on_its_own_source_scores_images_no_expert_trained_on(tmp_path):
+    from distill.evaluate import _source_split
+    from distill.formats.share import load_share
+
+    folder = tmp_path / "flat"
+    rng = np.random.default_rng(1)
+    for c_idx, c in enumerate(("benign", "malignant")):  # no train/: val and test are both carved
+        (folder / c).mkdir(parents=True)
+        for i in range(20):
+            arr = (rng.integers(0, 120, size=(8, 8)) + 120 * c_idx).astype(np.uint8)
+            Image.fromarray(arr, mode="L").save(folder / c / f"img{i:03d}.png")
+    _, run = _buffer_and_run(folder, tmp_path)
+    share = [("s.h5", load_share(export_share(run, tmp_path / "s.h5", force=True)))]
+    experts_train = load_data(folder, split_seed=BUFFER_SEED).train.images
+    fresh = load_data(folder)
+    assert _rows(fresh.test.images) & _rows(experts_train)  # a fresh carve would score training images
+    carve = _source_split(share, fresh)
+    assert carve is not None and carve["seed"] == BUFFER_SEED
+    scored = load_data(folder, split=carve).test.images
+    assert len(scored) and not (_rows(scored) & _rows(experts_train))
+    other = _write_train_only_folder(tmp_path / "other")  # another hospital's data: its own split stands
+    assert _source_split(share, load_data(other)) is None
