@@ -113,7 +113,7 @@ def test_audit_of_a_share_says_which_split_it_assumes_and_why(folder_run, tmp_pa
     with caplog.at_level(logging.WARNING):
         data, _ = load_matching_data(load_subject(share), folder)
     said = " ".join(r.getMessage() for r in caplog.records if "assuming" in r.getMessage())
-    assert f"val carved from train/ with seed {BUFFER_SEED}" in said and "records that the buffer carved it with seed 3" in said
+    assert f"val carved from train/ with seed {BUFFER_SEED}" in said and "records that its buffer carved it with seed 3" in said
     assert "counts of every split match" in said
     assert torch.equal(data.train.images, experts_train)  # the experts' seed is the buffer's carve seed
 
@@ -154,3 +154,20 @@ def test_eval_of_a_share_on_its_own_source_scores_images_no_expert_trained_on(tm
     assert len(scored) and not (_rows(scored) & _rows(experts_train))
     other = _write_train_only_folder(tmp_path / "other")  # another hospital's data: its own split stands
     assert _source_split(share, load_data(other)) is None
+
+
+def test_a_run_from_before_recorded_splits_is_audited_with_its_buffers_seed(folder_run, tmp_path, caplog):
+    import dataclasses
+
+    from distill.formats.synset import SYNSET_FILE, read_synset, write_synset
+
+    folder, _, run, experts_train = folder_run
+    s = read_synset(run / SYNSET_FILE)
+    old = dataclasses.replace(s, fingerprint={k: v for k, v in s.fingerprint.items() if k != "split"})
+    (tmp_path / "old").mkdir()
+    write_synset(tmp_path / "old" / SYNSET_FILE, old)
+    with caplog.at_level(logging.WARNING):
+        data, _ = load_matching_data(load_subject(tmp_path / "old"), folder)
+    said = " ".join(r.getMessage() for r in caplog.records if "assuming" in r.getMessage())
+    assert f"buffer (its config.toml) was built with seed {BUFFER_SEED}" in said
+    assert torch.equal(data.train.images, experts_train)

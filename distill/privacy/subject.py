@@ -15,7 +15,8 @@ import h5py
 import torch
 
 from ..data import SPLIT_CARVED, Preprocessing, RealData, describe_split, load_data
-from ..errors import DataError, FormatError
+from ..errors import DataError, DistillError, FormatError
+from ..formats.buffer_config import read_buffer_config
 from ..formats.share import load_share, share_targets
 from ..formats.share_schema import Attr
 from ..formats.synset import SYNSET_FILE, SYNSET_FORMAT, read_synset
@@ -77,8 +78,18 @@ def _from_synset(path: Path, rundir: Path) -> Subject:
     # The share this run would export, so the audit trains on exactly the recipe a recipient gets.
     share = share_from_synset(s, {}, license="", description="", citation="")
     fp = s.fingerprint or {}
-    hint = {"seed": (s.experts or {}).get("seed"), "counts": fp.get("counts"), "what": "run"}
+    hint = {"seed": _buffer_seed(s.method or {}), "counts": fp.get("counts"), "what": "run"}
     return _subject(share, sha256_file(path), rundir, fp.get("sha256"), str(path), fp.get("split"), hint)
+
+
+def _buffer_seed(method: dict) -> int | None:
+    """The seed of the buffer a run names (its config.toml), which was the carve seed; None if unknown."""
+    buffer = method.get("buffer")
+    try:
+        cfg = read_buffer_config(buffer) if isinstance(buffer, str) and buffer else None
+    except DistillError:
+        return None
+    return cfg.seed if cfg is not None else None
 
 
 def _from_share(path: Path) -> Subject:
@@ -110,7 +121,7 @@ def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[
     """Load the real data and refuse data that cannot be the subject's; returns (data, how it was checked).
 
     The splits are the ones the experts trained on when the subject records them; otherwise the
-    assumed split is said, with the reason (:func:`_assumed_split`).
+    assumed split is said, with the reason (:func:`_say_assumed_split`).
     """
     split_kw = _split_arguments(subject)
     data = load_data(data_spec, **split_kw)
@@ -157,7 +168,8 @@ def _say_assumed_split(subject: Subject, data: RealData) -> None:
     if data.split_record.get("method") != SPLIT_CARVED:
         why = "nothing needs carving, so it is the split the experts trained on"
     elif isinstance(hint.get("seed"), int):
-        why = f"the {hint.get('what', 'source')} records that the buffer carved it with seed {hint['seed']}"
+        why = (f"the share records that its buffer carved it with seed {hint['seed']}" if hint.get("what") == "share"
+               else f"the run's buffer (its config.toml) was built with seed {hint['seed']}")
     else:
         why = f"the default seed 0, since the {hint.get('what', 'source')} records no carve seed"
     counts = data.fingerprint()["counts"]
