@@ -80,6 +80,8 @@ def summary_lines(summary: dict) -> list[str]:
     ``distill audit`` prints it and ``distill inspect`` prints it for a share's audit. A summary
     this version cannot lay out (written by another tool) is shown one section per line.
     """
+    if not isinstance(summary, dict):
+        return [json.dumps(summary)]
     try:
         return _table(summary)
     except (KeyError, TypeError, ValueError, AttributeError):
