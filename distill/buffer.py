@@ -238,7 +238,7 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         if world.main:
             save_toml(requested, out / "config.toml")
             if new_pre is not None:
-                write_buffer_preprocessing(out, new_pre, data.fingerprint())
+                write_buffer_preprocessing(out, new_pre, data.fingerprint(), split_indices=data.split_indices)
         world.barrier()
         pre, _, pre_sha = read_buffer_preprocessing(out)
         if len(todo) < len(mine):

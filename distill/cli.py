@@ -1,7 +1,9 @@
 """The ``distill`` command line. Each command parses flags, builds a config and calls one stage.
 
-User errors (:class:`~distill.errors.DistillError`) become one sentence on
-stderr and exit code 1; Ctrl-C exits 130 and keeps all finished work.
+User errors (:class:`~distill.errors.DistillError`, and click's own usage
+errors such as a folder where a file is expected) become one sentence on
+stderr and exit code 1; ``--help`` exits 0; Ctrl-C exits 130 and keeps all
+finished work.
 """
 from __future__ import annotations
 
@@ -258,6 +260,16 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, **fla
         sys.exit(AUDIT_FAILED)
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _click_sentence(e: click.ClickException) -> str:
+    """A click error as one line that ends with a full stop and says where help is."""
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    return f"{msg} (see '{ctx.command_path} --help')." if ctx is not None else f"{msg}."
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -268,9 +280,14 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted; finished work is kept on disk.", err=True)
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as e:  # bare `distill`: the overview, as --help gives it
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(0)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        # Click's own errors (a folder where a file is expected, an unknown option) read like ours:
+        # one sentence and exit 1, not its usage block and exit 2.
+        click.echo(f"Error: {_click_sentence(e)}", err=True)
+        sys.exit(1)
     except DistillError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -28,6 +28,9 @@ NPZ_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_DATA_DIR = "../shared/data"  # where this project's machines keep the MedMNIST releases
 ZCA_EPS = 0.1  # the reference MTT code's ZCA regulariser (kornia ZCAWhitening eps)
+# How a RealData's splits came about: the source's own (npz arrays, or train/ val/ test/ folders),
+# or carved per class from a pool (train/, or a folder without split sub-folders) with a seed.
+SPLIT_OFFICIAL, SPLIT_CARVED = "official", "carved"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class RealData:
     val: Split
     test: Split
     source_sha256: str  # of the file (npz) or of the sorted file list and bytes (folder)
+    # How train/val/test came about (see :func:`split_record`): small, JSON-able, part of the fingerprint.
+    split_record: dict = field(default_factory=lambda: {"method": SPLIT_OFFICIAL})
+    # For a carved split: split -> (n,) int64 positions in the pool it was carved from; None otherwise.
+    split_indices: dict[str, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -91,6 +98,7 @@ class RealData:
             "size": self.size,
             "counts": {s: class_counts(self.split(s).labels, self.num_classes) for s in SPLITS},
             "sha256": self.source_sha256,
+            "split": dict(self.split_record),
         }
 
 
@@ -121,14 +129,47 @@ def data_dir() -> Path:
 
 
 def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: int = 0,
-              val_fraction: float = 0.1, test_fraction: float = 0.2) -> RealData:
+              val_fraction: float = 0.1, test_fraction: float = 0.2, split: dict | None = None,
+              split_indices: dict[str, torch.Tensor] | None = None) -> RealData:
     """Load real data from a MedMNIST name, a MedMNIST-layout ``.npz`` or an image folder.
 
     ``size`` resizes images (bilinear, antialiased) to ``size x size``; ``None``
     keeps the source size (folders need it unless all images share one size).
     A folder without ``train/`` is split with ``split_seed``; one with ``train/`` but no
     ``val/`` or ``test/`` has the missing split(s) carved from ``train/`` the same way.
+
+    ``split``: a recorded :attr:`RealData.split_record` (from a buffer, a run): its seed and
+    fractions replace the arguments, ``split_indices`` (the buffer's exact positions) replace
+    the carve, and a result whose members differ from the record's is refused.
     """
+    if split is not None and split.get("method") == SPLIT_CARVED:
+        split_seed = int(split.get("seed", split_seed))
+        val_fraction = float(split.get("val_fraction", val_fraction))
+        test_fraction = float(split.get("test_fraction", test_fraction))
+    data = _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices)
+    if split is not None:
+        _check_recorded_split(data, split)
+    return data
+
+
+def _check_recorded_split(data: RealData, recorded: dict) -> None:
+    ours, theirs = data.split_record, recorded
+    if ours.get("method") != theirs.get("method") or (
+            theirs.get("members_sha256") and ours.get("members_sha256") != theirs.get("members_sha256")):
+        raise DataError(f"{data.name}'s train/val/test split is not the one recorded with the experts "
+                        f"({describe_split(ours)} now, {describe_split(theirs)} then); pass the data the buffer "
+                        "was built from, unchanged.")
+
+
+def describe_split(record: dict) -> str:
+    """One phrase saying how a split came about, e.g. 'val and test carved from train/ with seed 1'."""
+    if record.get("method") == SPLIT_CARVED:
+        pool = "train/" if record.get("pool") == "train" else "the whole folder"
+        return f"{' and '.join(record.get('carved', []))} carved from {pool} with seed {record.get('seed')}"
+    return "the source's own train/val/test split"
+
+
+def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices) -> RealData:
     spec_str = str(spec)
     if spec_str.lower() in MEDMNIST and not Path(spec_str).exists():
         data = _load_medmnist_name(spec_str.lower())
@@ -138,7 +179,7 @@ def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: i
             names = ", ".join(MEDMNIST)
             raise DataError(f"Data {spec_str!r} is neither an existing path nor a known MedMNIST name ({names}).")
         if path.is_dir():
-            data = _load_folder(path, size, split_seed, val_fraction, test_fraction)
+            data = _load_folder(path, size, split_seed, val_fraction, test_fraction, split_indices)
         elif path.suffix == ".npz":
             data = _load_npz(path, path.stem)
         else:
@@ -209,7 +250,8 @@ def _npz_split(images: np.ndarray, labels: np.ndarray, split: str, fname: str) -
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
-def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float) -> RealData:
+def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
+                 indices: dict[str, torch.Tensor] | None = None) -> RealData:
     from PIL import Image
 
     # A train/ folder means the user split the data; a missing val/ or test/ is carved from train/ below.
@@ -272,18 +314,44 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
         arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
         return Split(torch.from_numpy(np.ascontiguousarray(arr)), torch.tensor([y for _, y in items], dtype=torch.int64))
 
+    carved: list[str] = []
     if presplit:
         splits = {s: to_split(all_imgs[s], files[s]) for s in split_roots}
-        if len(splits) < len(SPLITS):
-            train, val, test = stratified_split(splits["train"], seed, val_fraction if "val" not in splits else 0.0,
-                                                test_fraction if "test" not in splits else 0.0)
-            log.info("%s has no %s folder; carved it from train/ with seed %d.", root,
-                     " or ".join(s for s in ("val", "test") if s not in splits), seed)
-            splits = {"train": train, "val": splits.get("val", val), "test": splits.get("test", test)}
+        carved = [s for s in ("val", "test") if s not in splits]
+        pool = splits["train"]
     else:
-        whole = to_split(all_imgs["all"], files["all"])
-        splits = dict(zip(SPLITS, stratified_split(whole, seed, val_fraction, test_fraction)))
-    return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), **splits)
+        carved = ["val", "test"]
+        pool = to_split(all_imgs["all"], files["all"])
+    record: dict = {"method": SPLIT_OFFICIAL}
+    parts = None
+    if carved:
+        fractions = {"val": val_fraction if "val" in carved else 0.0, "test": test_fraction if "test" in carved else 0.0}
+        parts = indices or stratified_indices(pool.labels, seed, fractions["val"], fractions["test"])
+        _check_indices(parts, len(pool), root)
+        record = {"method": SPLIT_CARVED, "pool": "train" if presplit else "all", "carved": carved, "seed": seed,
+                  "val_fraction": fractions["val"], "test_fraction": fractions["test"],
+                  "members_sha256": {s: _indices_sha256(parts[s]) for s in SPLITS}}
+        # It changes the per-class counts the user sees, so it is said at WARNING level.
+        sizes = ", ".join(f"{s} {len(parts[s])}" for s in ("train", *carved))
+        log.warning("%s has no %s folder; carved %s from %s with seed %d (%s images).", root, " or ".join(carved),
+                    " and ".join(carved), "train/" if presplit else "the folder", seed, sizes)
+        made = {s: Split(pool.images[parts[s]], pool.labels[parts[s]]) for s in SPLITS}
+        splits = {s: made[s] if s == "train" or s in carved else splits[s] for s in SPLITS}
+    return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), split_record=record,
+                    split_indices=parts, **splits)
+
+
+def _indices_sha256(idx: torch.Tensor) -> str:
+    """SHA-256 of sorted int64 positions (little-endian bytes): compares two splits without storing them."""
+    arr = np.ascontiguousarray(torch.sort(idx.long()).values.numpy().astype("<i8"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def _check_indices(parts: dict[str, torch.Tensor], n: int, root: Path) -> None:
+    every = torch.cat([parts[s].long() for s in SPLITS])
+    if len(every) != n or len(torch.unique(every)) != n or (n and (every.min() < 0 or every.max() >= n)):
+        raise DataError(f"The split recorded with the experts does not fit the {n} images now under {root}; "
+                        "pass the data the buffer was built from, unchanged.")
 
 
 GREY_MODES = ("L", "LA", "1")
@@ -304,22 +372,29 @@ def _to_8bit(im):
     return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
 
 
-def stratified_split(data: Split, seed: int, val_fraction: float, test_fraction: float) -> tuple[Split, Split, Split]:
-    """Split per class with a seeded permutation, so class balance is kept in every part."""
+def stratified_indices(labels: torch.Tensor, seed: int, val_fraction: float,
+                       test_fraction: float) -> dict[str, torch.Tensor]:
+    """Positions of each split, per class with a seeded permutation, so class balance is kept in every part.
+
+    Returns split name -> sorted (n,) int64 positions in ``labels``.
+    """
     g = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
-    for c in torch.unique(data.labels).tolist():
-        idx = torch.nonzero(data.labels == c).flatten()
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test:n_test + n_val])
         parts["train"].append(idx[n_test + n_val:])
-    out = []
-    for s in SPLITS:
-        idx = torch.sort(torch.cat(parts[s])).values
-        out.append(Split(data.images[idx], data.labels[idx]))
-    return tuple(out)
+    empty = torch.zeros(0, dtype=torch.int64)
+    return {s: torch.sort(torch.cat(parts[s] or [empty])).values for s in SPLITS}
+
+
+def stratified_split(data: Split, seed: int, val_fraction: float, test_fraction: float) -> tuple[Split, Split, Split]:
+    """Split per class with a seeded permutation (:func:`stratified_indices`)."""
+    idx = stratified_indices(data.labels, seed, val_fraction, test_fraction)
+    return tuple(Split(data.images[idx[s]], data.labels[idx[s]]) for s in SPLITS)
 
 
 def _validate(data: RealData) -> None:

@@ -9,6 +9,7 @@ documented in docs/evaluation.md.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -20,12 +21,13 @@ import numpy as np
 import torch
 from .checks import check_model_builds
 from .config import FULL_EPOCHS, BufferConfig, EvalConfig
-from .data import Preprocessing, RealData, class_counts, draw_random_real, fit_preprocessing, load_data
+from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
+                   fit_preprocessing, load_data)
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
 from .formats.share import Recipe, Share, load_share, share_targets
-from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS
+from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
 from .io import check_writable_file, software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
@@ -43,6 +45,10 @@ DEFAULT_MODEL = BufferConfig.model  # the experts' network (the reference MTT on
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
 DEFAULT_AUGMENT = BufferConfig.augment  # the experts' DSA list: the reference protocol
+
+# Warn before training when the full-data baseline is more than this share of the image passes:
+# at 2,400 images of 64 px it took 740 s per run on 2 CPU cores, against seconds for a share.
+FULL_DOMINATES = 0.5
 
 # Sub-streams of the user seed. Run r of every arm starts from the same initial weights
 # (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
@@ -372,6 +378,47 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
     return arms
 
 
+def _source_split(shares: Sequence[tuple[str, Share]], data: RealData) -> dict | None:
+    """The split a share's buffer carved, when the share was made from ``data`` itself (its salted hash matches).
+
+    Scoring such a share on a fresh carve of its own source would put images its experts trained
+    on into the test split. Returns None when no share comes from ``data`` or nothing was carved.
+    """
+    for name, share in shares:
+        ds = share.provenance.get(Attr.DATASET) or {}
+        split, salt, salted = ds.get("split"), ds.get("salt"), ds.get("source_sha256_salted")
+        if not (isinstance(split, dict) and split.get("method") == SPLIT_CARVED and isinstance(salt, str)):
+            continue
+        try:
+            mine = hashlib.sha256(bytes.fromhex(salt) + data.source_sha256.encode("ascii")).hexdigest()
+        except ValueError:
+            continue
+        if mine == salted and any(data.split_record.get(k) != v for k, v in split.items()):
+            log.info("%s was made from %s; scoring on the split its buffer carved (%s), so no test image is one "
+                     "its experts trained on.", name, data.name, describe_split(split))
+            return split
+    return None
+
+
+def plan(arms: Sequence[Arm], runs: int) -> list[tuple[int, str]]:
+    """What the evaluation will cost, said before it starts: (log level, line) pairs.
+
+    One line per row: images x epochs x runs = image passes (forward and backward), the
+    unit that sets the time; then a warning when the full-data baseline dominates.
+    """
+    passes = {a.name: int(a.trained_on["images"]) * a.recipe.epochs * runs for a in arms}
+    total = sum(passes.values())
+    lines = [(logging.INFO, f"Evaluation plan: {len(arms)} row(s), {total:,} image passes in all:")]
+    for a in arms:
+        lines.append((logging.INFO, f"  {a.name}: {a.trained_on['images']:,} images x {a.recipe.epochs} epochs x "
+                                    f"{runs} run(s) = {passes[a.name]:,}"))
+    full = sum(n for a, n in zip(arms, passes.values()) if a.kind == "full")
+    if total and full / total > FULL_DOMINATES:
+        lines.append((logging.WARNING, f"The full-data baseline is {full / total:.0%} of this evaluation's work; "
+                                       "drop it with --baseline random-real, or shorten it with --epochs or --runs."))
+    return lines
+
+
 def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = None) -> dict:
     """Train ``cfg.runs`` fresh networks per arm and score them on the real test split; returns the report.
 
@@ -392,6 +439,9 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     size = cfg.size or (union.preprocessing.size if union else None)
     test_spec, train_spec = cfg.test or cfg.train, cfg.train or cfg.test
     test_data = load_data(test_spec, size=size)
+    carve = _source_split(shares, test_data)
+    if carve is not None:
+        test_data = load_data(test_spec, size=size, split=carve)
     train_data = test_data if train_spec == test_spec else load_data(train_spec, size=size)
     if len(test_data.test) == 0:
         raise DataError(f"{test_data.name} has an empty test split; there is nothing to score.")
@@ -401,6 +451,13 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     check_model_builds(setup.model_name, *geometry, setup.model_kwargs)  # fail before any training
 
     arms = _arms(cfg, union, setup, train_spec, train_data, baselines, device)
+    for level, line in plan(arms, cfg.runs):
+        log.log(level, "%s", line)
+    if baselines:
+        # A random-real row depends on this, not on the other rows: alone or combined, it is the same.
+        log.info("Baselines follow %s.", "the share's recipe and preprocessing, so a `--baseline random-real` run "
+                 "without the share (reference recipe, its own preprocessing) gives other numbers" if union else
+                 "the reference recipe, with preprocessing fit on the train split")
     x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
     total = sum(cfg.runs * a.recipe.epochs for a in arms)
     results = []

@@ -40,6 +40,8 @@ EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per
                "model_kwargs", "seed", "zca", "train")
 EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")
 SOFTWARE_KEYS = ("distill", "python", "torch", "numpy", "h5py", "kornia", "torchvision", "scipy", "cuda", "cudnn")
+# The split's description, not its members: hashes of the members would link shares of one buffer.
+SPLIT_KEYS = ("method", "pool", "seed", "carved", "val_fraction", "test_fraction")
 SALT_BYTES = 16  # 128 bits: no two shares ever share a salt, so their hashes cannot be matched up
 
 _MAX_TEXT = 200  # a provenance value longer than this is not a setting
@@ -100,7 +102,8 @@ def _pick(record: dict, keys: tuple[str, ...]) -> dict:
 
 def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
     """The source dataset as a share may describe it: a MedMNIST name or "custom", geometry,
-    per-class counts per split, and a salted hash in place of the source's SHA-256.
+    per-class counts per split, how the split came about (:data:`SPLIT_KEYS`), and a salted
+    hash in place of the source's SHA-256.
 
     ``source_sha256_salted`` is SHA-256(salt || the 64 lowercase hex characters of the
     source's SHA-256). The salt stops anyone linking two shares of one source by their
@@ -113,6 +116,9 @@ def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
             out[k] = fp[k]
     counts = fp.get("counts") or {}
     out["counts"] = {s: [int(c) for c in counts[s]] for s in SPLITS if isinstance(counts.get(s), list)}
+    split = fp.get("split")
+    if isinstance(split, dict):  # how val/test came about, so an audit of the share can redo the carve
+        out["split"] = scrub({k: split[k] for k in SPLIT_KEYS if k in split})
     sha = fp.get("sha256")
     if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
         out["salt"] = salt.hex()

@@ -140,3 +140,35 @@ def test_console_script_exit_code_and_stderr(tmp_path, subprocess_env):
                           cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert_one_sentence(proc.returncode, proc.stderr, "neither an existing path")
+
+
+# ----------------------------------------------------------------------------- paths of the wrong kind, every command
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["eval", "{dir}", "--test", "{file}"], "is a directory"),  # click-level: a folder where a share file goes
+    (["eval", "--baseline", "full", "--test", "{file}", "--json", "{dir}"], "is a directory"),
+    (["buffer", "--data", "{file}", "--out", "{dir}/b", "--config", "{dir}"], "is a directory"),
+    (["report", "{file}", "--out", "{dir}"], "is a directory"),
+    (["audit", "{file}", "--data", "{dir}", "--pairs-png", "{dir}"], "is a directory"),
+    (["inspect", "{dir}"], "is not a file"),
+    (["inspect", "{file}"], "not a readable HDF5 file"),
+    (["audit", "{file}", "--data", "{dir}"], "not a readable HDF5 file"),
+    (["buffer", "--data", "{file}", "--out", "{dir}/b"], "not a .npz file or a folder"),
+    (["export", "{dir}", "--out", "{dir}"], "is a folder"),
+    (["eval", "--bogus"], "No such option"),
+])
+def test_every_command_answers_a_wrong_kind_of_path_in_one_sentence(args, fragment, tmp_path, monkeypatch, capsys):
+    folder, file = tmp_path / "folder", tmp_path / "notes.txt"
+    folder.mkdir()
+    file.write_text("not data")
+    args = [a.format(dir=folder, file=file) for a in args]
+    code, _, err = run_main(args, monkeypatch, capsys)
+    assert code == 1, err  # click's usage errors exited 2 with its usage block
+    assert_one_sentence(code, err, fragment)
+
+
+def test_help_still_exits_zero(monkeypatch, capsys):
+    for args in (["--help"], ["eval", "--help"], []):
+        code, out, _ = run_main(args, monkeypatch, capsys)
+        assert code == 0 and "Usage:" in out

@@ -107,6 +107,8 @@ def test_the_audit_of_the_old_run_repeats_its_old_summary(tiny_npz, tmp_path):
     s = old["summary"]["settings"]
     report = run_audit(run, tiny_npz, networks=s["networks"], epochs=s["epochs"], expert_epochs=s["expert_epochs"],
                        bootstrap=s["bootstrap"], pairs=s["pairs"], seed=s["seed"], device="cpu")
+    # The old run records no split; the summary now says which one the audit assumed (issue 17).
+    assert report.summary["data"].pop("split") == {"recorded": False, "method": "official"}
     # Equal up to float noise another CPU's BLAS may add; keys, counts and verdict exactly.
     new_s, old_s = dict(report.summary), dict(old["summary"])
     new_m, old_m = new_s.pop("membership"), old_s.pop("membership")

@@ -72,3 +72,53 @@ def read_audit(rundir: str | os.PathLike) -> dict:
     if missing:
         raise FormatError(f"{path} lacks {', '.join(missing)}; run 'distill audit' again.")
     return doc
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The audit summary as a short table: one row per nearest-neighbour measure and per attack, then the verdict.
+
+    ``distill audit`` prints it and ``distill inspect`` prints it for a share's audit. A summary
+    this version cannot lay out (written by another tool) is shown one section per line.
+    """
+    if not isinstance(summary, dict):
+        return [json.dumps(summary)]
+    try:
+        return _table(summary)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return [f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(summary.items())]
+
+
+def _table(s: dict) -> list[str]:
+    data = s["data"]
+    split = data.get("split")
+    lines = [f"Nearest neighbour ({s['n_synthetic']} synthetic vs {data['n_train']} training images; "
+             f"baseline {data['n_holdout']} held-out images"
+             + (f", {data['nonmembers']} split {_split_words(split)}" if isinstance(split, dict) else "") + "):"]
+    for k, m in s["nearest_neighbour"].items():
+        lines.append(f"  {k:18s} synthetic median {m['synthetic']['median']:.3f} p95 {m['synthetic']['p95']:.3f} "
+                     f"max {m['synthetic']['max']:.3f} | held-out median {m['holdout']['median']:.3f} "
+                     f"p95 {m['holdout']['p95']:.3f} max {m['holdout']['max']:.3f} | threshold "
+                     f"{m['threshold']:.3f}, flagged {m['flagged']}")
+    mia = s["membership"]
+    lines.append(f"Membership inference ({mia['n_members']} members, {mia['n_nonmembers']} non-members, "
+                 f"{s['settings']['networks']} network(s) per side):")
+    rows = [(f"share, {k}", v) for k, v in mia["share"].items()]
+    rows += [("random real, loss", mia["real_subset"]), ("random real, its own images", mia["real_subset_included"])]
+    for name, m in rows:
+        line = f"  {name:28s} AUC {_ci(m['auc'])}"
+        for key, label in (("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0p1pct_fpr", "TPR@0.1%FPR")):
+            line += f"  {label} {_ci(m[key])}" + ("" if m[key]["resolvable"] else " (too few points)")
+        lines.append(line)
+    verdict = s["verdict"]
+    lines.append(f"Verdict: {'PASS' if verdict['passed'] else 'FAIL'}")
+    lines += [f"  - {r}" for r in verdict.get("reasons", [])]
+    return lines
+
+
+def _split_words(split: dict) -> str:
+    how = f"carved with seed {split.get('seed')}" if split.get("method") == "carved" else "as the source splits"
+    return how + (", as the experts had it" if split.get("recorded") else ", assumed")
+
+
+def _ci(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"

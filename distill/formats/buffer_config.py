@@ -3,7 +3,13 @@
 ``distill buffer`` writes it with :func:`distill.config.save_toml`: TOML with
 one key per ``BufferConfig`` field (``None`` fields are left out: TOML has no
 null, and absence means the default). Later stages read it to reload the
-buffer's real data with the same resize and split seed.
+buffer's real data with the same resize.
+
+The exact split the experts trained on is in the buffer's ``preprocessing.h5``
+(format 1.1): its fingerprint's ``split`` record (how the split came about:
+``method`` official or carved, ``seed``, fractions, SHA-256 of each part's
+positions) and, for a carved split, the exact positions (:mod:`.split`).
+Buffers written before 1.1 have neither; they are reloaded with their seed.
 """
 from __future__ import annotations
 
@@ -12,11 +18,27 @@ import logging
 import os
 from pathlib import Path
 
+import h5py
+import torch
+
 from ..config import BufferConfig, build, load_toml
+from .split import read_split_group
+from .trajectory import PREPROCESSING_FILE, read_buffer_preprocessing
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
+
+
+def read_buffer_split(folder: str | os.PathLike) -> tuple[dict | None, dict[str, torch.Tensor] | None]:
+    """The split the buffer's experts trained on: (its record, its exact positions or None).
+
+    (None, None) for a buffer written before splits were recorded.
+    """
+    _, fingerprint, _ = read_buffer_preprocessing(folder)
+    path = Path(folder) / PREPROCESSING_FILE
+    with h5py.File(path, "r") as f:
+        return fingerprint.get("split"), read_split_group(f, str(path))
 
 
 def read_buffer_config(folder: str | os.PathLike) -> BufferConfig | None:

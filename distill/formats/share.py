@@ -33,6 +33,7 @@ from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5
 from ..train import TrainRecipe
 from . import share_schema as S
+from .audit import summary_lines
 from .common import check_version, utc_now
 from .share_schema import Attr, Key
 
@@ -222,7 +223,8 @@ class Share:
             f"privacy: audit {self.privacy.get(Attr.AUDIT_STATUS, 'missing')}"
             + (" (export forced)" if self.privacy.get(Attr.FORCED) else ""),
             *([f"  {self.privacy[Attr.STATEMENT]}"] if self.privacy.get(Attr.STATEMENT) else []),
-            *[f"  {k}: {v}" for k, v in sorted(self.privacy.get(Attr.SUMMARY, {}).items())],
+            *[f"  {line}" for line in (summary_lines(self.privacy[Attr.SUMMARY])
+                                       if self.privacy.get(Attr.SUMMARY) else [])],
             f"license: {self.license}",
         ]
         if self.description:
@@ -232,13 +234,10 @@ class Share:
         return "\n".join(lines)
 
     def save_grid(self, path: str | os.PathLike, max_per_class: int = MAX_GRID_PER_CLASS) -> Path:
-        """Draw one row per class (preprocessing undone) into a PNG; returns its path.
+        """Draw one row per class (preprocessing undone), named on the left, into a PNG; returns its path.
 
         Shares with neither 1 nor 3 channels are drawn from their first channel.
         """
-        from PIL import Image
-        from torchvision.utils import make_grid
-
         disp = self.preprocessing.invert(self.images)
         if disp.shape[1] not in (1, 3):
             disp = disp[:, :1]
@@ -249,12 +248,44 @@ class Share:
             row = disp[self.labels == k][:cols]
             blank = torch.zeros((cols - len(row),) + tuple(disp.shape[1:]))
             rows.append(torch.cat([row, blank]))
-        grid = make_grid(torch.cat(rows), nrow=cols, padding=2, pad_value=1.0)  # (3, H', W') in [0, 1]
-        arr = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         path = Path(path)
         with atomic_path(path) as tmp:
-            Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+            labelled_grid(torch.cat(rows), cols, self.class_names, pad_value=1.0).save(tmp, format="PNG")
         return path
+
+
+GRID_LABEL_CHARS = 24  # a class name longer than this is cut in the grid's label strip
+
+
+def labelled_grid(images01: torch.Tensor, per_row: int, class_names: list[str] | None, *, padding: int = 2,
+                  pad_value: float = 0.0):
+    """A PIL image of ``images01`` (N, C, H, W) in [0, 1], ``per_row`` per row, row k being class k.
+
+    With ``class_names``, a white strip on the left names each row's class (PIL's built-in
+    font, so no font file is needed).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images01.float().clamp(0, 1), nrow=per_row, padding=padding, pad_value=pad_value)
+    img = Image.fromarray(np.ascontiguousarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()))
+    if not class_names:
+        return img
+    font = ImageFont.load_default()
+    names = [n if len(n) <= GRID_LABEL_CHARS else n[:GRID_LABEL_CHARS - 3] + "..." for n in map(str, class_names)]
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType: a Latin-1 bitmap font
+        names = [n.encode("latin-1", "replace").decode("latin-1") for n in names]
+    measure = ImageDraw.Draw(img)
+    boxes = [measure.textbbox((0, 0), n, font=font) for n in names]
+    strip = max(b[2] - b[0] for b in boxes) + 2 * padding + 2
+    canvas = Image.new("RGB", (strip + img.width, img.height), "white")
+    canvas.paste(img, (strip, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = images01.shape[-2] + padding
+    for r, (name, box) in enumerate(zip(names, boxes)):
+        y = padding + r * row_h + (images01.shape[-2] - (box[3] - box[1])) // 2 - box[1]
+        draw.text((padding, y), name, fill="black", font=font)
+    return canvas
 
 
 def _fmt(t: torch.Tensor) -> str:

@@ -18,7 +18,8 @@ Schema v1 of one expert file:
   whose data does not match (a torn or damaged write); a 1.0 file without it is read unchecked.
 
 The buffer folder also holds ``preprocessing.h5`` (see :mod:`.common`), which
-every later stage applies, and ``config.toml``.
+every later stage applies, with the split the experts trained on (format 1.1,
+:mod:`.split`), and ``config.toml``.
 """
 from __future__ import annotations
 
@@ -36,12 +37,15 @@ from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5, sha256_file
 from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
+from .split import write_split_group
 
 TRAJECTORY_FORMAT = "distill-trajectory"
 PREPROCESSING_FORMAT = "distill-preprocessing"
 VERSION_MAJOR, VERSION_MINOR = 1, 1
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
-PREPROCESSING_VERSION = "1.0"  # preprocessing.h5 did not change in 1.1
+# preprocessing.h5 has its own minor version: 1.1 added the split the experts trained on (formats/split.py); 1.0 still reads
+PREPROCESSING_VERSION_MINOR = 1
+PREPROCESSING_VERSION = f"{VERSION_MAJOR}.{PREPROCESSING_VERSION_MINOR}"
 PREPROCESSING_FILE = "preprocessing.h5"
 EXPERT_PATTERN = re.compile(r"^expert_(\d{4,})\.h5$")
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
@@ -224,7 +228,8 @@ def read_expert(path: str | os.PathLike, verify: bool = True) -> ExpertFile:
     return out
 
 
-def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict) -> Path:
+def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fingerprint: dict,
+                               split_indices: dict | None = None) -> Path:
     path = Path(folder) / PREPROCESSING_FILE
     with atomic_path(path) as tmp:
         with new_h5(tmp) as f:
@@ -232,6 +237,7 @@ def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fi
             f.attrs["format_version"] = PREPROCESSING_VERSION
             set_json(f, "fingerprint", fingerprint)
             write_preprocessing(f.create_group("preprocessing"), pre)
+            write_split_group(f, split_indices)
     return path
 
 
@@ -244,7 +250,8 @@ def read_buffer_preprocessing(folder: str | os.PathLike) -> tuple[Preprocessing,
         with h5py.File(path, "r") as f:
             if get_attr(f, "format", None) != PREPROCESSING_FORMAT:
                 raise FormatError(f"{path} is not a distill preprocessing file.")
-            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "preprocessing")
+            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, PREPROCESSING_VERSION_MINOR,
+                          "preprocessing")
             return read_preprocessing(f["preprocessing"]), get_json(f, "fingerprint"), sha256_file(path)
     except OSError:
         raise FormatError(f"{path} is not a readable HDF5 file.") from None

@@ -34,7 +34,7 @@ from ..config import RunConfig, save_toml
 from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
-from ..formats.buffer_config import read_buffer_config
+from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
 from ..io import check_writable_dir, output_lock, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
@@ -144,7 +144,11 @@ def resolve_config(cfg: RunConfig, pool: ExpertPool) -> RunConfig:
 
 
 def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, str]:
-    """The buffer's real data (for --init real and validation), or None and the reason it is unavailable."""
+    """The buffer's real data (for --init real and validation), or None and the reason it is unavailable.
+
+    The splits are the ones the experts trained on (recorded in the buffer), never a fresh carve,
+    so validation images are images no expert has seen.
+    """
     spec, size, split_seed = cfg.data, None, 0
     b = read_buffer_config(pool.folder)
     if b is not None:
@@ -152,7 +156,9 @@ def load_real_data(cfg: RunConfig, pool: ExpertPool) -> tuple[RealData | None, s
     if not spec:
         return None, f"{pool.folder} has no config.toml naming its data and no --data was given"
     try:
-        data = load_data(spec, size=size, split_seed=split_seed)
+        record, indices = read_buffer_split(pool.folder)
+        # A buffer from before splits were recorded carved with its own seed, which is what this reproduces.
+        data = load_data(spec, size=size, split_seed=split_seed, split=record, split_indices=indices)
     except DistillError as e:
         return None, str(e).rstrip(".")
     if data.source_sha256 != pool.fingerprint.get("sha256"):
@@ -387,7 +393,8 @@ def _warn_movement(run: _Run, ratio: float, lr: float) -> None:
 def _evaluate(run: _Run, state: _State) -> None:
     """Grid PNG, then ``eval_models`` fresh networks trained on the current set and tested on the val split."""
     cfg, it = run.cfg, state.iteration
-    save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc)
+    save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc,
+              run.pool.fingerprint.get("class_names"))
     record = {"kind": "eval", "iteration": it, "syn_lr": state.syn_lr, "grid": grid_name(it)}
     if run.val is not None and cfg.eval_models > 0:
         x_val, y_val = run.val

@@ -28,6 +28,7 @@ import torch
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..formats.common import check_version
+from ..formats.share import labelled_grid
 from ..formats.synset import SYNSET_FILE
 from ..io import atomic_path, fs_error, write_bytes_atomic
 
@@ -126,10 +127,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_grid(path: str | os.PathLike, images: torch.Tensor, preprocessing: Preprocessing, ipc: int) -> None:
-    """PNG of ``images`` (N, C, H, W) network space, class-major order, ``ipc`` per row; ZCA/normalisation undone."""
-    from torchvision.utils import save_image
+def save_grid(path: str | os.PathLike, images: torch.Tensor, preprocessing: Preprocessing, ipc: int,
+              class_names: list[str] | None = None) -> None:
+    """PNG of ``images`` (N, C, H, W) network space, class-major order, ``ipc`` per row; ZCA/normalisation undone.
 
+    With ``class_names`` each row is labelled with its class.
+    """
     shown = preprocessing.invert(images.detach().cpu())
     with atomic_path(path) as tmp:
-        save_image(shown, tmp, nrow=ipc, padding=1, format="png")
+        labelled_grid(shown, ipc, class_names, padding=1).save(tmp, format="PNG")

@@ -10,7 +10,7 @@ import torch
 
 from ..checks import check_model_builds
 from ..config import AuditSettings
-from ..data import RealData
+from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
 from ..formats.audit import AUDIT_FILE
 from ..formats.common import utc_now
@@ -79,8 +79,10 @@ def _hold_out(subject: Subject, data: RealData, settings: AuditSettings, dev: to
     pre = subject.preprocessing
     hold_u8, hold_y, dupes = holdout_split(data, settings.holdout)
     if dupes:
+        # Only MedMNIST is known to ship such copies; elsewhere they may be a data-handling error worth a look.
+        quirk = " (a known MedMNIST quirk)" if data.name.lower() in MEDMNIST else ""
         log.warning("Dropped %d held-out image(s) that are (near-)copies of training images: they are the same "
-                    "pictures, not other patients (a known MedMNIST quirk).", dupes)
+                    "pictures, not other patients%s.", dupes, quirk)
     return _Views(syn01=pre.invert(subject.images).to(dev), train01=(data.train.images.float() / 255).to(dev),
                   hold01=(hold_u8.float() / 255).to(dev), x_train=pre(data.train.images).to(dev),
                   x_hold=pre(hold_u8).to(dev), hold_u8=hold_u8, hold_y=hold_y, duplicates=dupes)
@@ -110,7 +112,10 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
             "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
             "real_subset_lr": REAL_SUBSET_LR, "ci_level": CI_LEVEL},
         "data": {"members": "train", "nonmembers": settings.holdout, "n_train": len(v.x_train),
-                 "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked},
+                 "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked,
+                 # Which train/val/test split: the one recorded with the experts, or one assumed (see subject.py).
+                 "split": {"recorded": subject.split is not None,
+                           **{k: data.split_record[k] for k in ("method", "seed", "carved") if k in data.split_record}}},
         "n_synthetic": len(subject.images),
         "nearest_neighbour": {k: r.summary() for k, r in neighbours.items()},
         "feature_network": feature_info,

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.audit import audit_document
+from ..formats.audit import audit_document, summary_lines
 from ..io import atomic_path
 from .membership import FPRS
-from .neighbours import NN_METRICS, NN_QUANTILE, NeighbourResult
+from .neighbours import NN_QUANTILE, NeighbourResult
 
 STATEMENT = "An empirical audit is not a proof of privacy."
 PAIRS_FILE = "audit_pairs.png"  # in the run folder; for the local reviewer only
@@ -71,33 +71,7 @@ class AuditReport:
 
     def text(self) -> str:
         """A short human-readable report for the terminal."""
-        s = self.summary
-        lines = [f"Nearest neighbour ({s['n_synthetic']} synthetic vs {s['data']['n_train']} training images; "
-                 f"baseline {s['data']['n_holdout']} held-out images):"]
-        for k in NN_METRICS:
-            m = s["nearest_neighbour"][k]
-            lines.append(f"  {k:18s} synthetic median {m['synthetic']['median']:.3f} p95 {m['synthetic']['p95']:.3f} "
-                         f"max {m['synthetic']['max']:.3f} | held-out median {m['holdout']['median']:.3f} "
-                         f"p95 {m['holdout']['p95']:.3f} max {m['holdout']['max']:.3f} | threshold "
-                         f"{m['threshold']:.3f}, flagged {m['flagged']}")
-        mia = s["membership"]
-        lines.append(f"Membership inference ({mia['n_members']} members, {mia['n_nonmembers']} non-members, "
-                     f"{s['settings']['networks']} network(s) per side):")
-        rows = [(f"share, {k}", v) for k, v in mia["share"].items()]
-        rows += [("random real, loss", mia["real_subset"]), ("random real, its own images", mia["real_subset_included"])]
-        for name, m in rows:
-            line = f"  {name:28s} AUC {_ci(m['auc'])}"
-            for key, label in (("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0p1pct_fpr", "TPR@0.1%FPR")):
-                line += f"  {label} {_ci(m[key])}" + ("" if m[key]["resolvable"] else " (too few points)")
-            lines.append(line)
-        lines.append(f"Verdict: {'PASS' if self.passed else 'FAIL'}")
-        lines += [f"  - {r}" for r in self.reasons]
-        lines.append(self.statement)
-        return "\n".join(lines)
-
-
-def _ci(m: dict) -> str:
-    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+        return "\n".join([*summary_lines(self.summary), self.statement])
 
 
 def write_pairs_png(path: str | os.PathLike, syn01: torch.Tensor, train_u8: torch.Tensor,

@@ -14,9 +14,11 @@ from pathlib import Path
 import h5py
 import torch
 
-from ..data import Preprocessing, RealData, load_data
-from ..errors import DataError, FormatError
+from ..data import SPLIT_CARVED, Preprocessing, RealData, describe_split, load_data
+from ..errors import DataError, DistillError, FormatError
+from ..formats.buffer_config import read_buffer_config
 from ..formats.share import load_share, share_targets
+from ..formats.share_schema import Attr
 from ..formats.synset import SYNSET_FILE, SYNSET_FORMAT, read_synset
 from ..io import sha256_file
 from ..runshare import share_from_synset
@@ -48,6 +50,9 @@ class Subject:
     data_sha256: str | None  # unsalted hash of the real data, when the source keeps one
     file_sha256: str
     rundir: Path | None  # where audit.json goes; None for a share
+    split: dict | None = None  # the split the experts trained on (RealData.split_record), when the source records it
+    # Where it does not (a share, an older run): the experts' seed, which was the carve seed, and per-split counts.
+    split_hint: dict | None = None
 
 
 def load_subject(source: str | os.PathLike) -> Subject:
@@ -73,15 +78,32 @@ def _from_synset(path: Path, rundir: Path) -> Subject:
     # The share this run would export, so the audit trains on exactly the recipe a recipient gets.
     share = share_from_synset(s, {}, license="", description="", citation="")
     fp = s.fingerprint or {}
-    return _subject(share, sha256_file(path), rundir, fp.get("sha256"), str(path))
+    hint = {"seed": _buffer_seed(s.method or {}), "counts": fp.get("counts"), "what": "run"}
+    return _subject(share, sha256_file(path), rundir, fp.get("sha256"), str(path), fp.get("split"), hint)
+
+
+def _buffer_seed(method: dict) -> int | None:
+    """The seed of the buffer a run names (its config.toml), which was the carve seed; None if unknown."""
+    buffer = method.get("buffer")
+    try:
+        cfg = read_buffer_config(buffer) if isinstance(buffer, str) and buffer else None
+    except DistillError:
+        return None
+    return cfg.seed if cfg is not None else None
 
 
 def _from_share(path: Path) -> Subject:
-    # A share keeps only a salted hash of its data, so it cannot prove which data made it.
-    return _subject(load_share(path), sha256_file(path), None, None, str(path))
+    # A share keeps only a salted hash of its data, so it cannot prove which data made it, nor its split.
+    share = load_share(path)
+    experts, dataset = (share.provenance.get(k) or {} for k in (Attr.EXPERTS, Attr.DATASET))
+    split = dataset.get("split") if isinstance(dataset.get("split"), dict) else {}
+    hint = {"seed": split.get("seed", experts.get("seed")), "counts": dataset.get("counts"), "what": "share",
+            "record": split or None}
+    return _subject(share, sha256_file(path), None, None, str(path), None, hint)
 
 
-def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str) -> Subject:
+def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str, split: dict | None = None,
+             split_hint: dict | None = None) -> Subject:
     try:
         recipe = share.recipe.to_train_recipe()
     except ValueError as e:
@@ -92,12 +114,17 @@ def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, wh
     return Subject(images=share.images.float(), labels=share.labels.long(), targets=share_targets(share, where),
                    preprocessing=share.preprocessing, class_names=tuple(share.class_names), model=share.recipe.model,
                    model_kwargs=dict(share.recipe.model_kwargs or {}), recipe=recipe, data_sha256=data_sha,
-                   file_sha256=file_sha, rundir=rundir)
+                   file_sha256=file_sha, rundir=rundir, split=split, split_hint=split_hint)
 
 
 def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[RealData, str]:
-    """Load the real data and refuse data that cannot be the subject's; returns (data, how it was checked)."""
-    data = load_data(data_spec)
+    """Load the real data and refuse data that cannot be the subject's; returns (data, how it was checked).
+
+    The splits are the ones the experts trained on when the subject records them; otherwise the
+    assumed split is said, with the reason (:func:`_say_assumed_split`).
+    """
+    split_kw = _split_arguments(subject)
+    data = load_data(data_spec, **split_kw)
     pre = subject.preprocessing
     same_file = subject.data_sha256 is not None and subject.data_sha256 == data.source_sha256
     if subject.data_sha256 is not None and not same_file:
@@ -105,7 +132,9 @@ def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[
                         "(their SHA-256 fingerprints differ); pass the same --data as for 'distill buffer'.")
     if data.size != pre.size and same_file:
         log.info("Resizing the real data to %d px, as the buffer did.", pre.size)
-        data = load_data(data_spec, size=pre.size)
+        data = load_data(data_spec, size=pre.size, **split_kw)
+    if subject.split is None:
+        _say_assumed_split(subject, data)
     n_syn_classes = len(subject.class_names)
     if data.num_classes != n_syn_classes:
         raise DataError(f"The real data has {data.num_classes} classes but the synthetic set has {n_syn_classes}; "
@@ -118,6 +147,42 @@ def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[
                     ", ".join(subject.class_names), ", ".join(data.class_names))
     how = "sha256" if same_file else "geometry"
     return data, how
+
+
+def _split_arguments(subject: Subject) -> dict:
+    """load_data's split arguments: the recorded split, else a carve with the experts' seed (the buffer's)."""
+    if subject.split is not None:
+        return {"split": subject.split}
+    hint = subject.split_hint or {}
+    seed = hint.get("seed")
+    # A share's record says how the split was made but not which images: it is redone, not checked.
+    record = {k: v for k, v in (hint.get("record") or {}).items() if k != "members_sha256"} or None
+    return {"split_seed": int(seed) if isinstance(seed, int) else 0, "split": record}
+
+
+def _say_assumed_split(subject: Subject, data: RealData) -> None:
+    """Say which split the audit assumes for a subject that does not record one, and why."""
+    hint = subject.split_hint or {}
+    what = "A share" if hint.get("what") == "share" else "This run, made before splits were recorded,"
+    used = describe_split(data.split_record)
+    if data.split_record.get("method") != SPLIT_CARVED:
+        why = "nothing needs carving, so it is the split the experts trained on"
+    elif isinstance(hint.get("seed"), int):
+        why = (f"the share records that its buffer carved it with seed {hint['seed']}" if hint.get("what") == "share"
+               else f"the run's buffer (its config.toml) was built with seed {hint['seed']}")
+    else:
+        why = f"the default seed 0, since the {hint.get('what', 'source')} records no carve seed"
+    counts = data.fingerprint()["counts"]
+    recorded = hint.get("counts") or {}
+    agree = [s for s in ("train", "val", "test") if recorded.get(s) == counts[s]]
+    if recorded and len(agree) == 3:
+        check = "per-class counts of every split match the ones it records"
+    elif recorded:
+        check = ("its per-class counts differ from the ones it records, so some non-members may have been "
+                 "training images: audit the run folder instead")
+    else:
+        check = "it records no counts to check against"
+    log.warning("%s does not record which images its experts trained on; assuming %s: %s; %s.", what, used, why, check)
 
 
 def holdout_split(data: RealData, holdout: str) -> tuple[torch.Tensor, torch.Tensor, int]:
