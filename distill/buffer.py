@@ -18,11 +18,11 @@ import torch
 
 from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
-from .config import BufferConfig, save_toml
+from .config import BufferConfig, check_ranges, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
-from .formats.trajectory import (PREPROCESSING_FILE, SNAPSHOT_DTYPES, TrajectoryMeta, expert_path, numbering_gaps,
+from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
 from .io import check_writable_dir, output_lock, remove_stale_temps, software_versions
 from .models import create_model, flatten_params, param_spec
@@ -36,20 +36,7 @@ MODEL_SEED_KEY, DATA_SEED_KEY = 0, 1  # sub-streams of one expert's seed
 
 
 def validate(cfg: BufferConfig) -> None:
-    if cfg.experts < 1:
-        raise DistillError(f"--experts must be at least 1; got {cfg.experts}.")
-    if cfg.epochs < 1:
-        raise DistillError(f"--epochs must be at least 1; got {cfg.epochs}.")
-    if cfg.batch_size < 1:
-        raise DistillError(f"--batch-size must be at least 1; got {cfg.batch_size}.")
-    if not cfg.lr > 0:
-        raise DistillError(f"--lr must be positive; got {cfg.lr}.")
-    if cfg.snapshot_every < 0:
-        raise DistillError(f"--snapshot-every must be 0 (once per epoch) or a positive number of steps; got {cfg.snapshot_every}.")
-    if cfg.batch_experts < 0:
-        raise DistillError(f"--batch-experts must be 0 (auto) or at least 1; got {cfg.batch_experts}.")
-    if cfg.snapshot_dtype not in SNAPSHOT_DTYPES:
-        raise DistillError(f"--snapshot-dtype must be one of {', '.join(SNAPSHOT_DTYPES)}; got {cfg.snapshot_dtype!r}.")
+    check_ranges(cfg)
     try:
         Augment.parse(cfg.augment)
     except ValueError as e:

@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from .config import (FULL_EPOCHS, AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig,
-                     build, default_text, load_toml)
+from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, SNAPSHOT_DTYPES, AuditSettings, BufferConfig,
+                     EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, build, default_text, load_toml)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
@@ -69,7 +69,7 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--zca/--no-zca", default=None, help=f"ZCA-whiten the images (kornia); stored with the buffer {default_text(BufferConfig, 'zca')}.")
 @click.option("--size", type=int, default=None, help="Resize images to SIZE x SIZE (default: keep their size).")
 @click.option("--snapshot-every", type=int, default=None, help=f"Snapshot every N optimiser steps; 0 = once per epoch {default_text(BufferConfig, 'snapshot_every')}.")
-@click.option("--snapshot-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("--snapshot-dtype", type=click.Choice(SNAPSHOT_DTYPES), default=None,
               help=f"Storage precision of the snapshots {default_text(BufferConfig, 'snapshot_dtype')}.")
 @click.option("--batch-experts", type=int, default=None,
               help="Train K experts at once in one vmapped network, same trajectories to rounding; "
@@ -130,10 +130,10 @@ def eval_(config_file, shares, baselines, **flags):
               help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
                    f"{default_text(RunConfig, 'trajectories_per_iter')}.")
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
-@click.option("--gradient", type=click.Choice(["full", "checkpoint"]), default=None,
+@click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
               help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps "
                    f"{default_text(RunConfig, 'gradient')}.")
-@click.option("--fast", type=click.Choice(["auto", "graphs", "compile", "eager"]), default=None,
+@click.option("--fast", type=click.Choice(FAST_MODES), default=None,
               help="auto: each iteration one captured CUDA graph on CUDA, eager elsewhere; "
                    f"compile: torch.compile, then captured; eager: no capture {default_text(RunConfig, 'fast')}.")
 @click.option("--batch-syn", type=int, default=None, help=f"Synthetic images per student step; 0 = all {default_text(RunConfig, 'batch_syn')}.")
@@ -231,7 +231,7 @@ def report_cmd(source, out, config_file, **flags):
               help="Also write the full report (summary and per-image results) here; it names real images: keep it local.")
 @click.option("--pairs-png", type=click.Path(dir_okay=False), default=None,
               help="Side-by-side PNG of the closest pairs (default RUNDIR/audit_pairs.png); it shows real images: keep it local.")
-@click.option("--holdout", type=click.Choice(["val", "test", "val+test"]), default=None,
+@click.option("--holdout", type=click.Choice(HOLDOUTS), default=None,
               help=f"Real non-members: the split(s) held out from training {default_text(AuditSettings, 'holdout')}.")
 @click.option("--networks", type=int, default=None, help=f"Networks per side of the membership attack {default_text(AuditSettings, 'networks')}.")
 @click.option("--epochs", type=int, default=None, help="Epochs of those networks (default: the share's recipe).")

@@ -140,15 +140,7 @@ class AuditSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.holdout not in HOLDOUTS:
-            raise DistillError(f"--holdout must be one of {', '.join(HOLDOUTS)}; got {self.holdout!r}.")
-        for name in ("networks", "expert_epochs", "bootstrap"):
-            if getattr(self, name) < 1:
-                raise DistillError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
-        if self.epochs is not None and self.epochs < 1:
-            raise DistillError(f"--epochs must be at least 1; got {self.epochs}.")
-        if self.pairs < 0:
-            raise DistillError(f"--pairs must be 0 or more; got {self.pairs}.")
+        check_ranges(self)  # the audit is also called from Python, without build()
 
 
 @dataclass(frozen=True)
@@ -180,8 +172,89 @@ class ReportConfig:
     public: bool = False  # the receiving side's page: only the share's content, no real image
 
 
-# Settings that count something in pixels: zero or less is never meant.
-_POSITIVE = ("size",)
+# ----------------------------------------------------------------------------- allowed values
+
+GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
+FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What one setting may be: a range (``low``, strictly above it if ``strict``, below ``high``) or ``choices``.
+
+    ``zero`` says what 0 means where 0 is a special value ("auto", "the whole set"); ``flag`` is
+    False for settings that only a --config file sets, so the message names the key, not a flag.
+    """
+
+    low: float | None = None
+    strict: bool = False
+    high: float | None = None  # exclusive
+    zero: str = ""
+    choices: tuple[str, ...] = ()
+    flag: bool = True
+
+    def ok(self, v: Any) -> bool:
+        if self.choices:
+            return v in self.choices
+        above = self.low is None or (v > self.low if self.strict else v >= self.low)
+        return above and (self.high is None or v < self.high)
+
+    def phrase(self, v: Any) -> str:
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        if self.high is not None:
+            return f"in [{self.low:g}, {self.high:g})"
+        if self.strict and self.low == 0:
+            return "positive"
+        if self.zero:
+            return f"0 ({self.zero}) or {'at least 1' if isinstance(v, int) else 'positive'}"
+        return "0 or more" if self.low == 0 else f"at least {self.low:g}"
+
+
+AT_LEAST_1, ZERO_OR_MORE, POSITIVE = Allowed(low=1), Allowed(low=0), Allowed(low=0, strict=True)
+FRACTION = Allowed(low=0, high=1)  # momentum
+KEY_ONLY = dict(flag=False)
+
+# Every setting with a range or a fixed set of values, per stage; checked by check_ranges in one style.
+# Settings whose valid values depend on something else (a registry, the buffer, another setting) are
+# checked by their stage.
+ALLOWED: dict[type, dict[str, Allowed]] = {
+    BufferConfig: {
+        "experts": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "batch_size": AT_LEAST_1,
+        "momentum": Allowed(low=0, high=1, **KEY_ONLY), "weight_decay": Allowed(low=0, **KEY_ONLY),
+        "size": AT_LEAST_1, "snapshot_every": Allowed(low=0, zero="once per epoch"),
+        "snapshot_dtype": Allowed(choices=SNAPSHOT_DTYPES),
+        "batch_experts": Allowed(low=0, zero="auto"),
+    },
+    RunConfig: {
+        "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
+        "min_start_epoch": Allowed(low=0, **KEY_ONLY), "trajectories_per_iter": AT_LEAST_1,
+        "label_temperature": Allowed(low=0, strict=True, **KEY_ONLY), "lr_img": Allowed(low=0, strict=True, **KEY_ONLY),
+        "lr_lr": Allowed(low=0, zero="fixed step size", **KEY_ONLY), "lr_label": Allowed(low=0, zero="fixed labels", **KEY_ONLY),
+        "syn_lr_init": Allowed(low=0, strict=True, **KEY_ONLY), "max_log_lr_step": Allowed(low=0, strict=True, **KEY_ONLY),
+        "momentum": Allowed(low=0, high=1, **KEY_ONLY), "batch_syn": Allowed(low=0, zero="the whole set"),
+        "gradient": Allowed(choices=GRADIENTS), "fast": Allowed(choices=FAST_MODES),
+        "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
+        "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY),
+    },
+    EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1},
+    AuditSettings: {
+        "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
+        "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE,
+    },
+}
+
+
+def check_ranges(cfg: Any) -> None:
+    """Refuse the first setting of ``cfg`` outside what :data:`ALLOWED` says, in one sentence; None means unset."""
+    for name, allowed in ALLOWED.get(type(cfg), {}).items():
+        v = getattr(cfg, name)
+        if v is None or allowed.ok(v):
+            continue
+        who = f"--{name.replace('_', '-')}" if allowed.flag else name
+        shown = repr(v) if isinstance(v, str) else v
+        raise DistillError(f"{who} must be {allowed.phrase(v)}; got {shown}.")
 
 
 def default_text(cls: type, name: str) -> str:
@@ -217,7 +290,9 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
                 raise DistillError(f"Unknown setting {k!r} for {cls.__name__}; valid: {', '.join(names)}.")
             if v is not None:
                 values[k] = _checked(k, v, hints[k])
-    return cls(**values)
+    cfg = cls(**values)
+    check_ranges(cfg)
+    return cfg
 
 
 def _checked(key: str, value: Any, hint: Any) -> Any:
@@ -226,8 +301,6 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     for h in options:
         ok, converted = _as_type(value, h)
         if ok:
-            if key in _POSITIVE and converted <= 0:
-                raise DistillError(f"Setting {key} must be at least 1; got {value!r}.")
             return converted
     raise DistillError(f"Setting {key} = {value!r} is {_describe(type(value))}, "
                        f"but it must be {' or '.join(_describe(h) for h in options)}.")

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from .checks import check_model_builds
-from .config import FULL_EPOCHS, BufferConfig, EvalConfig
+from .config import FULL_EPOCHS, BufferConfig, EvalConfig, check_ranges
 from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
                    fit_preprocessing, load_data)
 from .distributed import resolve_device
@@ -250,14 +250,7 @@ def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int,
 
 
 def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
-    if cfg.runs < 1:
-        raise DistillError(f"--runs must be at least 1; got {cfg.runs}.")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise DistillError(f"--epochs must be at least 1; got {cfg.epochs}.")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise DistillError(f"--lr must be positive; got {cfg.lr}.")
-    if cfg.ipc is not None and cfg.ipc < 1:
-        raise DistillError(f"--ipc must be at least 1; got {cfg.ipc}.")
+    check_ranges(cfg)
     if cfg.model is not None and cfg.model not in list_models():
         raise DistillError(f"Unknown model {cfg.model!r}; choose one of {', '.join(list_models())}.")
     baselines = tuple(cfg.baselines) if cfg.baselines is not None else (BASELINES if shares else ())

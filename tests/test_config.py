@@ -129,3 +129,48 @@ def test_an_export_config_file_reaches_the_share(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     share = load_share(tmp_path / "s.h5")
     assert share.license == "CC0-1.0" and share.description == "from the flag"  # the flag beats the file
+
+
+# ----------------------------------------------------------------------------- ranges, in one style
+
+
+def test_every_range_names_a_real_field_and_the_defaults_pass():
+    from distill.config import ALLOWED, check_ranges
+
+    for cls, table in ALLOWED.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(table) <= names, f"{cls.__name__}: {set(table) - names} are not fields"
+        check_ranges(cls())  # the shipped defaults are allowed
+
+
+@pytest.mark.parametrize("cls, key, value, message", [
+    (BufferConfig, "batch_experts", -1, "--batch-experts must be 0 (auto) or at least 1; got -1."),
+    (BufferConfig, "lr", 0.0, "--lr must be positive; got 0.0."),
+    (BufferConfig, "snapshot_dtype", "int8", "--snapshot-dtype must be one of float32, float16, bfloat16; got 'int8'."),
+    (RunConfig, "momentum", 1.0, "momentum must be in [0, 1); got 1.0."),
+    (RunConfig, "lr_lr", -0.1, "lr_lr must be 0 (fixed step size) or positive; got -0.1."),
+    (RunConfig, "iterations", -1, "--iterations must be 0 or more; got -1."),
+    (RunConfig, "fast", "turbo", "--fast must be one of auto, graphs, compile, eager; got 'turbo'."),
+])
+def test_a_value_out_of_range_is_one_sentence_through_build_and_the_stage(cls, key, value, message):
+    from distill.config import check_ranges
+
+    with pytest.raises(DistillError) as built:
+        build(cls, {key: value})
+    assert str(built.value) == message
+    # A config made in Python, without build(), meets the same check when its stage validates it.
+    with pytest.raises(DistillError) as direct:
+        check_ranges(dataclasses.replace(cls(), **{key: value}))
+    assert str(direct.value) == message
+
+
+def test_stages_validate_through_the_one_table(tmp_path):
+    from distill.buffer import validate as validate_buffer
+    from distill.mtt.distiller import validate as validate_run
+
+    with pytest.raises(DistillError, match="--experts must be at least 1; got 0"):
+        validate_buffer(dataclasses.replace(BufferConfig(), experts=0))
+    with pytest.raises(DistillError, match="checkpoint_every must be at least 1; got 0"):
+        validate_run(dataclasses.replace(RunConfig(), checkpoint_every=0))
+    with pytest.raises(DistillError, match="--pairs must be 0 or more; got -1"):
+        AuditSettings(pairs=-1)

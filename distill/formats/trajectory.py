@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..config import SNAPSHOT_DTYPES
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5, sha256_file
@@ -48,7 +49,6 @@ PREPROCESSING_VERSION_MINOR = 1
 PREPROCESSING_VERSION = f"{VERSION_MAJOR}.{PREPROCESSING_VERSION_MINOR}"
 PREPROCESSING_FILE = "preprocessing.h5"
 EXPERT_PATTERN = re.compile(r"^expert_(\d{4,})\.h5$")
-SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def expert_path(folder: str | os.PathLike, index: int) -> Path:

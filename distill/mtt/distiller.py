@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..augment import Augment
-from ..config import RunConfig, save_toml
+from ..config import GRADIENTS, RunConfig, check_ranges, save_toml
 from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
@@ -45,7 +45,7 @@ from .experts import ExpertPool, Segment
 from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
                      clear_run, restartable, save_checkpoint, save_grid)
 from .synthetic import bound_log_step, initial_images, initial_logits, list_inits, log_step_size, needs_real_data, soft_targets
-from .engine import FAST_MODES, GRADIENTS, Matched, MatchingEngine
+from .engine import Matched, MatchingEngine
 from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, unroll_student
 
 log = logging.getLogger(__name__)
@@ -102,29 +102,11 @@ def match_segments(engine: MatchingEngine, starts: torch.Tensor, targets: torch.
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible settings with one sentence each, before anything is loaded."""
+    check_ranges(cfg)  # every range and fixed choice, in config.py
     checks = [
-        (cfg.ipc >= 1, f"--ipc must be at least 1; got {cfg.ipc}."),
-        (cfg.iterations >= 0, f"--iterations must be 0 or more; got {cfg.iterations}."),
-        (cfg.syn_steps >= 1, f"--syn-steps must be at least 1; got {cfg.syn_steps}."),
-        (cfg.expert_epochs >= 1, f"--expert-epochs must be at least 1; got {cfg.expert_epochs}."),
-        (0 <= cfg.min_start_epoch <= cfg.max_start_epoch,
+        (cfg.min_start_epoch <= cfg.max_start_epoch,
          f"min_start_epoch ({cfg.min_start_epoch}) must be between 0 and --max-start-epoch ({cfg.max_start_epoch})."),
-        (cfg.trajectories_per_iter >= 1, f"trajectories_per_iter must be at least 1; got {cfg.trajectories_per_iter}."),
         (cfg.init in list_inits(), f"--init must be one of {', '.join(list_inits())}; got {cfg.init!r}."),
-        (cfg.label_temperature > 0, f"label_temperature must be positive; got {cfg.label_temperature}."),
-        (cfg.lr_img > 0, f"lr_img must be positive; got {cfg.lr_img}."),
-        (cfg.lr_lr >= 0, f"lr_lr must be 0 (fixed step size) or positive; got {cfg.lr_lr}."),
-        (cfg.lr_label >= 0, f"lr_label must be 0 (fixed labels) or positive; got {cfg.lr_label}."),
-        (cfg.syn_lr_init > 0, f"syn_lr_init must be positive; got {cfg.syn_lr_init}."),
-        (cfg.max_log_lr_step > 0, f"max_log_lr_step must be positive; got {cfg.max_log_lr_step}."),
-        (0 <= cfg.momentum < 1, f"momentum must be in [0, 1); got {cfg.momentum}."),
-        (cfg.batch_syn >= 0, f"batch_syn must be 0 (the whole set) or positive; got {cfg.batch_syn}."),
-        (cfg.gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}; got {cfg.gradient!r}."),
-        (cfg.fast in FAST_MODES, f"fast must be one of {', '.join(FAST_MODES)}; got {cfg.fast!r}."),
-        (cfg.eval_every >= 0, f"eval_every must be 0 (only at the end) or positive; got {cfg.eval_every}."),
-        (cfg.eval_models >= 0, f"eval_models must be 0 (no evaluation) or positive; got {cfg.eval_models}."),
-        (cfg.eval_epochs >= 1, f"eval_epochs must be at least 1; got {cfg.eval_epochs}."),
-        (cfg.checkpoint_every >= 1, f"checkpoint_every must be at least 1; got {cfg.checkpoint_every}."),
     ]
     for ok, message in checks:
         if not ok:

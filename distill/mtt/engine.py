@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..augment import Augment, AugParams, select
+from ..config import FAST_MODES, GRADIENTS
 from ..models import ParamSpec
 from ..train import soft_cross_entropy
 from .synthetic import soft_targets
@@ -40,8 +41,6 @@ from .unroll import UnrollPlan
 
 log = logging.getLogger(__name__)
 
-GRADIENTS = ("full", "checkpoint")
-FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere
 WARMUP = 3  # eager runs on a side stream before capture, as torch.cuda.graphs asks (cuDNN autotuning, lazy init)
 
 
