@@ -284,7 +284,10 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for layer in layers:
+        _check_file_version(cls, layer)
         for k, v in layer.items():
+            if k in FILE_KEYS:
+                continue  # what file this is, not a setting
             k = k.replace("-", "_")
             if k not in names:
                 raise DistillError(f"Unknown setting {k!r} for {cls.__name__}; valid: {', '.join(names)}.")
@@ -293,6 +296,16 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
     cfg = cls(**values)
     check_ranges(cfg)
     return cfg
+
+
+def _check_file_version(cls: type, layer: dict[str, Any]) -> None:
+    """A config file written by a newer major version, or for another stage, is refused in one sentence."""
+    version, kind = layer.get("format_version"), layer.get("format")
+    if version is not None and str(version).split(".")[0] != CONFIG_FORMAT_VERSION.split(".")[0]:
+        raise DistillError(f"This config file has format version {version}; this version of distill reads "
+                           f"{CONFIG_FORMAT_VERSION.split('.')[0]}.x. Upgrade distill.")
+    if kind is not None and kind != config_format(cls):
+        raise DistillError(f"This config file is a {kind}, not a {config_format(cls)}.")
 
 
 def _checked(key: str, value: Any, hint: Any) -> Any:
@@ -338,10 +351,24 @@ def _describe(t: Any) -> str:
     return names.get(t, names.get(typing.get_origin(t), f"a {getattr(t, '__name__', t)}"))
 
 
+# A config.toml that distill writes starts with these two keys; build() reads past them, so
+# such a file can be passed back as --config. Files without them (before 1.0) read the same.
+CONFIG_FORMAT_VERSION = "1.0"
+FILE_KEYS = ("format", "format_version")
+
+
+def config_format(cls: type) -> str:
+    """``distill-buffer-config`` for BufferConfig, ``distill-run-config`` for RunConfig, and so on."""
+    name = cls.__name__.removesuffix("Config").removesuffix("Settings")
+    return "distill-" + "".join("-" + c.lower() if c.isupper() else c for c in name).lstrip("-") + "-config"
+
+
 def to_toml(cfg) -> str:
-    """Serialise a config dataclass (str/int/float/bool/None values, lists and flat tables) as TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(cfg).items()
-             if v is not None]  # TOML has no null; absence means the default
+    """Serialise a config dataclass (str/int/float/bool/None values, lists and flat tables) as TOML,
+    headed by its format name and version."""
+    lines = [f"format = {_toml_str(config_format(type(cfg)))}", f"format_version = {_toml_str(CONFIG_FORMAT_VERSION)}"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(cfg).items()
+              if v is not None]  # TOML has no null; absence means the default
     return "\n".join(lines) + "\n"
 
 

@@ -174,3 +174,16 @@ def test_stages_validate_through_the_one_table(tmp_path):
         validate_run(dataclasses.replace(RunConfig(), checkpoint_every=0))
     with pytest.raises(DistillError, match="--pairs must be 0 or more; got -1"):
         AuditSettings(pairs=-1)
+
+
+def test_a_written_config_names_its_format_and_reads_back(tmp_path):
+    from distill.config import save_toml
+
+    save_toml(RunConfig(ipc=3), tmp_path / "config.toml")
+    raw = load_toml(tmp_path / "config.toml")
+    assert raw["format"] == "distill-run-config" and raw["format_version"] == "1.0"
+    assert build(RunConfig, raw) == RunConfig(ipc=3)
+    with pytest.raises(DistillError, match=r"format version 2\.0.*Upgrade distill"):
+        build(RunConfig, {**raw, "format_version": "2.0"})
+    with pytest.raises(DistillError, match="is a distill-run-config, not a distill-buffer-config"):
+        build(BufferConfig, raw)

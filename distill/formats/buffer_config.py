@@ -1,7 +1,8 @@
 """The buffer folder's ``config.toml``: the resolved :class:`~distill.config.BufferConfig` of ``distill buffer``.
 
 ``distill buffer`` writes it with :func:`distill.config.save_toml`: TOML with
-one key per ``BufferConfig`` field (``None`` fields are left out: TOML has no
+``format = "distill-buffer-config"`` and ``format_version`` (since 1.0; older
+files have neither and read the same), then one key per ``BufferConfig`` field (``None`` fields are left out: TOML has no
 null, and absence means the default). Later stages read it to reload the
 buffer's real data with the same resize.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from ..config import BufferConfig, build, load_toml
+from ..config import FILE_KEYS, BufferConfig, build, load_toml
 from .split import read_split_group
 from .trajectory import PREPROCESSING_FILE, read_buffer_preprocessing
 
@@ -51,7 +52,7 @@ def read_buffer_config(folder: str | os.PathLike) -> BufferConfig | None:
     if not path.exists():
         return None
     raw = load_toml(path)
-    known = {f.name for f in dataclasses.fields(BufferConfig)}
+    known = {f.name for f in dataclasses.fields(BufferConfig)} | set(FILE_KEYS)
     unknown = sorted(set(raw) - known)
     if unknown:
         log.debug("%s: ignoring keys this version does not know: %s", path, ", ".join(unknown))
