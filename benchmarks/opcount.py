@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill.augment import Augment
+from distill.augment import Augment, _reference_call
 from distill.models import create_model, flatten_params, param_spec
 from distill.mtt.engine import MatchingEngine
 from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student
@@ -61,48 +61,12 @@ def count_ops(fn) -> OpCounter:
 
 # ----------------------------------------------------------------------------- today's path (git 5bd3815), frozen
 
-_BRIGHTNESS, _SATURATION, _CONTRAST, _CROP, _CUTOUT, _SCALE, _ROTATE = 1.0, 2.0, 0.5, 0.125, 0.5, 1.2, 15.0
-
-
 def _old_augment(transforms: tuple[str, ...], x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """distill/augment.py's ``Augment.__call__`` (mode "one") as of 5bd3815: CPU draws, kornia warp."""
-    from kornia.geometry.transform import get_affine_matrix2d, warp_affine
+    """distill/augment.py's ``Augment.__call__`` (mode "one") as of 5bd3815: CPU draws, kornia warp.
 
-    n, _, h, w = x.shape
-
-    def rand(*shape):
-        return torch.rand(n, *shape, generator=g).to(device=x.device, dtype=x.dtype)
-
-    chosen = (transforms[int(torch.randint(len(transforms), (1,), generator=g))],)
-    if "color" in chosen:
-        x = x + (rand(1, 1, 1) - 0.5) * _BRIGHTNESS
-        m = x.mean(dim=1, keepdim=True)
-        x = (x - m) * (rand(1, 1, 1) * _SATURATION) + m
-        m = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - m) * (rand(1, 1, 1) + _CONTRAST) + m
-    geo = [t for t in chosen if t in ("crop", "scale", "rotate", "flip")]
-    if geo:
-        shift, scale, angle = torch.zeros(n, 2), torch.ones(n, 2), torch.zeros(n)
-        if "crop" in geo:
-            shift = (torch.rand(n, 2, generator=g) * 2 - 1) * _CROP * torch.tensor([w, h], dtype=torch.float32)
-        if "scale" in geo:
-            scale = torch.rand(n, 2, generator=g) * (_SCALE - 1 / _SCALE) + 1 / _SCALE
-        if "rotate" in geo:
-            angle = (torch.rand(n, generator=g) * 2 - 1) * _ROTATE
-        if "flip" in geo:
-            flip = torch.rand(n, generator=g) < 0.5
-            scale[:, 0] = torch.where(flip, -scale[:, 0], scale[:, 0])
-        center = torch.tensor([(w - 1) / 2, (h - 1) / 2]).expand(n, 2)
-        mat = get_affine_matrix2d(shift, center, scale, angle)[:, :2].to(device=x.device, dtype=x.dtype)
-        x = warp_affine(x, mat, dsize=(h, w), align_corners=True)
-    if "cutout" in chosen:
-        ch, cw = max(1, round(h * _CUTOUT)), max(1, round(w * _CUTOUT))
-        top = torch.randint(0, h, (n, 1, 1), generator=g) - ch // 2
-        left = torch.randint(0, w, (n, 1, 1), generator=g) - cw // 2
-        ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-        inside = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
-        x = x * (~inside).unsqueeze(1).to(device=x.device, dtype=x.dtype)
-    return x
+    augment.py keeps that implementation, unchanged, as ``_reference_call`` for its own tests.
+    """
+    return _reference_call(Augment(transforms=transforms), x, g)
 
 
 class _OldAugment:

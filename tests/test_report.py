@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.cli import main
 from distill.data import fit_preprocessing, load_data
 from distill.errors import DistillError
 from distill.evaluate import EvalConfig, evaluate
@@ -29,6 +27,7 @@ from distill.export import export_share
 from distill.formats.synset import SyntheticSet, write_synset
 from distill.privacy import run_audit
 from distill.report import HOSPITAL_ONLY, REPORT_FORMAT, REPORT_VERSION, write_report
+from test_share import run_cli
 
 XSS = "<script>alert(1)</script>"
 CLASS_NAMES = ["<b>benign</b>", "malignant & co"]  # markup in class names must be escaped too
@@ -222,15 +221,7 @@ def test_run_folder_page_says_the_checksum_comes_with_export(made, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["distill", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli  # (monkeypatch, capsys, *args) -> (exit code, stdout, stderr)
 
 
 def test_export_report_writes_the_page_beside_the_share(made, tmp_path, monkeypatch, capsys):
