@@ -456,12 +456,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def chunk_names(profile: Profile, datasets: tuple[str, ...], ipcs: tuple[int, ...]) -> list[str]:
-    """Every chunk in the order the script runs them: per dataset full, buffer, then each IPC.
+def chunk_names(profile: Profile, datasets: tuple[str, ...], ipcs: tuple[int, ...],
+                counts: dict[str, list[int]] | None = None) -> list[str]:
+    """Every chunk in the order the script runs them: per dataset full, buffer, then each IPC
+    (with ``counts``, the training images per class, only the IPCs that every class allows).
 
     A chunk's steps depend only on earlier chunks of its dataset (an IPC chunk on the buffer).
     """
-    return [f"{ds}:{part}" for ds in datasets for part in ("full", "buffer", *map(str, ipcs))]
+    def allowed(ds: str, k: int) -> bool:
+        return counts is None or min(counts[ds]) >= MIN_POOL_RATIO * k
+
+    return [f"{ds}:{part}" for ds in datasets
+            for part in ("full", "buffer", *(str(k) for k in ipcs if allowed(ds, k)))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -494,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     from distill.io import atomic_path
 
     if args.list_chunks:
-        print("\n".join(chunk_names(profile, datasets, ipcs)))
+        print("\n".join(chunk_names(profile, datasets, ipcs, {ds: class_counts(ds) for ds in datasets})))
         return
     chunks = None
     if args.chunk:

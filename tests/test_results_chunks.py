@@ -75,6 +75,9 @@ def test_paper_chunks_cover_three_datasets_at_1_10_50(results_mod):
     assert names[:5] == ["pneumoniamnist:full", "pneumoniamnist:buffer", "pneumoniamnist:1", "pneumoniamnist:10",
                          "pneumoniamnist:50"]
     assert {"breastmnist:50", "retinamnist:10"} <= set(names) and p.max_start_epoch is None
+    counts = {"pneumoniamnist": [1214, 3494], "breastmnist": [147, 399], "retinamnist": [486, 128, 206, 194, 66]}
+    listed = m.chunk_names(p, m.DATASETS, p.ipcs, counts)
+    assert "retinamnist:10" in listed and "retinamnist:50" not in listed and "breastmnist:50" in listed
 
 
 def test_unrun_rows_say_not_run_and_retinamnist_has_no_50(results_mod, shared_data, monkeypatch, tmp_path):

@@ -60,7 +60,7 @@ def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: t
     fewer than ``ipc`` of them is topped up from its others, with one warning.
     """
     if train is None:
-        raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise.")
+        raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise or --data.")
     picks = []
     for c in range(num_classes):
         idx = torch.nonzero(train.labels == c).flatten()
