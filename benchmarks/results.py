@@ -364,7 +364,9 @@ def render_section(meta: dict, rows: list[Row], commands: list[str], buffers: di
         f"{', %d snapshots per epoch' % p['snapshots_per_epoch'] if p.get('snapshots_per_epoch') else ''}; "
         f"{p['iterations']} iterations of "
         f"{p['syn_steps']} student steps"
-        f"{' on at most %d synthetic images each' % p['max_batch_syn'] if p.get('max_batch_syn') else ''}; evaluation {p['runs']} runs per row, "
+        f"{' on at most %d synthetic images each' % p['max_batch_syn'] if p.get('max_batch_syn') else ''}, "
+        f"starting at snapshots up to {'auto (by IPC)' if p['max_start_epoch'] is None else p['max_start_epoch']}; "
+        f"evaluation {p['runs']} runs per row, "
         f"{p['eval_epochs'] or 'recipe'} epochs (full data {p['full_epochs'] or 'default'}); seed {p['seed']}.",
         "- Accuracy and AUC on the dataset's official test split, mean ± sample std over the runs. "
         "Wall time of a distilled row covers `run`, `export` and `eval`; the shared expert buffer is listed "
