@@ -7,14 +7,21 @@ through the command line, exactly as a user would, and records every command:
     distill eval --baseline random-real --ipc K     distill eval --baseline full
 
 for each dataset and each images-per-class (IPC) value where every class has
-enough training images. Each row is the mean ± std over the profile's runs.
+at least MIN_POOL_RATIO times IPC training images, and, under each model of the
+profile's ``cross_models``, the same evaluations of random real and of both
+shares (cross-architecture rows). Each row is the mean ± std over the profile's runs.
 
     python benchmarks/results.py --profile quick                      # CPU, minutes
-    python benchmarks/results.py --profile paper --device cuda        # GPU
+    python benchmarks/results.py --profile paper --list-chunks        # the paper profile's chunks
+    python benchmarks/results.py --profile paper --device cuda --chunk pneumoniamnist:buffer --max-minutes 8
 
 The script rewrites only its own profile's section of docs/results.md, so the
 quick and paper tables live side by side, each with the hardware that made it.
-Finished steps are kept in --work and skipped when the script is run again.
+Finished steps are kept in --work and skipped when the script is run again, so
+a profile too long for one session runs in chunks (``--chunk DATASET:PART``,
+PART one of full, buffer or an IPC), session after session; ``--max-minutes``
+starts no step once that much time has passed. Rows no session finished are
+rendered "not run". A `distill run` stopped half-way is continued with --resume.
 """
 from __future__ import annotations
 
@@ -33,8 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("pneumoniamnist", "breastmnist", "retinamnist")
-NOT_RUN = "not run: the session that rendered this table stopped before it (--render-only)"
+NOT_RUN = "not run"
 ROW_LABELS = ("full data", "random real", "distilled, hard labels", "distilled, soft labels")
+# A class needs this many times IPC training images: with fewer, the "distilled" set is a large share of
+# the class and random real approaches full data (RetinaMNIST's rarest class has 66: no 50/class row).
+MIN_POOL_RATIO = 2
 
 # Targets from the issue (benchmark figures, not tests).
 TARGET_MARGIN_POINTS = 5.0  # distilled 10/class must beat random real by this many accuracy points ...
@@ -55,7 +65,7 @@ class Profile:
     iterations: int
     syn_steps: int
     expert_epochs: int
-    max_start_epoch: int
+    max_start_epoch: int | None  # None: `distill run`'s own window by IPC (the flag is left out)
     runs: int
     eval_epochs: int | None  # None: the share's recipe (300) and the evaluator's random-real default (300)
     full_epochs: int | None  # None: the evaluator's full-data default
@@ -67,6 +77,10 @@ class Profile:
     # CPU cores an iteration costs time in proportion to this (PneumoniaMNIST, 1 thread: 20 images
     # about 5 s, 100 images about 40 s), so the CPU profiles draw minibatches at 50 images per class.
     max_batch_syn: int = 0
+    # Cross-architecture rows: random real and both shares, evaluated under each of these models too,
+    # at these IPCs (None: every IPC of the profile).
+    cross_models: tuple[str, ...] = ("resnet18", "vgg11")
+    cross_ipcs: tuple[int, ...] | None = None
 
 
 PROFILES = {
@@ -74,17 +88,19 @@ PROFILES = {
     # buffer and the distillation are far too short to show what the method can do.
     "quick": Profile("quick", "CPU, minutes: shows the pipeline working end to end; not the method's accuracy",
                      ipcs=(1, 10, 50), experts=2, buffer_epochs=4, iterations=30, syn_steps=10, expert_epochs=2,
-                     max_start_epoch=2, runs=3, eval_epochs=50, full_epochs=2, max_batch_syn=20),
+                     max_start_epoch=2, runs=3, eval_epochs=50, full_epochs=2, max_batch_syn=20, cross_ipcs=(1,)),
     # The largest run two CPU cores finish in a couple of hours: enough experts, snapshots and
     # iterations for distillation to do something. The targets' datasets (PneumoniaMNIST, BreastMNIST).
     "cpu": Profile("cpu", "CPU, hours: a small but real distillation at 1, 10 and 50 images per class",
                    ipcs=(1, 10, 50), experts=4, buffer_epochs=8, iterations=200, syn_steps=20, expert_epochs=2,
                    max_start_epoch=16, runs=3, eval_epochs=None, full_epochs=10, snapshots_per_epoch=3,
-                   max_batch_syn=20),
-    # The MTT reference's scale for small datasets: 50 experts x 50 epochs, thousands of iterations.
-    "paper": Profile("paper", "GPU: 50 experts x 50 epochs, 2000 distillation iterations, the reference evaluation",
-                     ipcs=(1, 10, 50), experts=50, buffer_epochs=50, iterations=2000, syn_steps=20, expert_epochs=2,
-                     max_start_epoch=20, runs=5, eval_epochs=None, full_epochs=50),
+                   max_batch_syn=20, cross_ipcs=(10,)),
+    # The protocol of issue 12's GPU measurements (15 experts x 20 epochs, 300 iterations of 20 student
+    # steps, 3 networks with the share's recipe), split into chunks (--list-chunks) that each fit a
+    # session; the start window is `distill run`'s own (by IPC).
+    "paper": Profile("paper", "GPU: 15 experts x 20 epochs, 300 distillation iterations, the share's recipe, in chunks",
+                     ipcs=(1, 10, 50), experts=15, buffer_epochs=20, iterations=300, syn_steps=20, expert_epochs=2,
+                     max_start_epoch=None, runs=3, eval_epochs=None, full_epochs=50, snapshots_per_epoch=3),
 }
 
 
@@ -119,18 +135,33 @@ class NotRun(Exception):
 class Runner:
     """Runs `distill ...` commands in order, records them, and skips those finished on an earlier attempt.
 
-    With ``render_only`` nothing runs: a step without a finished record raises NotRun, and its row is
-    shown as not run (to publish what a time-limited session finished).
+    A step runs only when its chunk is selected (``chunks``; None = all), ``render_only`` is off and
+    fewer than ``max_seconds`` have passed since the Runner was made. Otherwise a step without a
+    finished record raises NotRun, and its row is shown as not run.
     """
 
-    def __init__(self, work: Path, env: dict[str, str], render_only: bool = False):
+    def __init__(self, work: Path, env: dict[str, str], render_only: bool = False, chunks: set[str] | None = None,
+                 max_seconds: float | None = None):
         self.work, self.env, self.render_only = work, env, render_only
+        self.chunks, self.max_seconds, self.started = chunks, max_seconds, time.perf_counter()
         self.commands: list[str] = []
         self.total_seconds = 0.0  # summed per step, so a resumed benchmark still reports the whole cost
+        self.walls: dict[str, float] = {}  # wall seconds of each command finished now or earlier
 
-    def __call__(self, key: str, args: list[str]) -> tuple[int, float]:
-        """Run ``distill ARGS``; returns (1-based command reference, wall seconds)."""
+    def may_run(self, chunk: str) -> bool:
+        if self.render_only or (self.chunks is not None and chunk not in self.chunks):
+            return False
+        return self.max_seconds is None or time.perf_counter() - self.started < self.max_seconds
+
+    def __call__(self, key: str, args: list[str], chunk: str, resumable: Path | None = None) -> tuple[int, float]:
+        """Run ``distill ARGS`` as part of ``chunk``; returns (1-based command reference, wall seconds).
+
+        resumable: a run folder; when it holds a checkpoint from a stopped attempt, the step runs with --resume
+        (the command shown stays the one that makes the result from scratch).
+        """
         shown = "distill " + shlex.join(args)
+        if shown in self.walls:  # a run or export shared by several rows: one command, counted once
+            return self.commands.index(shown) + 1, self.walls[shown]
         self.commands.append(shown)
         ref = len(self.commands)
         record = self.work / "steps" / f"{key}.json"
@@ -139,19 +170,22 @@ class Runner:
             if done.get("command") == shown and done.get("returncode") == 0:
                 print(f"[{ref}] done earlier: {shown}", file=sys.stderr)
                 self.total_seconds += float(done["wall_seconds"])
+                self.walls[shown] = float(done["wall_seconds"])
                 return ref, float(done["wall_seconds"])
-        if self.render_only:
+        if not self.may_run(chunk):
             self.commands.pop()
             raise NotRun(shown)
-        print(f"[{ref}] {shown}", file=sys.stderr, flush=True)
+        resume = resumable is not None and (resumable / "checkpoint.pt").exists()
+        print(f"[{ref}] {shown}{' (resumed)' if resume else ''}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(distill_argv() + args, env=self.env, cwd=ROOT)
+        proc = subprocess.run(distill_argv() + args + (["--resume"] if resume else []), env=self.env, cwd=ROOT)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"Step {key} failed (exit {proc.returncode}): {shown}")
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"command": shown, "returncode": 0, "wall_seconds": wall}) + "\n")
+        record.write_text(json.dumps({"command": shown, "returncode": 0, "wall_seconds": wall, "resumed": resume}) + "\n")
         self.total_seconds += wall
+        self.walls[shown] = wall
         return ref, wall
 
 
@@ -189,7 +223,7 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
     try:
         ref, wall = run(f"{dataset}-full", ["eval", "--baseline", "full", "--train", dataset, "--test", dataset, *common,
                                             *(["--epochs", str(p.full_epochs)] if p.full_epochs else []),
-                                            "--json", str(d / "full.json")])
+                                            "--json", str(d / "full.json")], f"{dataset}:full")
         full.commands, full.wall_seconds = [ref], wall
         rows.append(fill(full, read_eval(d / "full.json")))
         test_counts = json.loads((d / "full.json").read_text())["test"]["class_counts"]
@@ -207,52 +241,67 @@ def run_dataset(run: Runner, profile: Profile, dataset: str, ipcs: tuple[int, ..
     try:
         info["buffer_command"], info["buffer_seconds"] = run(f"{dataset}-buffer", [
             "buffer", "--data", dataset, "--out", str(buf), "--experts", str(p.experts), "--epochs", str(p.buffer_epochs),
-            *snapshot, "--seed", str(p.seed), "--device", device])
+            *snapshot, "--seed", str(p.seed), "--device", device], f"{dataset}:buffer")
     except NotRun:
         pass
     for k in ipcs:
-        if min(counts) < k:
-            why = f"a class has only {min(counts)} training images"
+        chunk = f"{dataset}:{k}"
+        cross = p.cross_models if p.cross_ipcs is None or k in p.cross_ipcs else ()
+        if min(counts) < MIN_POOL_RATIO * k:
+            why = f"a class has only {min(counts)} training images, fewer than {MIN_POOL_RATIO} × {k}"
             rows += [Row(dataset, k, label, note=why) for label in ROW_LABELS[1:]]
             continue
-        rr = Row(dataset, k, "random real")
-        try:
-            ref, wall = run(f"{dataset}-random-{k}", ["eval", "--baseline", "random-real", "--ipc", str(k), "--train",
-                                                      dataset, "--test", dataset, *common, *eval_epochs,
-                                                      "--json", str(d / f"random_{k}.json")])
-            rr.commands, rr.wall_seconds = [ref], wall
-            rows.append(fill(rr, read_eval(d / f"random_{k}.json")))
-        except NotRun:
-            rr.note = NOT_RUN
-            rows.append(rr)
-        n_syn = k * len(counts)
-        batch = ["--batch-syn", str(p.max_batch_syn)] if p.max_batch_syn and n_syn > p.max_batch_syn else []
-        for labels in ("hard", "soft"):
-            row = Row(dataset, k, f"distilled, {labels} labels")
+        for model in ("", *cross):
+            on = ["--model", model] if model else []
+            tag = f"-{model}" if model else ""
+            rr = Row(dataset, k, _label("random real", model))
             try:
-                row.commands, row.wall_seconds = _distilled(run, p, dataset, d, buf, k, labels, batch, device, common,
-                                                            eval_epochs)
+                ref, wall = run(f"{dataset}-random-{k}{tag}", [
+                    "eval", "--baseline", "random-real", "--ipc", str(k), "--train", dataset, "--test", dataset, *on,
+                    *common, *eval_epochs, "--json", str(d / f"random_{k}{tag}.json")], chunk)
+                rr.commands, rr.wall_seconds = [ref], wall
+                rows.append(fill(rr, read_eval(d / f"random_{k}{tag}.json")))
             except NotRun:
-                row.note = NOT_RUN
-                rows.append(row)
-                continue
-            rows.append(fill(row, read_eval(d / f"distilled_{k}_{labels}.json")))
+                rr.note = NOT_RUN
+                rows.append(rr)
+            n_syn = k * len(counts)
+            batch = ["--batch-syn", str(p.max_batch_syn)] if p.max_batch_syn and n_syn > p.max_batch_syn else []
+            for labels in ("hard", "soft"):
+                row = Row(dataset, k, _label(f"distilled, {labels} labels", model))
+                try:
+                    row.commands, row.wall_seconds = _distilled(run, p, dataset, d, buf, k, labels, batch, device,
+                                                                common, eval_epochs, model, chunk)
+                except NotRun:
+                    row.note = NOT_RUN
+                    rows.append(row)
+                    continue
+                rows.append(fill(row, read_eval(d / f"distilled_{k}_{labels}{tag}.json")))
     return rows, info
 
 
-def _distilled(run, p, dataset, d, buf, k, labels, batch, device, common, eval_epochs) -> tuple[list[int], float]:
-    """run -> export -> eval for one distilled row; returns its command references and wall seconds."""
+def _label(what: str, model: str) -> str:
+    """A row's label; rows under another model than the experts' name it."""
+    return f"{what}, {model}" if model else what
+
+
+def _distilled(run, p, dataset, d, buf, k, labels, batch, device, common, eval_epochs, model, chunk
+               ) -> tuple[list[int], float]:
+    """run -> export -> eval (under ``model``, "" for the recipe's) for one distilled row; returns its command
+    references and wall seconds. The run and export are shared by every model's row and counted in each."""
     rundir, share = d / f"run_{k}_{labels}", d / f"share_{k}_{labels}.h5"
+    window = ["--max-start-epoch", str(p.max_start_epoch)] if p.max_start_epoch is not None else []
     r1, w1 = run(f"{dataset}-run-{k}-{labels}", [
         "run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(k), "--iterations", str(p.iterations),
-        "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
-        "--max-start-epoch", str(p.max_start_epoch), *batch, *(["--hard-labels"] if labels == "hard" else []),
-        "--seed", str(p.seed), "--device", device])
+        "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs), *window, *batch,
+        "--hard-labels" if labels == "hard" else "--soft-labels", "--seed", str(p.seed), "--device", device],
+        chunk, resumable=rundir)
     # The benchmark measures accuracy, not privacy: `distill audit` is a separate check.
-    r2, w2 = run(f"{dataset}-export-{k}-{labels}", ["export", str(rundir), "--out", str(share), "--force"])
-    r3, w3 = run(f"{dataset}-eval-{k}-{labels}", ["eval", str(share), "--test", dataset, "--baseline", "none",
-                                                  *common, *eval_epochs,
-                                                  "--json", str(d / f"distilled_{k}_{labels}.json")])
+    r2, w2 = run(f"{dataset}-export-{k}-{labels}", ["export", str(rundir), "--out", str(share), "--force", "--overwrite"],
+                 chunk)
+    tag = f"-{model}" if model else ""
+    r3, w3 = run(f"{dataset}-eval-{k}-{labels}{tag}", [
+        "eval", str(share), "--test", dataset, "--baseline", "none", *(["--model", model] if model else []),
+        *common, *eval_epochs, "--json", str(d / f"distilled_{k}_{labels}{tag}.json")], chunk)
     return [r1, r2, r3], w1 + w2 + w3
 
 
@@ -315,7 +364,9 @@ def render_section(meta: dict, rows: list[Row], commands: list[str], buffers: di
         f"{', %d snapshots per epoch' % p['snapshots_per_epoch'] if p.get('snapshots_per_epoch') else ''}; "
         f"{p['iterations']} iterations of "
         f"{p['syn_steps']} student steps"
-        f"{' on at most %d synthetic images each' % p['max_batch_syn'] if p.get('max_batch_syn') else ''}; evaluation {p['runs']} runs per row, "
+        f"{' on at most %d synthetic images each' % p['max_batch_syn'] if p.get('max_batch_syn') else ''}, "
+        f"starting at snapshots up to {'auto (by IPC)' if p['max_start_epoch'] is None else p['max_start_epoch']}; "
+        f"evaluation {p['runs']} runs per row, "
         f"{p['eval_epochs'] or 'recipe'} epochs (full data {p['full_epochs'] or 'default'}); seed {p['seed']}.",
         "- Accuracy and AUC on the dataset's official test split, mean ± sample std over the runs. "
         "Wall time of a distilled row covers `run`, `export` and `eval`; the shared expert buffer is listed "
@@ -407,6 +458,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def chunk_names(profile: Profile, datasets: tuple[str, ...], ipcs: tuple[int, ...],
+                counts: dict[str, list[int]] | None = None) -> list[str]:
+    """Every chunk in the order the script runs them: per dataset full, buffer, then each IPC
+    (with ``counts``, the training images per class, only the IPCs that every class allows).
+
+    A chunk's steps depend only on earlier chunks of its dataset (an IPC chunk on the buffer).
+    """
+    def allowed(ds: str, k: int) -> bool:
+        return counts is None or min(counts[ds]) >= MIN_POOL_RATIO * k
+
+    return [f"{ds}:{part}" for ds in datasets
+            for part in ("full", "buffer", *(str(k) for k in ipcs if allowed(ds, k)))]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
@@ -416,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--render-only", action="store_true",
                     help="run nothing: write the table from the steps finished so far, marking the others not run")
+    ap.add_argument("--chunk", action="append", default=None,
+                    help="run only these chunks (DATASET:full, DATASET:buffer or DATASET:IPC; repeatable or a comma "
+                         "list); every other step is taken from earlier sessions or shown as not run")
+    ap.add_argument("--list-chunks", action="store_true", help="print the profile's chunks in order and exit")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no step after this many minutes (a step already running finishes)")
     ap.add_argument("--work", default=None, help="folder for buffers, runs, shares and eval JSONs "
                                                  "(default /tmp/distill-results-PROFILE)")
     args = ap.parse_args(argv)
@@ -430,7 +501,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from distill.io import atomic_path
 
-    run = Runner(work, env, render_only=args.render_only)
+    if args.list_chunks:
+        print("\n".join(chunk_names(profile, datasets, ipcs, {ds: class_counts(ds) for ds in datasets})))
+        return
+    chunks = None
+    if args.chunk:
+        chunks = {c.strip() for arg in args.chunk for c in arg.split(",") if c.strip()}
+        unknown = sorted(chunks - set(chunk_names(profile, datasets, ipcs)))
+        if unknown:
+            raise SystemExit(f"Unknown chunk(s) {', '.join(unknown)}; see --list-chunks.")
+    run = Runner(work, env, render_only=args.render_only, chunks=chunks,
+                 max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     rows, buffers = [], {}
     for ds in datasets:
         ds_rows, buffers[ds] = run_dataset(run, profile, ds, ipcs, args.device, work)

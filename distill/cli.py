@@ -123,9 +123,15 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--syn-steps", type=int, default=None, help=f"Student SGD steps per iteration {default_text(RunConfig, 'syn_steps')}.")
 @click.option("--expert-epochs", type=int, default=None,
               help=f"Snapshot intervals the target lies ahead of the start (see docs/method.md) {default_text(RunConfig, 'expert_epochs')}.")
-@click.option("--max-start-epoch", type=int, default=None, help=f"Latest start snapshot, inclusive {default_text(RunConfig, 'max_start_epoch')}.")
+@click.option("--max-start-epoch", type=int, default=None,
+              help="Latest start snapshot, inclusive (default: auto, later the more images per class; docs/method.md).")
 @click.option("--init", default=None, help=f"Initial images: real (random training images) or noise {default_text(RunConfig, 'init')}.")
-@click.option("--hard-labels/--soft-labels", default=None, help=f"Hard labels: class ids instead of learned soft labels {default_text(RunConfig, 'hard_labels')}.")
+@click.option("--hard-labels/--soft-labels", default=None,
+              help="Hard labels: class ids instead of learned soft labels (default: auto, hard below 10 images per class).")
+@click.option("--label-temperature", type=float, default=None,
+              help=f"Soft labels are softmax(logits / T) {default_text(RunConfig, 'label_temperature')}.")
+@click.option("--min-syn-lr-fraction", type=float, default=None,
+              help=f"Floor on the learned step size, as a fraction of its start; 0 = none {default_text(RunConfig, 'min_syn_lr_fraction')}.")
 @click.option("--trajectories-per-iter", type=int, default=None,
               help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
                    f"{default_text(RunConfig, 'trajectories_per_iter')}.")

@@ -68,21 +68,34 @@ class RunConfig:
     syn_steps: int = 20  # student SGD steps per iteration; ref 20, README 20
     expert_epochs: int = 2  # M: snapshot intervals spanned by the target; ref 3, README 3
     min_start_epoch: int = 0
-    max_start_epoch: int = 20  # inclusive; ref 25 (exclusive), README 20
+    # Latest start snapshot, inclusive; ref 25 (exclusive), README 20. None = auto: a fraction of the
+    # latest legal start that grows with ipc (distiller.auto_max_start; docs/method.md, "the start window").
+    max_start_epoch: int | None = None
     trajectories_per_iter: int = 1  # expert segments matched (and averaged) per iteration; ref 1
     init: str = "real"  # real | noise; ref default noise (the paper starts from real images)
-    hard_labels: bool = False  # True = class ids, as the reference; False = learned soft labels
+    # With soft labels, --init real draws only images the labelling expert classifies correctly (as DATM).
+    init_correct_only: bool = True
+    # True = class ids, as the reference; False = learned soft labels; None = auto by ipc
+    # (distiller.auto_hard_labels: hard below SOFT_LABELS_FROM_IPC; docs/method.md, "hard or soft").
+    hard_labels: bool | None = None
     label_temperature: float = 1.0  # targets = softmax(logits / T)
+    # Snapshot of expert 0 whose logits start the soft labels; -1 = its last (the most trained).
+    label_snapshot: int = -1
     lr_img: float = 100.0  # ref 1000 (CIFAR, ZCA); 100 suits un-whitened 28x28 greyscale (NOTES-MTT)
     # Learning rate on log(step size). The reference's lr_lr 1e-5 acts on the raw step size; at a
     # step size a, a raw-space rate r moves log(a) as much as a log-space rate of r / a^2 (0.1 at
     # a = 0.01). We take 10x less and let max_log_lr_step catch the bursts (docs/method.md).
     lr_lr: float = 1e-2
-    # Soft-label logits. Soft-label MTT (Li et al. 2022) uses 2 to 10; on BreastMNIST at 1
-    # image per class 2 drove the matching loss from 1.1 up to 5 in 30 iterations, 0.2 brought it down.
+    # Soft-label logits, per 2 classes: the rate used is lr_label * K / 2 for K classes (docs/method.md).
+    # Soft-label MTT (Li et al. 2022) uses 2 to 10; on BreastMNIST (K = 2) at 1 image per class
+    # 2 drove the matching loss from 1.1 up to 5 in 30 iterations, 0.2 brought it down.
     lr_label: float = 0.2
     syn_lr_init: float = 0.01  # initial student step size; ref lr_teacher 0.01
     max_log_lr_step: float = 0.1  # bound on |change of log step size| per iteration (~10 %)
+    # Floor on the step size, as a fraction of syn_lr_init; 0 = none. At 1 image per class the step
+    # size fell from 0.01 to 0.0007 (0.07) on PneumoniaMNIST and to 3e-5 on BreastMNIST, where the
+    # recipe's networks no longer trained; a quarter keeps them moving (docs/method.md).
+    min_syn_lr_fraction: float = 0.25
     momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
     batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
     augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
@@ -233,6 +246,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "label_temperature": Allowed(low=0, strict=True, **KEY_ONLY), "lr_img": Allowed(low=0, strict=True, **KEY_ONLY),
         "lr_lr": Allowed(low=0, zero="fixed step size", **KEY_ONLY), "lr_label": Allowed(low=0, zero="fixed labels", **KEY_ONLY),
         "syn_lr_init": Allowed(low=0, strict=True, **KEY_ONLY), "max_log_lr_step": Allowed(low=0, strict=True, **KEY_ONLY),
+        "min_syn_lr_fraction": Allowed(low=0, high=1, **KEY_ONLY), "max_start_epoch": Allowed(low=0),
         "momentum": Allowed(low=0, high=1, **KEY_ONLY), "batch_syn": Allowed(low=0, zero="the whole set"),
         "gradient": Allowed(choices=GRADIENTS), "fast": Allowed(choices=FAST_MODES),
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),

@@ -7,6 +7,7 @@ step size, held as its logarithm so that no update can make it zero or negative
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -17,7 +18,9 @@ from ..data import Preprocessing, Split
 from ..errors import DistillError
 from ..models import ParamSpec, flat_forward
 
-# name -> fn(ipc, num_classes, channels, size, generator, train, preprocessing) -> (images, labels)
+log = logging.getLogger(__name__)
+
+# name -> fn(ipc, num_classes, channels, size, generator, train, preprocessing, prefer=None) -> (images, labels)
 Initialiser = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _INITIALISERS: dict[str, Initialiser] = {}
 _NEEDS_REAL: set[str] = set()
@@ -49,8 +52,13 @@ def class_labels(ipc: int, num_classes: int) -> torch.Tensor:
 
 @register_init("real", needs_real=True)
 def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-              train: Split | None, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` training images per class, drawn without replacement, preprocessed (CPU float32)."""
+              train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` training images per class, drawn without replacement, preprocessed (CPU float32).
+
+    prefer: optional (N_train,) bool; images where it is True are drawn first. A class with
+    fewer than ``ipc`` of them is topped up from its others, with one warning.
+    """
     if train is None:
         raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise or --data.")
     picks = []
@@ -58,29 +66,56 @@ def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: t
         idx = torch.nonzero(train.labels == c).flatten()
         if len(idx) < ipc:
             raise DistillError(f"Class {c} has only {len(idx)} training images, fewer than --ipc {ipc}; lower --ipc or use --init noise.")
-        picks.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
+        order = idx[torch.randperm(len(idx), generator=generator)]
+        if prefer is not None:
+            good = prefer[order]
+            if int(good.sum()) < ipc:
+                log.warning("Class %d has only %d training image(s) that the labelling expert classifies correctly, fewer "
+                            "than --ipc %d; the others start from images it misclassifies.", c, int(good.sum()), ipc)
+            order = torch.cat([order[good], order[~good]])  # stable: the random order is kept within each part
+        picks.append(order[:ipc])
     return preprocessing(train.images[torch.cat(picks)]), class_labels(ipc, num_classes)
 
 
 @register_init("noise")
 def init_noise(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-               train: Split | None, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+               train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard normal pixels: the scale of normalised real images (zero mean, unit variance per channel)."""
     n = ipc * num_classes
     return torch.randn(n, channels, size, size, generator=generator), class_labels(ipc, num_classes)
 
 
 def initial_images(name: str, ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-                   train: Split | None, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+                   train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     if name not in _INITIALISERS:
         raise DistillError(f"Unknown --init {name!r}; choose one of {', '.join(list_inits())}.")
-    return _INITIALISERS[name](ipc, num_classes, channels, size, generator, train, preprocessing)
+    return _INITIALISERS[name](ipc, num_classes, channels, size, generator, train, preprocessing, prefer=prefer)
 
 
 @torch.no_grad()
 def initial_logits(model: nn.Module, spec: ParamSpec, expert_params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """The expert's logits ``(N, K)`` on the initial images: soft labels start as the expert's belief."""
     return flat_forward(model, spec, expert_params, images).float()
+
+
+PREDICT_CHUNK = 1024  # images per forward pass when an expert classifies the training split
+
+
+@torch.no_grad()
+def correctly_classified(model: nn.Module, spec: ParamSpec, expert_params: torch.Tensor, images: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on the CPU: whether the expert's arg-max on each image is its label.
+
+    images: (N, C, H, W) preprocessed, on the CPU; moved to ``expert_params``'s device a chunk at a time.
+    Why: a soft label starts as the expert's logits, so an image it misclassifies would start with
+    a label that points to the wrong class (DATM draws only correctly classified images).
+    """
+    device = expert_params.device
+    hits = [flat_forward(model, spec, expert_params, images[i:i + PREDICT_CHUNK].to(device)).argmax(1).cpu()
+            == labels[i:i + PREDICT_CHUNK] for i in range(0, len(images), PREDICT_CHUNK)]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -106,3 +141,16 @@ def bound_log_step(log_lr: torch.Tensor, before: torch.Tensor, max_step: float) 
     if clipped:
         log_lr.copy_(before + delta.clamp(-max_step, max_step))
     return clipped
+
+
+@torch.no_grad()
+def floor_log_step(log_lr: torch.Tensor, floor: float) -> bool:
+    """Raise ``log_lr`` in place to ``floor`` (a log step size) when below it; True when it did.
+
+    Why: at 1 image per class the learned step size fell from 0.01 to 0.0007, and networks
+    trained on the set with it barely left their initialisation (docs/method.md).
+    """
+    low = bool(log_lr < floor)
+    if low:
+        log_lr.fill_(floor)
+    return low
