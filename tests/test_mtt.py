@@ -221,6 +221,21 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_buffer, tmp_
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # no line lost, none twice
 
 
+def test_a_resumed_run_keeps_what_its_auto_settings_resolved_to(tiny_buffer, tmp_path, monkeypatch):
+    # The run starts while the default gives soft labels at 2 images per class and a window ending at 3 ...
+    monkeypatch.setattr(distiller, "SOFT_LABELS_FROM_IPC", 1)
+    out = tmp_path / "run"
+    distill_run(_cfg(tiny_buffer, out, iterations=2, hard_labels=None))
+    started = load_toml(out / "config.toml")
+    assert started["hard_labels"] is False
+    # ... and is resumed after the default changed: it must go on with soft labels and the same window.
+    monkeypatch.setattr(distiller, "SOFT_LABELS_FROM_IPC", 10)
+    resumed = read_synset(distill_run(_cfg(tiny_buffer, out, iterations=4, hard_labels=None, max_start_epoch=None),
+                                      resume=True))
+    assert resumed.label_logits is not None
+    assert load_toml(out / "config.toml")["max_start_epoch"] == started["max_start_epoch"]
+
+
 def test_nan_guard_keeps_the_last_good_state_which_resumes_exactly(tiny_buffer, tmp_path, monkeypatch):
     whole = read_synset(distill_run(_cfg(tiny_buffer, tmp_path / "whole", hard_labels=True, checkpoint_every=10)))
     calls = {"n": 0}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..augment import Augment
-from ..config import GRADIENTS, RunConfig, check_ranges, save_toml
+from ..config import FILE_KEYS, GRADIENTS, RunConfig, build, check_ranges, load_toml, save_toml
 from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
@@ -483,9 +483,24 @@ def _synthetic_set(run: _Run, state: _State) -> SyntheticSet:
 # ----------------------------------------------------------------------------- the stage
 
 
+def _autos_as_before(cfg: RunConfig, out: Path) -> RunConfig:
+    """A resumed run keeps what its "auto" settings (None) resolved to when it started, as its config.toml
+    records: a default that changed since (hard or soft labels, the start window) must not change a run midway."""
+    saved_path = out / CONFIG_FILE
+    if not saved_path.exists():
+        return cfg  # _resumed_state says what is missing
+    saved = build(RunConfig, {k: v for k, v in load_toml(saved_path).items()
+                              if k in {f.name for f in dataclasses.fields(RunConfig)} | set(FILE_KEYS)})
+    autos = {f.name: getattr(saved, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(cfg, f.name) is None and getattr(saved, f.name) is not None}
+    return dataclasses.replace(cfg, **autos)
+
+
 def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
            lock: contextlib.ExitStack) -> tuple[_Run, RealData | None, str]:
     pool = ExpertPool(cfg.buffer)
+    if resume:
+        cfg = _autos_as_before(cfg, Path(cfg.out))
     cfg = resolve_config(cfg, pool)
     if cfg.trajectories_per_iter < world.size:
         raise DistillError(f"With {world.size} processes each needs a trajectory: set trajectories_per_iter to at least {world.size}.")
