@@ -12,7 +12,7 @@ import sys
 import click
 
 from .config import (FULL_EPOCHS, AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig,
-                     build, default_text, load_toml)
+                     SplitConfig, build, default_text, load_toml)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
@@ -38,6 +38,7 @@ def cli(verbose: int) -> None:
       distill report   an HTML review page of a run or a share, for sign-off
       distill inspect  validate and summarise a share
       distill eval     train on a share and test on your own real data
+      distill split    split a dataset across N simulated hospitals (docs/hospitals.md)
     """
     _setup_logging(verbose)
 
@@ -246,6 +247,25 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, **fla
     report = run_audit(source, data, json_path=json_path, pairs_png=pairs_png, expert=expert, device=device or "auto",
                        **dataclasses.asdict(settings))
     click.echo(report.text())
+
+
+@cli.command("split")
+@click.argument("data")
+@click.option("--sites", type=int, default=None, help=f"Number of hospitals {default_text(SplitConfig, 'sites')}.")
+@click.option("--alpha", default=None,
+              help="Dirichlet concentration over classes (small: each class at few sites), or iid "
+                   f"{default_text(SplitConfig, 'alpha')}.")
+@click.option("--min-per-class", type=int, default=None,
+              help=f"Images of every class each site gets first; 0 = plain Dirichlet {default_text(SplitConfig, 'min_per_class')}.")
+@click.option("--out", default=None, help=f"Folder for site-I/NAME.npz and split.json {default_text(SplitConfig, 'out')}.")
+@SEED
+@CONFIG
+def split_cmd(data, config_file, **flags):
+    """Split DATA's training set across hospitals: one MedMNIST-layout .npz per site, shared val and test."""
+    from .sites import split_dataset
+
+    cfg = build(SplitConfig, *_layers(config_file, data=data, **flags))
+    click.echo(split_dataset(cfg).describe())
 
 
 def main() -> None:
