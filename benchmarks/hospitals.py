@@ -319,9 +319,10 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
     per_run_mean = [{"accuracy": float(np.mean([m["accuracy"] for m in ms])), "auc": float(np.mean([m["auc"] for m in ms]))}
                     for ms in fed["local"]]
     put(rows["local only, mean over sites"], per_run_mean, "nothing")
+    # Chosen after the fact on test accuracy: an optimistic bound on what one hospital alone reaches.
     best = max(range(n), key=lambda i: np.mean([ms[i]["accuracy"] for ms in fed["local"]]))
     put(rows["local only, best site"], [ms[best] for ms in fed["local"]], "nothing")
-    rows["local only, best site"].note = f"site {best}, {fed['sizes'][best]} images"
+    rows["local only, best site"].note = f"site {best}, {fed['sizes'][best]} images (chosen on test accuracy)"
     put(rows["one-round FedAvg"], fed["fedavg"], model_text)
     put(rows["ensemble distillation"], fed["ensemble"], f"{share_text} + {model_text}")
     rows["ensemble distillation"].commands = refs  # the shares; the labels come from federated()
@@ -358,44 +359,57 @@ def run_central(run: Runner, budget: Budget, p: Profile, dataset: str, sites: tu
 
 
 def check_targets(rows: list[Row], central: dict[str, Row]) -> list[str]:
-    """One sentence per target: met, not met by how much, or not measured."""
+    """One sentence per target: met, not met by how much, or not measured.
+
+    Where the table has the target's alpha at another number of sites, the same comparisons follow,
+    marked as indicative only.
+    """
     def find(ds, n, alpha, label):
         return next((r for r in rows if (r.dataset, r.sites, r.alpha, r.label) == (ds, n, alpha, label)
                      and r.acc_mean is not None), None)
 
     out = []
     for ds in dict.fromkeys(r.dataset for r in rows):
-        union = find(ds, TARGET_SITES, TARGET_ALPHA, "union of shares")
-        for other in ("local only, mean over sites", "local only, best site", "one-round FedAvg"):
-            what = (f"{ds}, {TARGET_SITES} sites, α {TARGET_ALPHA}: union of {TARGET_IPC}/class shares ≥ {other} "
-                    f"+ {TARGET_MARGIN_POINTS:g} points")
-            base = find(ds, TARGET_SITES, TARGET_ALPHA, other)
-            if union is None or base is None:
-                out.append(f"{what}: not measured in this table.")
-                continue
-            gap = 100 * (union.acc_mean - base.acc_mean)
-            verdict = "met" if gap >= TARGET_MARGIN_POINTS else f"NOT met by {TARGET_MARGIN_POINTS - gap:.1f} points"
-            out.append(f"{what}: {verdict} ({100 * union.acc_mean:.1f} vs {100 * base.acc_mean:.1f}, {gap:+.1f}).")
-        if ds in TARGET_CENTRAL_DATASETS:
-            what = (f"{ds}, {TARGET_SITES} sites, α {TARGET_ALPHA}: union within {TARGET_CENTRAL_POINTS:g} points "
-                    "of centralised")
-            c = central.get(ds)
-            if union is None or c is None or c.acc_mean is None:
-                out.append(f"{what}: not measured in this table.")
-            else:
-                gap = 100 * (c.acc_mean - union.acc_mean)
-                verdict = "met" if gap <= TARGET_CENTRAL_POINTS else f"NOT met by {gap - TARGET_CENTRAL_POINTS:.1f} points"
-                out.append(f"{what}: {verdict} ({100 * union.acc_mean:.1f} vs {100 * c.acc_mean:.1f}, {-gap:+.1f}).")
+        others = sorted({r.sites for r in rows if r.dataset == ds and r.alpha == TARGET_ALPHA
+                         and r.sites != TARGET_SITES and r.acc_mean is not None})
+        for n in (TARGET_SITES, *others):
+            tag = "" if n == TARGET_SITES else f" [indicative only: {n} sites, not the target's {TARGET_SITES}]"
+            union = find(ds, n, TARGET_ALPHA, "union of shares")
+            pairs = [(f"union of {TARGET_IPC}/class shares ≥ {other} + {TARGET_MARGIN_POINTS:g} points",
+                      find(ds, n, TARGET_ALPHA, other), False)
+                     for other in ("local only, mean over sites", "local only, best site", "one-round FedAvg")]
+            if ds in TARGET_CENTRAL_DATASETS:
+                c = central.get(ds)
+                pairs.append((f"union within {TARGET_CENTRAL_POINTS:g} points of centralised",
+                              c if c is not None and c.acc_mean is not None else None, True))
+            for what, base, is_central in pairs:
+                what = f"{ds}, {n} sites, α {TARGET_ALPHA}: {what}"
+                if union is None or base is None:
+                    if not tag:
+                        out.append(f"{what}: not measured in this table.")
+                    continue
+                gap = 100 * (union.acc_mean - base.acc_mean)
+                if is_central:
+                    short = -gap - TARGET_CENTRAL_POINTS
+                else:
+                    short = TARGET_MARGIN_POINTS - gap
+                verdict = "met" if short <= 0 else f"NOT met by {short:.1f} points"
+                out.append(f"{what}: {verdict} ({100 * union.acc_mean:.1f} vs {100 * base.acc_mean:.1f}, "
+                           f"{gap:+.1f}){tag}.")
     return out
 
 
 def render_section(meta: dict, rows: list[Row], central: dict[str, Row], commands: list[str]) -> str:
     p = meta["profile"]
+    if commands:
+        ran = [f"- Hardware: {meta['hardware']}", f"- Software: {meta['software']}",
+               f"- Commit: `{meta['commit']}`; finished {meta['finished']}; wall time of all steps "
+               f"{_duration(meta['wall_seconds'])}."]
+    else:
+        ran = ["- **Not run**: no step of this profile has been run yet (the page was rendered with "
+               "`--render-only`); every row below is a plan, without numbers."]
     lines = [
-        f"## Profile `{p['name']}`", "", f"{p['purpose']}.", "",
-        f"- Hardware: {meta['hardware']}", f"- Software: {meta['software']}",
-        f"- Commit: `{meta['commit']}`; finished {meta['finished']}; wall time of all steps "
-        f"{_duration(meta['wall_seconds'])}.",
+        f"## Profile `{p['name']}`", "", f"{p['purpose']}.", "", *ran,
         f"- Split: seed {p['seed']}, at least {p['min_per_class']} image(s) of every class per site; val and test "
         "are the dataset's own, the same at every site.",
         f"- Each site: {p['experts']} experts × {p['buffer_epochs']} epochs ({p['snapshots_per_epoch']} snapshot(s) "
@@ -464,10 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     budget = Budget(run, args.budget_minutes)
     rows, central = [], {}
     for ds in datasets:
+        central[ds] = run_central(run, budget, p, ds, sites, args.device, work)  # first: every target needs it
         for n in sites:
             for alpha in alphas:
                 rows += run_split(run, budget, p, ds, n, alpha, args.device, work)
-        central[ds] = run_central(run, budget, p, ds, sites, args.device, work)
     meta = {"profile": {**asdict(p), "datasets": datasets, "sites": sites, "alphas": alphas},
             "hardware": hardware(args.device), "software": software(), "commit": git_commit(),
             "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
