@@ -85,7 +85,7 @@ PROFILES = {
     "cpu": Profile("cpu", "CPU, under 30 minutes on 2 cores: 3 sites, short experts and distillation",
                    datasets=("pneumoniamnist",), sites=(3,), alphas=("0.3", "1.0", "iid"), ipc=10, experts=2,
                    buffer_epochs=4, iterations=20, syn_steps=10, expert_epochs=2, max_start_epoch=4,
-                   snapshots_per_epoch=2, runs=2, student_epochs=100, audit=False),
+                   snapshots_per_epoch=2, runs=2, student_epochs=300, audit=False),
     # Minutes on a CPU: checks that every step of the script runs; its numbers mean nothing.
     "smoke": Profile("smoke", "CPU, minutes: every step once, numbers meaningless",
                      datasets=("pneumoniamnist",), sites=(3,), alphas=("0.3",), ipc=2, experts=1, buffer_epochs=1,

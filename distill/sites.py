@@ -13,7 +13,6 @@ and :func:`average_predictions` (the soft labels of ensemble distillation).
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import SplitConfig
+from .config import RunConfig, SplitConfig
 from .data import SPLITS, RealData, class_counts, load_data
 from .errors import DistillError
 from .formats.common import utc_now
 from .io import atomic_path, sha256_file, software_versions, write_json
 from .train import predict
-
-log = logging.getLogger(__name__)
 
 SPLIT_FORMAT = "distill-split"
 SPLIT_FORMAT_VERSION = "1.0"
@@ -134,12 +131,12 @@ class SplitResult:
         return "\n".join(lines + [f"Class counts per site written to {self.json_path}"])
 
 
-def split_dataset(cfg: SplitConfig, scarce_below: int = 10) -> SplitResult:
+def split_dataset(cfg: SplitConfig, scarce_below: int = RunConfig.ipc) -> SplitResult:
     """Write one ``.npz`` per site and ``split.json`` into ``cfg.out``; returns where, and per-site summaries.
 
     Site ``i``'s file is ``OUT/site-i/NAME.npz``, named after the source so that a MedMNIST source keeps
-    its class names. ``scarce_below``: classes with fewer images are listed as scarce (the default
-    10 images per class of ``distill run``, below which ``--init real`` cannot start).
+    its class names. ``scarce_below``: classes with fewer images are listed as scarce (by default
+    ``distill run``'s images per class, below which ``--init real`` cannot start).
     """
     alpha = parse_alpha(cfg.alpha)
     if cfg.sites < 2:
