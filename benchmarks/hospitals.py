@@ -428,6 +428,8 @@ def render_section(meta: dict, rows: list[Row], central: dict[str, Row], command
             n = "all" if r.label == "centralised" else str(r.sites)
             refs = ", ".join(f"[{c}]" for c in r.commands) if len(r.commands) <= 3 else \
                 f"[{r.commands[0]}]–[{r.commands[-1]}]"
+            if r.label != "union of shares" and r.label != "centralised":
+                refs = "federated()" + (f" on {refs}" if refs else "")
             if r.acc_mean is None:
                 lines.append(f"| {n} | {r.alpha} | {r.label} | – | – | – | – | – | {r.note} |")
                 continue
