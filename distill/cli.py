@@ -14,7 +14,8 @@ import sys
 import click
 
 from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, SNAPSHOT_DTYPES, AuditSettings, BufferConfig,
-                     EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, build, default_text, load_toml)
+                     EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build, default_text,
+                     load_toml)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
@@ -42,6 +43,7 @@ def cli(verbose: int) -> None:
       distill report   an HTML review page of a run or a share, for sign-off
       distill inspect  validate and summarise a share
       distill eval     train on a share and test on your own real data
+      distill split    split a dataset across N simulated hospitals (docs/hospitals.md)
     """
     _setup_logging(verbose)
 
@@ -274,6 +276,25 @@ def _click_sentence(e: click.ClickException) -> str:
     msg = " ".join(e.format_message().split()).rstrip(".")
     ctx = getattr(e, "ctx", None)
     return f"{msg} (see '{ctx.command_path} --help')." if ctx is not None else f"{msg}."
+
+
+@cli.command("split")
+@click.argument("data")
+@click.option("--sites", type=int, default=None, help=f"Number of hospitals {default_text(SplitConfig, 'sites')}.")
+@click.option("--alpha", default=None,
+              help="Dirichlet concentration over classes (small: each class at few sites), or iid "
+                   f"{default_text(SplitConfig, 'alpha')}.")
+@click.option("--min-per-class", type=int, default=None,
+              help=f"Images of every class each site gets first; 0 = plain Dirichlet {default_text(SplitConfig, 'min_per_class')}.")
+@click.option("--out", default=None, help=f"Folder for site-I/NAME.npz and split.json {default_text(SplitConfig, 'out')}.")
+@SEED
+@CONFIG
+def split_cmd(data, config_file, **flags):
+    """Split DATA's training set across hospitals: one MedMNIST-layout .npz per site, shared val and test."""
+    from .sites import split_dataset
+
+    cfg = build(SplitConfig, *_layers(config_file, data=data, **flags))
+    click.echo(split_dataset(cfg).describe())
 
 
 def main() -> None:

@@ -405,3 +405,20 @@ def _toml_str(s: str) -> str:
 def save_toml(cfg, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(to_toml(cfg))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Splitting one dataset's training set across hospitals (``distill split``; docs/hospitals.md)."""
+
+    data: str = ""
+    out: str = "sites"
+    sites: int = 3
+    alpha: str | float = "iid"  # Dirichlet concentration over classes (e.g. "0.3"), or "iid" for equal proportions
+    # Images of every class each site gets before the Dirichlet draw: 1 lets every site run `distill buffer`,
+    # which refuses a class without training images; 0 is the plain Dirichlet split.
+    min_per_class: int = 1
+    seed: int = 0
+
+
+ALLOWED[SplitConfig] = {"sites": Allowed(low=2), "min_per_class": ZERO_OR_MORE}

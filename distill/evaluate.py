@@ -165,6 +165,24 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
                  preprocessing=first.preprocessing, recipe=replace(first.recipe, lr=step), described=described)
 
 
+def shares_per_class(described: Sequence[dict], class_names: Sequence[str]) -> list[int]:
+    """How many shares hold images of each class; says so when a class is at only some shares, or at none.
+
+    Shares from hospitals that lack a class are joined as they are: the union is trained on every class
+    some share covers, and the per-class accuracy shows what coverage bought. A class no share covers is
+    still scored (its recall will be near 0), with a warning.
+    """
+    coverage = [sum(1 for d in described if d["class_counts"][c] > 0) for c in range(len(class_names))]
+    partial = [f"{class_names[c]} ({n} of {len(described)})" for c, n in enumerate(coverage) if 0 < n < len(described)]
+    if partial:
+        log.info("Classes held by only some shares: %s.", ", ".join(partial))
+    missing = [class_names[c] for c, n in enumerate(coverage) if n == 0]
+    if missing:
+        log.warning("No share holds an image of class(es) %s; networks trained on this union learn them only "
+                    "from soft labels, if at all.", ", ".join(missing))
+    return coverage
+
+
 def load_shares(paths: Sequence[str]) -> list[tuple[str, Share]]:
     """Read and validate each share file (the reader refuses malformed ones)."""
     return [(str(p), load_share(p)) for p in paths]
@@ -336,11 +354,12 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
         rep["loss"] = LOSS_HARD if union.targets.ndim == 1 else LOSS_SOFT
         labels = {d["labels"] for d in union.described}
         n = len(union.described)
+        coverage = shares_per_class(union.described, setup.class_names)
         arms.append(Arm(
             name=f"distilled ({n} share{'s' if n > 1 else ''}, {'/'.join(sorted(labels))} labels)",
             kind="distilled", recipe=recipe, recipe_report=rep,
             trained_on={"shares": union.described, "images": len(union.labels),
-                        "class_counts": class_counts(union.labels, k),
+                        "class_counts": class_counts(union.labels, k), "shares_per_class": coverage,
                         "labels": labels.pop() if len(labels) == 1 else "mixed"},
             data_for_run=lambda run: (union.images, union.targets, {})))
     if not baselines:

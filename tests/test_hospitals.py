@@ -1,0 +1,54 @@
+"""benchmarks/hospitals.py's pure parts: target arithmetic and the page's marked sections.
+
+The benchmark itself runs the whole pipeline and never runs in CI; these tests feed its table
+functions invented numbers, which are not results, and write nothing into docs/.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "hospitals.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_hospitals", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def test_targets_say_met_or_by_how_much_they_are_missed(bench):
+    R = bench.Row
+    rows = [R("pneumoniamnist", 6, "0.3", "union of shares", 0.84, 0.01),
+            R("pneumoniamnist", 6, "0.3", "local only, mean over sites", 0.70, 0.02),
+            R("pneumoniamnist", 6, "0.3", "local only, best site", 0.82, 0.02),
+            R("pneumoniamnist", 6, "0.3", "one-round FedAvg", 0.60, 0.02),
+            R("pneumoniamnist", 3, "0.3", "union of shares", 0.99, 0.01)]  # 3 sites: not the target's setting
+    central = {"pneumoniamnist": R("pneumoniamnist", 0, "–", "centralised", 0.90, 0.01)}
+    verdicts = bench.check_targets(rows, central)
+    line = lambda *words: next(v for v in verdicts if all(w in v for w in words))  # noqa: E731
+    assert "met (84.0 vs 70.0, +14.0)" in line("mean over sites")
+    assert "NOT met by 3.0 points (84.0 vs 82.0, +2.0)" in line("best site")
+    assert "met (84.0 vs 60.0, +24.0)" in line("FedAvg")
+    assert "NOT met by 3.0 points (84.0 vs 90.0, -6.0)" in line("centralised")
+    assert all("not measured" in v for v in bench.check_targets(rows[-1:], {}))
+    rows.append(R("pneumoniamnist", 3, "0.3", "one-round FedAvg", 0.97, 0.01))  # another number of sites
+    indicative = [v for v in bench.check_targets(rows, central) if "indicative only: 3 sites" in v]
+    assert any("FedAvg + 5 points: NOT met by 3.0 points (99.0 vs 97.0, +2.0)" in v for v in indicative)
+    assert any("centralised: met (99.0 vs 90.0, +9.0)" in v for v in indicative)
+
+
+def test_a_profile_section_replaces_only_its_own(bench):
+    page = bench.HEADER
+    page = bench.merge_hospitals(page, "cpu", "## Profile `cpu`\nold\n")
+    page = bench.merge_hospitals(page, "gpu", "## Profile `gpu`\nplan\n")
+    page = bench.merge_hospitals(page, "cpu", "## Profile `cpu`\nnew\n")
+    assert page.startswith(bench.HEADER) and "old" not in page and "new" in page and "plan" in page
+    assert page.count("<!-- hospitals:cpu:begin -->") == 1 and "<!-- results:" not in page
