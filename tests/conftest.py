@@ -86,3 +86,19 @@ def tiny_npz(tmp_path) -> Path:
     path = tmp_path / "tiny.npz"
     np.savez(path, **make_tiny_arrays())
     return path
+
+
+def benchmark_module(file: str, as_name: str):
+    """Import benchmarks/FILE as module AS_NAME for a module-scoped fixture (``yield from`` this), then forget it.
+
+    The benchmarks are scripts, not a package; their pure table-writing functions are tested on invented numbers.
+    """
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(as_name, REPO_ROOT / "benchmarks" / file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[as_name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[as_name]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import benchmark_module
 import torch
 from click.testing import CliRunner
 
@@ -300,15 +302,7 @@ def test_cli_eval_through_a_share_file(tiny_npz, tmp_path):
 
 @pytest.fixture(scope="module")
 def results_mod():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results.py"
-    spec = importlib.util.spec_from_file_location("benchmark_results", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    yield mod
-    del sys.modules[spec.name]
+    yield from benchmark_module("results.py", "benchmark_results")
 
 
 def _fake_rows(m, margin_acc: float, big_acc: float):

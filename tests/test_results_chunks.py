@@ -5,23 +5,17 @@ its arguments, so these tests check which steps would run, not what they measure
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def results_mod():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results.py"
-    spec = importlib.util.spec_from_file_location("benchmark_results_chunks", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    yield mod
-    del sys.modules[spec.name]
+    yield from benchmark_module("results.py", "benchmark_results_chunks")
 
 
 @pytest.fixture
