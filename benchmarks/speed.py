@@ -948,8 +948,8 @@ def render_pipeline(pl: dict | None, device_name: str) -> list[str]:
                  f"{fmt(r / mine, '.2f') + 'x' if r and mine else '—'} |")
     if "eval" in st and st["eval"].get("accuracy_mean") is not None:
         e = st["eval"]
-        L += ["", f"Test accuracy of the share: {100 * e['accuracy_mean']:.1f} ± {100 * e['accuracy_std']:.1f} % "
-                  f"({p['eval_runs']} network(s))."]
+        spread = f" ± {100 * e['accuracy_std']:.1f}" if p["eval_runs"] > 1 else ""  # one network has no spread
+        L += ["", f"Test accuracy of the share: {100 * e['accuracy_mean']:.1f}{spread} % ({p['eval_runs']} network(s))."]
     if pl.get("old_run"):
         olds = [o["median_s"] for o in pl["old_run"]]
         news = [run["median_s"]] + [o["median_s"] for o in pl.get("new_again", [])]

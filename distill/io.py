@@ -37,6 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them (power loss)
         os.replace(tmp, path)
     except OSError as e:
         raise fs_error(e, path) from None
@@ -120,6 +122,7 @@ def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Pa
     """
     folder = Path(folder)
     path = folder / name
+    fd = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -138,9 +141,12 @@ def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Pa
             if same:
                 break
             os.close(fd)  # the holder before us removed this file as we opened it
+            fd = None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
     except OSError as e:
+        if fd is not None:
+            os.close(fd)  # a lock we took but cannot record must not outlive this error
         raise fs_error(e, path) from None
     try:
         yield path

@@ -25,7 +25,7 @@ from .config import RunConfig, SplitConfig, check_ranges
 from .data import SPLITS, RealData, class_counts, load_data
 from .errors import DistillError
 from .formats.common import utc_now
-from .io import atomic_path, sha256_file, software_versions, write_json
+from .io import atomic_path, output_lock, remove_stale_temps, sha256_file, software_versions, write_json
 from .train import predict
 
 SPLIT_FORMAT = "distill-split"
@@ -140,10 +140,17 @@ def split_dataset(cfg: SplitConfig, scarce_below: int = RunConfig.ipc) -> SplitR
     """
     check_ranges(cfg)
     alpha = parse_alpha(cfg.alpha)
+    data = load_data(cfg.data)  # checked before anything is written
     out = Path(cfg.out)
-    if (out / SPLIT_JSON).exists():
-        raise DistillError(f"{out} already holds a split ({SPLIT_JSON}); choose another --out folder.")
-    data = load_data(cfg.data)
+    with output_lock(out):  # one writer per output folder, as buffer, run and export
+        for folder in [out, *out.glob("site-*")]:
+            remove_stale_temps(folder)
+        if (out / SPLIT_JSON).exists():
+            raise DistillError(f"{out} already holds a split ({SPLIT_JSON}); choose another --out folder.")
+        return _write_split(cfg, data, alpha, out, scarce_below)
+
+
+def _write_split(cfg: SplitConfig, data, alpha, out: Path, scarce_below: int) -> SplitResult:
     parts = split_indices(data.train.labels, cfg.sites, alpha, cfg.seed, cfg.min_per_class, data.class_names)
     k, names = data.num_classes, list(data.class_names)
     summaries, records = [], []
@@ -178,7 +185,9 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
     """One round of federated averaging: the weighted mean of the sites' state dicts.
 
     ``weights`` (one per site, e.g. its number of training images; default equal) are normalised to sum
-    to 1. Floating tensors are averaged in float64 and cast back; other tensors (counters) must agree.
+    to 1. Floating tensors are averaged in float64 and cast back; integer counters (batch norm's
+    ``num_batches_tracked``, which differs between sites that took different numbers of steps) take
+    their largest value.
     """
     if not states:
         raise ValueError("fedavg needs at least one state dict.")
@@ -196,9 +205,7 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
             mean = sum(float(wi) * t.detach().double() for wi, t in zip(w, tensors))
             out[key] = mean.to(tensors[0].dtype)
         else:
-            if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-                raise ValueError(f"fedavg cannot average the non-float entry {key!r}, which differs between sites.")
-            out[key] = tensors[0].clone()
+            out[key] = torch.stack([t.detach() for t in tensors]).amax(0)
     return out
 
 

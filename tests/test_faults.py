@@ -381,3 +381,30 @@ def test_a_run_config_value_of_the_wrong_type_writes_nothing(buffer, tmp_path, m
     code, _, err = run_main(_run_args(buffer, tmp_path / "r", "--config", str(conf)), monkeypatch, capsys)
     assert_one_sentence(code, err, "checkpoint_every = '5'", "an integer")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_lock_that_cannot_record_its_holder_is_released_with_the_error(tmp_path, monkeypatch):
+    # A full disk while writing the PID must not leave this process holding the lock through a lost handle.
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    with pytest.raises(DistillError, match="is full"):
+        with output_lock(tmp_path):
+            pass
+    monkeypatch.undo()
+    with output_lock(tmp_path):  # the same process takes it again: nothing holds it
+        pass
+
+
+def test_a_second_split_into_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    from distill.config import SplitConfig
+    from distill.sites import split_dataset
+
+    data = tmp_path / "tiny.npz"
+    np.savez(data, **make_tiny_arrays())
+    out = tmp_path / "sites"
+    with output_lock(out):
+        with pytest.raises(DistillError, match="in use by another distill process"):
+            split_dataset(SplitConfig(data=str(data), out=str(out), sites=2))
+    assert not (out / "split.json").exists()

@@ -19,7 +19,9 @@ from opcount import Problem, Setting, count_ops  # noqa: E402
 SETTING = Setting(syn_steps=5)  # ConvNet-3, 1x28x28, 2 classes x 10 images, whole set each step, DSA
 # (T, gradient) -> bound; measured 3964, 5179, 6206, 8406 (T = 4 vmapped, as on CUDA).
 MTT_BOUNDS = {(1, "full"): 4360, (1, "checkpoint"): 5700, (4, "full"): 6830, (4, "checkpoint"): 9250}
-CAPTURED_BOUND = 16  # measured 14: the copies into a CUDA graph and out of it, whatever the number of steps
+# A replayed graph's host work is copying the iteration's inputs in and its outputs out: 14 tensors here.
+# That is counted from the engine's signature, not from a replay (no GPU in CI); engine_check.py measures it.
+CAPTURED_BOUND = 16
 EXPERT_BOUND = 312  # measured 284 (5bd3815: 357)
 
 
@@ -48,7 +50,8 @@ def test_vmapped_trajectories_cost_far_fewer_operators_than_a_loop(problems):
     assert new < 0.5 * old, (new, old)
 
 
-def test_a_captured_iteration_dispatches_only_its_copies(problems):
+def test_the_captured_iterations_inputs_and_outputs_do_not_grow_with_trajectories(problems):
+    # What the test can check without a GPU: the tensors copied around a replay are the same for T = 1 and 4.
     assert problems[1].captured_host_ops() == problems[4].captured_host_ops() <= CAPTURED_BOUND
 
 

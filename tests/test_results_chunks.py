@@ -31,7 +31,8 @@ def test_only_selected_chunks_run_and_finished_steps_are_kept(results_mod, fake_
     m = results_mod
     work = tmp_path / "work"
     first = m.Runner(work, {}, chunks={"pneumoniamnist:10"})
-    assert first(("step-a"), ["eval", "a"], "pneumoniamnist:10") == (1, pytest.approx(first.walls["distill eval a"]))
+    code, wall = first("step-a", ["eval", "a"], "pneumoniamnist:10")
+    assert code == 1 and isinstance(wall, float) and wall > 0
     with pytest.raises(m.NotRun):
         first("step-b", ["eval", "b"], "pneumoniamnist:1")
     assert fake_distill() == [["eval", "a"]] and first.commands == ["distill eval a"]

@@ -164,3 +164,18 @@ def test_the_ensemble_label_is_the_mean_of_the_sites_probabilities():
     soft = average_predictions([a, b], x)
     torch.testing.assert_close(soft, (predict(a, x) + predict(b, x)) / 2)
     torch.testing.assert_close(soft.sum(1), torch.ones(5))
+
+
+def test_fedavg_keeps_batch_norm_counters_that_differ_between_sites():
+    # Sites that took different numbers of steps disagree on num_batches_tracked; fedavg must not refuse them.
+    torch.manual_seed(0)
+    a, b = create_model("convnet3", 2, 1, 8, norm="batch"), create_model("convnet3", 2, 1, 8, norm="batch")
+    sa, sb = a.state_dict(), b.state_dict()
+    counters = [k for k, v in sa.items() if not v.is_floating_point()]
+    assert counters  # the model really has integer buffers
+    for k in counters:
+        sa[k], sb[k] = torch.tensor(3), torch.tensor(7)
+    avg = fedavg([sa, sb])
+    assert all(int(avg[k]) == 7 for k in counters)
+    floats = [k for k in sa if sa[k].is_floating_point()]
+    assert all(torch.allclose(avg[k], (sa[k] + sb[k]) / 2) for k in floats)
