@@ -13,9 +13,9 @@ import sys
 
 import click
 
-from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, SNAPSHOT_DTYPES, AuditSettings, BufferConfig,
-                     EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build, default_text,
-                     load_toml)
+from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SNAPSHOT_DTYPES, AuditSettings,
+                     BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
+                     default_text, load_toml)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
@@ -105,6 +105,9 @@ def buffer(config_file, **flags):
 @click.option("--json", "json", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON here.")
 @click.option("--match-classes-by-position", "match_by_position", is_flag=True, default=None,
               help="Accept real data whose class names differ from the share's, pairing classes by index.")
+@click.option("--label-prior", type=click.Choice(LABEL_PRIORS), default=None,
+              help="Class mix the soft labels of several shares are moved to: the sites' counts added up, each "
+                   f"site's own, or equal classes {default_text(EvalConfig, 'label_prior')}.")
 @SEED
 @DEVICE
 @CONFIG

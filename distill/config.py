@@ -128,6 +128,7 @@ class EvalConfig:
     zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
     size: int | None = None  # resize real images (default: the share's geometry, else the source's)
     match_by_position: bool = False  # accept real data whose class names differ from the share's
+    label_prior: str = "federation"  # LABEL_PRIORS: the class mix a union's soft labels are moved to
     seed: int = 0
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
@@ -138,6 +139,10 @@ class EvalConfig:
 FULL_EPOCHS = 30
 
 HOLDOUTS = ("val", "test", "val+test")
+
+# What class mix the soft labels of a union of shares assume (docs/evaluation.md, "Several shares"):
+# the federation's (every site's training counts added up), each site's own as shared, or equal classes.
+LABEL_PRIORS = ("federation", "shared", "balanced")
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY),
     },
-    EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1},
+    EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1,
+                 "label_prior": Allowed(choices=LABEL_PRIORS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
         "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE,

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from .checks import check_model_builds
-from .config import FULL_EPOCHS, BufferConfig, EvalConfig, check_ranges
+from .config import FULL_EPOCHS, LABEL_PRIORS, BufferConfig, EvalConfig, check_ranges
 from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
                    fit_preprocessing, load_data)
 from .distributed import resolve_device
@@ -107,15 +107,78 @@ class Union:
     preprocessing: Preprocessing
     recipe: Recipe  # lr = the union's step size
     described: list[dict]  # one entry per share for the report
+    label_prior: dict | None = None  # what moving the soft labels did (see move_label_prior), for the report
+
+
+def site_counts(share: Share) -> list[int] | None:
+    """The training images per class behind a share (its provenance), or None when it does not say."""
+    counts = share.provenance.get("dataset")
+    for key in ("counts", "train"):
+        counts = counts.get(key) if isinstance(counts, dict) else None
+    ok = (isinstance(counts, list) and len(counts) == share.num_classes
+          and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) and sum(counts) > 0)
+    return list(counts) if ok else None
+
+
+def move_label_prior(shares: Sequence[tuple[str, Share]], targets: list[torch.Tensor],
+                     prior: str) -> tuple[list[torch.Tensor], dict | None]:
+    """Move each soft-labelled share's targets from its site's class mix to ``prior``'s; returns the report entry.
+
+    A share's soft labels start from its experts' outputs and are learned against their
+    trajectories, so they carry the class mix of the site's training data: at a site with
+    95 % pneumonia even the "normal" images get mostly-pneumonia targets. Joined as they
+    are, such shares teach the union that skew. The correction is the prior-shift rule
+    of Bayes: ``logits / T - log p_site + log p_target``, with ``p_site`` the site's
+    training counts per class from the share's provenance (plus one per class, so a
+    class the site lacks does not become infinitely likely) and ``p_target`` the
+    federation's (all shares' counts added up; what centralised training would see) or
+    equal classes. Hard labels carry no class mix and stay as they are; with one share
+    and ``federation`` nothing moves. docs/evaluation.md shows what it does on split
+    PneumoniaMNIST.
+    """
+    if prior not in LABEL_PRIORS:
+        raise DistillError(f"--label-prior must be one of {', '.join(LABEL_PRIORS)}; got {prior!r}.")
+    soft = [i for i, t in enumerate(targets) if t.ndim == 2 and shares[i][1].label_logits is not None]
+    if prior == "shared" or not soft:
+        return targets, None
+    counts = [site_counts(s) for _, s in shares]
+    missing = [shares[i][0] for i in soft if counts[i] is None]
+    if missing:
+        log.warning("Soft labels are joined as shared (no --label-prior %s): %s do(es) not record the training "
+                    "counts per class of its site.", prior, ", ".join(missing))
+        return targets, {"prior": "shared", "requested": prior, "reason": "counts not recorded",
+                         "shares": missing}
+    k = shares[0][1].num_classes
+    known = [torch.tensor(c, dtype=torch.float64) for c in counts if c is not None]
+    federation = torch.stack(known).sum(0)
+    goal = federation + 1 if prior == "federation" else torch.ones(k, dtype=torch.float64)
+    log_goal = torch.log(goal / goal.sum())
+    out = list(targets)
+    for i in soft:
+        _, s = shares[i]
+        site = torch.tensor(counts[i], dtype=torch.float64) + 1
+        shift = log_goal - torch.log(site / site.sum())
+        if torch.all(shift.abs() < 1e-12):
+            continue  # the site's mix already is the goal (one share under "federation")
+        z = s.label_logits.double() / s.label_temperature + shift
+        out[i] = torch.softmax(z, dim=1).to(targets[i].dtype)
+    moved = sum(1 for i in soft if out[i] is not targets[i])
+    if moved:
+        log.info("Soft labels of %d share(s) were moved from their site's class mix to %s (--label-prior %s).",
+                 moved, "the federation's" if prior == "federation" else "equal classes", prior)
+    return out, {"prior": prior, "target_mix": (goal / goal.sum()).tolist(), "shares_moved": moved,
+                 "site_counts": counts}
 
 
 def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None, epochs: int | None = None,
-                lr: float | None = None) -> Union:
+                lr: float | None = None, label_prior: str = "shared") -> Union:
     """Join ``(name, Share)`` pairs into one training set, or explain in one sentence what differs.
 
     Images and targets are concatenated. The step size of the union is the geometric
     mean of the shares' learned step sizes (a scale, learned on a log scale) unless
     ``lr`` is given; other recipe fields must agree unless a flag overrides them.
+    ``label_prior`` other than ``"shared"`` moves soft labels to a common class mix
+    first (:func:`move_label_prior`; ``distill eval`` uses ``"federation"``).
     """
     if not shares:
         raise DistillError("No share was given.")
@@ -141,7 +204,7 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
             raise DataError(f"{name} and {name0} build {first.recipe.model} with different arguments "
                             f"({s.recipe.model_kwargs} vs {first.recipe.model_kwargs}); pass --model to choose.")
     k = len(first.class_names)
-    targets = [share_targets(s, name) for name, s in shares]
+    targets, moved = move_label_prior(shares, [share_targets(s, name) for name, s in shares], label_prior)
     if all(t.ndim == 1 for t in targets):
         joined = torch.cat([t.long() for t in targets])
     else:
@@ -162,7 +225,8 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
         images.append(converted)
     return Union(images=torch.cat(images), targets=joined,
                  labels=torch.cat([s.labels.long() for _, s in shares]), class_names=list(first.class_names),
-                 preprocessing=first.preprocessing, recipe=replace(first.recipe, lr=step), described=described)
+                 preprocessing=first.preprocessing, recipe=replace(first.recipe, lr=step), described=described,
+                 label_prior=moved)
 
 
 def shares_per_class(described: Sequence[dict], class_names: Sequence[str]) -> list[int]:
@@ -360,7 +424,8 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
             kind="distilled", recipe=recipe, recipe_report=rep,
             trained_on={"shares": union.described, "images": len(union.labels),
                         "class_counts": class_counts(union.labels, k), "shares_per_class": coverage,
-                        "labels": labels.pop() if len(labels) == 1 else "mixed"},
+                        "labels": labels.pop() if len(labels) == 1 else "mixed",
+                        "label_prior": union.label_prior or {"prior": "shared"}},
             data_for_run=lambda run: (union.images, union.targets, {})))
     if not baselines:
         return arms
@@ -444,7 +509,8 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     refuse_repeats(shares)
     baselines = _validate(cfg, shares)
     device = resolve_device(cfg.device)
-    union = join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr) if shares else None
+    union = (join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr, label_prior=cfg.label_prior)
+             if shares else None)
 
     # One load when train and test name the same source. A folder without split sub-folders is
     # split with load_data's fixed split seed, not --seed: every seed must score the same test images.

@@ -363,3 +363,65 @@ def test_evaluate_needs_neither_the_distiller_nor_the_buffer():
             "if m.startswith('distill.mtt') or m == 'distill.buffer'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "", f"distill.evaluate imports {done.stdout.strip()}"
+
+
+# ----------------------------------------------------------------------------- moving soft labels to one class mix
+
+
+def _site_share(npz: Path, counts: list[int], logits: torch.Tensor) -> Share:
+    """A soft-labelled share whose provenance says its site held ``counts`` training images per class."""
+    s = make_share(npz, per_class=2, soft=True)
+    s.label_logits = logits
+    s.provenance = {"dataset": {"name": "site", "counts": {"train": counts, "val": [1, 1], "test": [1, 1]}}}
+    return s
+
+
+def test_label_prior_applies_the_prior_shift_rule_per_site(tiny_npz):
+    # Logits of a Bayes-optimal site network are log p_site(y) + log p(x|y). Site a holds 9:1 and site b
+    # 1:9; both see the same evidence. Moved to the federation's mix (10:10, plus one per class: 11:11),
+    # both must give softmax(log p(x|y)): the evidence alone, the same for both sites.
+    evidence = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 1.0]], dtype=torch.float64)
+    a_counts, b_counts = [9, 1], [1, 9]
+    prior = lambda c: torch.log(torch.tensor(c, dtype=torch.float64) + 1)  # noqa: E731 (smoothed, unnormalised)
+    a = _site_share(tiny_npz, a_counts, (evidence + prior(a_counts)).float())
+    b = _site_share(tiny_npz, b_counts, (evidence + prior(b_counts)).float())
+    as_shared = join_shares([("a", a), ("b", b)])
+    assert as_shared.label_prior is None
+    assert as_shared.targets[:4, 0].mean() > as_shared.targets[4:, 0].mean() + 0.3  # each site's skew shows
+    u = join_shares([("a", a), ("b", b)], label_prior="federation")
+    want = torch.softmax(evidence, 1).float()
+    assert torch.allclose(u.targets[:4], want, atol=1e-5) and torch.allclose(u.targets[4:], want, atol=1e-5)
+    assert u.label_prior["shares_moved"] == 2 and u.label_prior["site_counts"] == [a_counts, b_counts]
+    assert u.label_prior["target_mix"] == pytest.approx([0.5, 0.5])
+    # Balanced from a skewed federation: the evidence plus nothing; from 'federation' at 3:1 overall,
+    # the evidence plus log(3:1).
+    c = _site_share(tiny_npz, [29, 9], (evidence + prior([29, 9])).float())
+    fed = join_shares([("a", a), ("c", c)], label_prior="federation")
+    goal = torch.log(torch.tensor([9 + 29 + 1, 1 + 9 + 1], dtype=torch.float64))
+    assert torch.allclose(fed.targets[4:], torch.softmax(evidence + goal, 1).float(), atol=1e-5)
+    bal = join_shares([("a", a), ("c", c)], label_prior="balanced")
+    assert torch.allclose(bal.targets[4:], want, atol=1e-5)
+
+
+def test_label_prior_leaves_one_share_hard_labels_and_unrecorded_counts_alone(tiny_npz, caplog):
+    logits = torch.tensor([[1.0, 0.0]] * 4)
+    one = _site_share(tiny_npz, [30, 10], logits)
+    alone = join_shares([("one", one)], label_prior="federation")
+    assert torch.equal(alone.targets, torch.softmax(logits, 1))  # its mix is the federation's: nothing moves
+    hard = make_share(tiny_npz, per_class=2)  # cross_entropy: class ids, no mix to move
+    hard.provenance = {"dataset": {"counts": {"train": [1, 30]}}}
+    mixed = join_shares([("hard", hard), ("one", one)], label_prior="balanced")
+    assert torch.equal(mixed.targets[:4], torch.nn.functional.one_hot(hard.labels, 2).float())
+    assert mixed.label_prior["shares_moved"] == 1
+    unknown = make_share(tiny_npz, per_class=2, soft=True)  # provenance without counts
+    with caplog.at_level("WARNING"):
+        fallback = join_shares([("one", one), ("unknown", unknown)], label_prior="federation")
+    assert fallback.label_prior == {"prior": "shared", "requested": "federation", "reason": "counts not recorded",
+                                    "shares": ["unknown"]}
+    assert torch.equal(fallback.targets, join_shares([("one", one), ("unknown", unknown)]).targets)
+    assert "do(es) not record" in caplog.text
+
+
+def test_eval_refuses_an_unknown_label_prior(tiny_npz):
+    with pytest.raises(DistillError, match="label-prior"):
+        evaluate(cfg(tiny_npz, label_prior="skewed"), shares=[("s", make_share(tiny_npz, soft=True))])
