@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from results import NotRun, Runner, _duration, _pm, git_commit, hardware, merge_section, read_eval, software  # noqa: E402
 
 NOT_RUN = "not run"
+CHUNK = "all"  # results.Runner's chunk of every step here: this script chunks by --budget-minutes instead
 EXPERT_BATCH = 256  # BufferConfig.batch_size: optimiser steps an epoch = ceil(images / 256)
 
 # Targets from the issue, for N = 6 sites at alpha = 0.3 (benchmark figures, not tests).
@@ -259,7 +260,7 @@ def site_pipeline(run: Runner, budget: Budget, p: Profile, tag: str, site_npz: P
     budget.check()
     refs.append(run(f"{tag}-buffer", ["buffer", "--data", str(site_npz), "--out", str(buf), "--experts", str(p.experts),
                                       "--epochs", str(p.buffer_epochs), "--snapshot-every", str(every),
-                                      "--seed", str(p.seed), "--device", device])[0])
+                                      "--seed", str(p.seed), "--device", device], CHUNK)[0])
     # --init real draws ipc real images per class; a site with fewer starts that class from noise.
     init = "real" if min(counts) >= p.ipc else "noise"
     budget.check()
@@ -267,13 +268,13 @@ def site_pipeline(run: Runner, budget: Budget, p: Profile, tag: str, site_npz: P
                                    "--iterations", str(p.iterations), "--syn-steps", str(p.syn_steps),
                                    "--expert-epochs", str(p.expert_epochs), "--max-start-epoch", str(max_start),
                                    "--init", init, "--eval-every", "0", "--config", str(conf), "--seed", str(p.seed),
-                                   "--device", device])[0])
+                                   "--device", device], CHUNK, resumable=rundir)[0])
     if p.audit:
         budget.check()
         refs.append(run(f"{tag}-audit", ["audit", str(rundir), "--data", str(site_npz), "--seed", str(p.seed),
-                                         "--device", device])[0])
+                                         "--device", device], CHUNK)[0])
     budget.check()
-    refs.append(run(f"{tag}-export", ["export", str(rundir), "--out", str(share), "--force"])[0])
+    refs.append(run(f"{tag}-export", ["export", str(rundir), "--out", str(share), "--force"], CHUNK)[0])
     return share, refs
 
 
@@ -286,7 +287,8 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
         budget.check()
         ref_split = run(f"{dataset}-{n}-{alpha}-split", ["split", dataset, "--sites", str(n), "--alpha", alpha,
                                                           "--min-per-class", str(p.min_per_class),
-                                                          "--seed", str(p.seed), "--out", str(d / "split")])[0]
+                                                          "--seed", str(p.seed), "--out", str(d / "split")],
+                        CHUNK)[0]
         record = json.loads((d / "split" / "split.json").read_text())
         shares, refs = [], [ref_split]
         for s in record["site_files"]:
@@ -297,7 +299,7 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
         budget.check()
         ref_union = run(f"{dataset}-{n}-{alpha}-union", ["eval", *map(str, shares), "--test", dataset,
                                                          "--baseline", "none", *common,
-                                                         "--json", str(d / "union.json")])[0]
+                                                         "--json", str(d / "union.json")], CHUNK)[0]
         budget.check()
         fed, _ = run_federated(run, f"{dataset}-{n}-{alpha}-federated", d / "split", shares, dataset, p, device)
     except NotRun:
@@ -352,7 +354,7 @@ def run_central(run: Runner, budget: Budget, p: Profile, dataset: str, sites: tu
         budget.check()
         ref = run(f"{dataset}-central", ["eval", "--baseline", "full", "--train", dataset, "--test", dataset,
                                          "--epochs", str(p.buffer_epochs), "--runs", str(p.runs), "--seed", str(p.seed),
-                                         "--device", device, "--json", str(path)])[0]
+                                         "--device", device, "--json", str(path)], CHUNK)[0]
     except NotRun:
         row.note = NOT_RUN
         return row

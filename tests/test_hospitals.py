@@ -43,3 +43,14 @@ def test_a_profile_section_replaces_only_its_own(bench):
     page = bench.merge_hospitals(page, "cpu", "## Profile `cpu`\nnew\n")
     assert page.startswith(bench.HEADER) and "old" not in page and "new" in page and "plan" in page
     assert page.count("<!-- hospitals:cpu:begin -->") == 1 and "<!-- results:" not in page
+
+
+def test_a_render_only_call_reaches_every_step_and_writes_a_plan(bench, tmp_path):
+    # Every step is called with results.Runner's real signature; with --render-only none runs, so every
+    # row is rendered as a plan. An outdated call (a missing argument) fails here, not an hour into a run.
+    out = tmp_path / "hospitals.md"
+    bench.main(["--profile", "cpu6", "--render-only", "--work", str(tmp_path / "work"), "--out", str(out)])
+    page = out.read_text()
+    assert "<!-- hospitals:cpu6:begin -->" in page and "## Profile `cpu6`" in page
+    assert page.count("| not run |") == len(bench.ROWS)  # five arms at 6 sites, α 0.3, and centralised
+    assert not (tmp_path / "work" / "steps").exists()
