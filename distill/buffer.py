@@ -24,7 +24,7 @@ from .distributed import World, destroy_process_group, init_process_group, resol
 from .errors import DistillError, FormatError
 from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
-from .io import check_writable_dir, output_lock, remove_stale_temps, software_versions
+from .io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from .models import create_model, flatten_params, param_spec
 from .progress import progress
 from .seeding import generator, seeded
@@ -202,6 +202,8 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
     device = resolve_device(cfg.device, world)
     init_process_group(world, device)
     lock = contextlib.ExitStack()
+    made = not Path(cfg.out).exists()
+    done = False
     try:
         out = check_writable_dir(cfg.out)
         if world.main:
@@ -249,8 +251,11 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             n_img = len(todo) * cfg.epochs * len(x_train)
             log.info("Trained %d expert(s) in %.1f s (%.0f images/s).", len(todo), dt, n_img / max(dt, 1e-9))
         world.barrier()
+        done = True
         return written
     finally:
         lock.close()
+        if made and not done and world.main:
+            remove_if_empty(cfg.out)  # made only to hold the lock of a refused command
         destroy_process_group(world)
 

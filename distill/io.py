@@ -217,6 +217,16 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def remove_if_empty(path: str | os.PathLike) -> None:
+    """Remove the folder ``path`` if it holds nothing; a folder with anything in it, or none, is left alone.
+
+    For a command refused after it made its output folder (to lock it): the folder goes again, so a
+    refused command changes nothing on disk.
+    """
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Prove that ``path`` can be written later (its folder exists or can be made, and takes a file)."""
     path = Path(path)

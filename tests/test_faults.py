@@ -186,6 +186,24 @@ def test_stale_temporaries_go_first_even_when_the_command_is_refused(buffer, dat
     assert not _temporaries(out) and _bytes(out) == before
 
 
+def test_a_refused_command_removes_the_output_folder_it_made_and_keeps_one_that_was_there(buffer, data_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    # buffer and run make their --out folder before checking the input, to lock it; refused, they remove it.
+    new = tmp_path / "new" / "buffer"
+    code, _, err = run_main(_buffer_args(data_dir / "missing.npz", new), monkeypatch, capsys)
+    assert code == 1 and "missing.npz" in err
+    assert not new.exists() and new.parent.exists()  # only the folder the command itself needed
+    run_out = tmp_path / "new-run"
+    code, _, _ = run_main(_run_args(data_dir / "no-buffer-here", run_out), monkeypatch, capsys)
+    assert code == 1 and not run_out.exists()
+    code, _, _ = run_main(_run_args(buffer, run_out, "--init", "nonsense"), monkeypatch, capsys)
+    assert code == 1 and not run_out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    code, _, _ = run_main(_buffer_args(data_dir / "missing.npz", kept), monkeypatch, capsys)
+    assert code == 1 and kept.is_dir() and not any(kept.iterdir())
+
+
 # ----------------------------------------------------------------------------- one writer per folder
 
 

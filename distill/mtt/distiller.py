@@ -36,7 +36,7 @@ from ..distributed import World, destroy_process_group, init_process_group, reso
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
-from ..io import check_writable_dir, output_lock, remove_stale_temps, software_versions
+from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
 from ..progress import progress
 from ..seeding import generator, seeded
@@ -583,6 +583,8 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     device = resolve_device(cfg.device, world)
     init_process_group(world, device)
     lock = contextlib.ExitStack()
+    made = not Path(cfg.out).exists()
+    done = False
     try:
         run, real, reason = _setup(cfg, world, device, resume, lock)
         state = _resumed_state(run) if resume else _fresh_state(run, real, reason)
@@ -600,7 +602,10 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
             write_synset(run.out / SYNSET_FILE, _synthetic_set(run, state))
             _evaluate(run, state)
         world.barrier()
+        done = True
         return run.out
     finally:
         lock.close()
+        if made and not done and world.main:
+            remove_if_empty(cfg.out)  # made only to hold the lock of a refused command
         destroy_process_group(world)
