@@ -9,7 +9,8 @@ sites N and Dirichlet alpha it runs, on one `distill split`:
     [python] per run: one network per site on its own real data, from one common initialisation
              -> local only (mean over sites, best site), one-round FedAvg of those networks,
                 ensemble distillation (a student on the union of shares, labelled by the
-                averaged soft predictions of the site networks)
+                averaged soft predictions of the site networks, its images weighed as
+                `distill eval` weighs them)
     distill eval --baseline full --train DATA                            (centralised, once per dataset)
 
 and reports test accuracy and AUC (mean ± std over runs) with the bytes that
@@ -153,6 +154,7 @@ def federated(split_dir: Path, shares: list[Path], dataset: str, p: Profile, dev
     from distill.augment import Augment
     from distill.data import fit_preprocessing, load_data
     from distill.distributed import resolve_device
+    from distill.config import EvalConfig
     from distill.evaluate import DEFAULT_AUGMENT, REAL_LR, join_shares, load_shares, renormalise
     from distill.metrics import classification_metrics
     from distill.models import create_model
@@ -170,7 +172,10 @@ def federated(split_dir: Path, shares: list[Path], dataset: str, p: Profile, dev
     recipe = TrainRecipe(epochs=p.buffer_epochs, lr=REAL_LR, augment=Augment.parse(DEFAULT_AUGMENT))
     sizes = [len(s.train) for s in sites]
 
-    union = join_shares(load_shares([str(s) for s in shares]))
+    # The student sees the union exactly as `distill eval` trains on it (its default --share-weights), so this
+    # row and the union's differ only in the labels.
+    union = join_shares(load_shares([str(s) for s in shares]), share_weights=EvalConfig.share_weights)
+    weights = None if union.weights is None else union.weights.to(dev)
     student_recipe = union.recipe.to_train_recipe()
     x_union_share = union.images.to(dev)  # the first share's input space: the student's
     x_union_common = renormalise(union.images, union.preprocessing, common).to(dev)  # the site networks'
@@ -197,7 +202,7 @@ def federated(split_dir: Path, shares: list[Path], dataset: str, p: Profile, dev
         with seeded(p.seed, run, 0):
             student = create_model(union.recipe.model, k, c, size, **model_kwargs)
         student.to(dev)
-        train_network(student, x_union_share, soft, student_recipe, generator(p.seed, run, 1))
+        train_network(student, x_union_share, soft, student_recipe, generator(p.seed, run, 1), weights=weights)
         out["ensemble"].append(classification_metrics(predict(student, x_test_share).cpu(), y_test))
     out["model_bytes"] = sum(t.numel() * t.element_size() for t in nets[0].state_dict().values())
     return out
@@ -321,6 +326,8 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
     moved = result["trained_on"].get("label_prior", {"prior": "shared"})
     if moved.get("prior") != "shared":
         notes.append(f"soft labels moved to the {moved['prior']} class mix (`--label-prior`)")
+    if result["trained_on"].get("share_weights", {"weights": "equal"})["weights"] != "equal":
+        notes.append("images weighed by the real images behind them (`--share-weights`)")
     if noise:
         notes.append(f"--init noise at site(s) {', '.join(noise)} (a class with fewer than {p.ipc} images)")
     union.note = "; ".join(notes)

@@ -1,14 +1,14 @@
-"""Which class mix should a union's soft labels assume? Every `--label-prior`, scored on val and test.
+"""How should a union of shares be joined? Every `--label-prior` and `--share-weights`, scored on val and test.
 
 A benchmark script, not a test: CI never runs it. Given the shares of several
 sites (for instance those `benchmarks/hospitals.py` made), it joins them once
-per `distill eval --label-prior` choice, trains ``--runs`` networks on each
-union with the shares' recipe (run r of every choice from the same initial
-weights and data order, as `distill eval` does), and scores them on the
-dataset's **val** split, where the choice is made, and on its test split,
-which is only reported. A fourth row trains on the class each image was
-distilled for (one-hot targets) as a reference; it is not an option of
-`distill eval`.
+per pair of `distill eval --label-prior` and `--share-weights` choices, trains
+``--runs`` networks on each union with the shares' recipe (run r of every
+choice from the same initial weights and data order, as `distill eval` does),
+and scores them on the dataset's **val** split, where the choice is made, and
+on its test split, which is only reported. Two more rows train on the class
+each image was distilled for (one-hot targets) as a reference; that is not an
+option of `distill eval`.
 
     python benchmarks/label_prior.py DIR/site-*/share.h5 --data pneumoniamnist --runs 2 \\
         --tag 3 sites, α 0.3 --out docs/hospitals.md
@@ -41,7 +41,7 @@ def score(shares: list[str], data: str, runs: int, seed: int, device: str) -> tu
     """Per choice: val and test accuracy/AUC for each run; and facts about the union for the page."""
     import torch
 
-    from distill.config import LABEL_PRIORS
+    from distill.config import LABEL_PRIORS, SHARE_WEIGHTS
     from distill.distributed import resolve_device
     from distill.evaluate import DATA_KEY, MODEL_KEY, join_shares, load_shares, site_counts
     from distill.data import load_data
@@ -54,8 +54,9 @@ def score(shares: list[str], data: str, runs: int, seed: int, device: str) -> tu
     loaded = load_shares(shares)
     real = load_data(data)
     rows = []
-    for choice in (*LABEL_PRIORS, HARD):
-        union = join_shares(loaded, label_prior="shared" if choice == HARD else choice)
+    for choice, how in [(c, w) for c in (*LABEL_PRIORS, HARD) for w in SHARE_WEIGHTS]:
+        union = join_shares(loaded, label_prior="shared" if choice == HARD else choice, share_weights=how)
+        weights = None if union.weights is None else union.weights.to(dev)
         targets = union.labels if choice == HARD else union.targets
         recipe = union.recipe.to_train_recipe()
         k, c, size = len(union.class_names), union.images.shape[1], union.images.shape[-1]
@@ -65,13 +66,13 @@ def score(shares: list[str], data: str, runs: int, seed: int, device: str) -> tu
         for run in range(runs):
             with seeded(seed, run, MODEL_KEY):
                 net = create_model(union.recipe.model, k, c, size, **union.recipe.model_kwargs).to(dev)
-            train_network(net, x, targets.to(dev), recipe, generator(seed, run, DATA_KEY))
+            train_network(net, x, targets.to(dev), recipe, generator(seed, run, DATA_KEY), weights=weights)
             per_run.append({s: classification_metrics(predict(net, split_x[s]).cpu(), real.split(s).labels)
                             for s in ("val", "test")})
         moved = union.label_prior or {"prior": "shared"}
-        rows.append({"choice": choice, "runs": per_run, "seconds": time.perf_counter() - t0,
+        rows.append({"choice": choice, "weights": how, "runs": per_run, "seconds": time.perf_counter() - t0,
                      "target_mix": moved.get("target_mix")})
-        print(f"{choice}: val {[round(r['val']['accuracy'], 3) for r in per_run]}, "
+        print(f"{choice}, {how}: val {[round(r['val']['accuracy'], 3) for r in per_run]}, "
               f"test {[round(r['test']['accuracy'], 3) for r in per_run]}", file=sys.stderr, flush=True)
     facts = {"images": int(union.images.shape[0]), "sites": len(loaded), "class_names": union.class_names,
              "site_counts": [site_counts(s) for _, s in loaded],
@@ -87,7 +88,7 @@ def render(tag: str, rows: list[dict], facts: dict, argv: list[str], device: str
         return mean_std([run[split][key] for run in r["runs"]])
 
     best = max((r for r in rows if r["choice"] != HARD), key=lambda r: stat(r, "val", "accuracy")[0])
-    lines = [f"### `--label-prior` on {tag}", "",
+    lines = [f"### `--label-prior` and `--share-weights` on {tag}", "",
              f"- Command: `python benchmarks/label_prior.py {' '.join(argv)}`",
              f"- Hardware: {hardware(device)}; software: {software()}; commit `{git_commit()}`; "
              f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
@@ -95,12 +96,12 @@ def render(tag: str, rows: list[dict], facts: dict, argv: list[str], device: str
              f"({'/'.join(facts['class_names'])}): {', '.join('/'.join(map(str, c or ['?'])) for c in facts['site_counts'])}. "
              f"Val holds {'/'.join(map(str, facts['val_counts']))}, test {'/'.join(map(str, facts['test_counts']))}.",
              f"- Mean ± sample std over {len(rows[0]['runs'])} runs; the choice is the best **val** accuracy "
-             f"(`{best['choice']}` here), test is reported, not used.", "",
-             "| labels | class mix moved to | val accuracy % | test accuracy % | test AUC | seconds |",
-             "|---|---|---|---|---|---|"]
+             f"(`{best['choice']}` with `{best['weights']}` weights here), test is reported, not used.", "",
+             "| labels | class mix moved to | images weighed | val accuracy % | test accuracy % | test AUC | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         mix = "–" if r["target_mix"] is None else "/".join(f"{v:.2f}" for v in r["target_mix"])
-        lines.append(f"| {r['choice']} | {mix} | {_pm(*stat(r, 'val', 'accuracy'), 100, 1)} | "
+        lines.append(f"| {r['choice']} | {mix} | {r['weights']} | {_pm(*stat(r, 'val', 'accuracy'), 100, 1)} | "
                      f"{_pm(*stat(r, 'test', 'accuracy'), 100, 1)} | {_pm(*stat(r, 'test', 'auc'), 1, 3)} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"

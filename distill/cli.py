@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SNAPSHOT_DTYPES, AuditSettings,
-                     BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
+from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS, SNAPSHOT_DTYPES,
+                     AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
 
@@ -108,6 +108,9 @@ def buffer(config_file, **flags):
 @click.option("--label-prior", type=click.Choice(LABEL_PRIORS), default=None,
               help="Class mix the soft labels of several shares are moved to: the sites' counts added up, each "
                    f"site's own, or equal classes {default_text(EvalConfig, 'label_prior')}.")
+@click.option("--share-weights", type=click.Choice(SHARE_WEIGHTS), default=None,
+              help="How several shares' images of one class weigh against each other: by the real images of that "
+                   f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
 @SEED
 @DEVICE
 @CONFIG

@@ -129,6 +129,7 @@ class EvalConfig:
     size: int | None = None  # resize real images (default: the share's geometry, else the source's)
     match_by_position: bool = False  # accept real data whose class names differ from the share's
     label_prior: str = "federation"  # LABEL_PRIORS: the class mix a union's soft labels are moved to
+    share_weights: str = "real-images"  # SHARE_WEIGHTS: how a union weighs one share's images against another's
     seed: int = 0
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
@@ -143,6 +144,10 @@ HOLDOUTS = ("val", "test", "val+test")
 # What class mix the soft labels of a union of shares assume (docs/evaluation.md, "Several shares"):
 # the federation's (every site's training counts added up), each site's own as shared, or equal classes.
 LABEL_PRIORS = ("federation", "shared", "balanced")
+
+# How a union of shares weighs its images (docs/evaluation.md, "Several shares"): within each class, in
+# proportion to the real training images of that class behind each share, or every image alike.
+SHARE_WEIGHTS = ("real-images", "equal")
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY),
     },
     EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1,
-                 "label_prior": Allowed(choices=LABEL_PRIORS)},
+                 "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
         "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE,

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from .checks import check_model_builds
-from .config import FULL_EPOCHS, LABEL_PRIORS, BufferConfig, EvalConfig, check_ranges
+from .config import FULL_EPOCHS, LABEL_PRIORS, SHARE_WEIGHTS, BufferConfig, EvalConfig, check_ranges
 from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
                    fit_preprocessing, load_data)
 from .distributed import resolve_device
@@ -108,6 +108,8 @@ class Union:
     recipe: Recipe  # lr = the union's step size
     described: list[dict]  # one entry per share for the report
     label_prior: dict | None = None  # what moving the soft labels did (see move_label_prior), for the report
+    weights: torch.Tensor | None = None  # (N,) float32 per-image loss weights (see weigh_shares); None: all alike
+    share_weights: dict | None = None  # how the weights were set, for the report
 
 
 def site_counts(share: Share) -> list[int] | None:
@@ -170,15 +172,57 @@ def move_label_prior(shares: Sequence[tuple[str, Share]], targets: list[torch.Te
                  "site_counts": counts}
 
 
+def weigh_shares(shares: Sequence[tuple[str, Share]], how: str) -> tuple[torch.Tensor | None, dict]:
+    """Per-image loss weights for the union of ``shares`` (concatenated in order); returns them and the report entry.
+
+    Every share holds about the same number of images per class, whether 20 or 2,000
+    real images of that class stood behind them, so joined as they are, a site that
+    barely saw a class speaks for it as loudly as the site that saw most of it. Under
+    ``"real-images"`` the images of class k from share s weigh in proportion to
+    ``n[s, k]``, the site's training images of class k (from its provenance), scaled so
+    each class's weights add up to its number of images in the union: the classes keep
+    their weight, the sites are weighed within each class. ``"equal"``, a single share,
+    or a share that does not record its counts (with a warning) leave every image at one.
+    """
+    if how not in SHARE_WEIGHTS:
+        raise DistillError(f"--share-weights must be one of {', '.join(SHARE_WEIGHTS)}; got {how!r}.")
+    if how == "equal" or len(shares) < 2:
+        return None, {"weights": "equal"}
+    counts = [site_counts(s) for _, s in shares]
+    missing = [name for (name, _), c in zip(shares, counts) if c is None]
+    if missing:
+        log.warning("Every image of the union weighs the same (no --share-weights %s): %s do(es) not record the "
+                    "training counts per class of its site.", how, ", ".join(missing))
+        return None, {"weights": "equal", "requested": how, "reason": "counts not recorded", "shares": missing}
+    labels = [s.labels.long() for _, s in shares]
+    y = torch.cat(labels)
+    raw = torch.cat([torch.tensor(c, dtype=torch.float64)[lab] for c, lab in zip(counts, labels)])
+    w = torch.ones_like(raw)
+    for k in range(shares[0][1].num_classes):
+        mask = y == k
+        total = raw[mask].sum()
+        if total > 0:  # no site recorded an image of a class its shares hold: those images stay at one
+            w[mask] = raw[mask] * mask.sum() / total
+    per_share, start = [], 0
+    for lab in labels:
+        part = w[start:start + len(lab)]
+        per_share.append([float(part[lab == k][0]) if bool((lab == k).any()) else None
+                          for k in range(shares[0][1].num_classes)])
+        start += len(lab)
+    return w.float(), {"weights": how, "site_counts": counts, "per_image_weight": per_share}
+
+
 def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None, epochs: int | None = None,
-                lr: float | None = None, label_prior: str = "shared") -> Union:
+                lr: float | None = None, label_prior: str = "shared", share_weights: str = "equal") -> Union:
     """Join ``(name, Share)`` pairs into one training set, or explain in one sentence what differs.
 
     Images and targets are concatenated. The step size of the union is the geometric
     mean of the shares' learned step sizes (a scale, learned on a log scale) unless
     ``lr`` is given; other recipe fields must agree unless a flag overrides them.
     ``label_prior`` other than ``"shared"`` moves soft labels to a common class mix
-    first (:func:`move_label_prior`; ``distill eval`` uses ``"federation"``).
+    first (:func:`move_label_prior`; ``distill eval`` uses ``"federation"``), and
+    ``share_weights="real-images"`` weighs each share's images by the real images behind
+    them (:func:`weigh_shares`; ``distill eval``'s default).
     """
     if not shares:
         raise DistillError("No share was given.")
@@ -205,6 +249,7 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
                             f"({s.recipe.model_kwargs} vs {first.recipe.model_kwargs}); pass --model to choose.")
     k = len(first.class_names)
     targets, moved = move_label_prior(shares, [share_targets(s, name) for name, s in shares], label_prior)
+    weights, weighed = weigh_shares(shares, share_weights)
     if all(t.ndim == 1 for t in targets):
         joined = torch.cat([t.long() for t in targets])
     else:
@@ -226,7 +271,7 @@ def join_shares(shares: Sequence[tuple[str, Share]], *, model: str | None = None
     return Union(images=torch.cat(images), targets=joined,
                  labels=torch.cat([s.labels.long() for _, s in shares]), class_names=list(first.class_names),
                  preprocessing=first.preprocessing, recipe=replace(first.recipe, lr=step), described=described,
-                 label_prior=moved)
+                 label_prior=moved, weights=weights, share_weights=weighed)
 
 
 def shares_per_class(described: Sequence[dict], class_names: Sequence[str]) -> list[int]:
@@ -283,6 +328,7 @@ class Arm:
     trained_on: dict
     # run index -> (images (N,C,H,W) network space, targets, extra per-run record)
     data_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict]]
+    weights: torch.Tensor | None = None  # (N,) per-image loss weights of every run's data; None: all alike
 
 
 def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
@@ -311,6 +357,7 @@ def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int,
         t0 = time.perf_counter()
         history = train_network(model, images.to(device), targets.to(device), arm.recipe,
                                 generator(cfg.seed, run, DATA_KEY),
+                                weights=None if arm.weights is None else arm.weights.to(device),
                                 after_epoch=(lambda e, s: tick()) if tick else None)
         seconds = time.perf_counter() - t0
         final_loss = history[-1]["loss"]
@@ -425,8 +472,9 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
             trained_on={"shares": union.described, "images": len(union.labels),
                         "class_counts": class_counts(union.labels, k), "shares_per_class": coverage,
                         "labels": labels.pop() if len(labels) == 1 else "mixed",
-                        "label_prior": union.label_prior or {"prior": "shared"}},
-            data_for_run=lambda run: (union.images, union.targets, {})))
+                        "label_prior": union.label_prior or {"prior": "shared"},
+                        "share_weights": union.share_weights or {"weights": "equal"}},
+            data_for_run=lambda run: (union.images, union.targets, {}), weights=union.weights))
     if not baselines:
         return arms
     x_train, y_train = setup.pre(train_data.train.images).to(device), train_data.train.labels
@@ -509,7 +557,8 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     refuse_repeats(shares)
     baselines = _validate(cfg, shares)
     device = resolve_device(cfg.device)
-    union = (join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr, label_prior=cfg.label_prior)
+    union = (join_shares(shares, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr, label_prior=cfg.label_prior,
+                         share_weights=cfg.share_weights)
              if shares else None)
 
     # One load when train and test name the same source. A folder without split sub-folders is

@@ -51,11 +51,20 @@ class TrainRecipe:
             raise ValueError(f"batch_size must be positive; got {self.batch_size}.")
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a target that is either class ids (N,) or probabilities (N, K)."""
-    if target.dtype in (torch.int64, torch.int32, torch.uint8):
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against a target that is either class ids (N,) or probabilities (N, K).
+
+    ``weight`` (N,) scales each sample's loss; the batch's loss is still the mean over its N samples,
+    so weights that average one over the training set keep the step size's meaning.
+    """
+    hard = target.dtype in (torch.int64, torch.int32, torch.uint8)
+    if hard and weight is None:
         return F.cross_entropy(logits, target.long())
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    if hard:
+        per_sample = F.cross_entropy(logits, target.long(), reduction="none")
+    else:
+        per_sample = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (per_sample if weight is None else per_sample * weight).mean()
 
 
 def train_network(
@@ -65,6 +74,7 @@ def train_network(
     recipe: TrainRecipe,
     generator: torch.Generator,
     *,
+    weights: torch.Tensor | None = None,
     after_step: Callable[[int], None] | None = None,
     after_epoch: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
@@ -72,11 +82,14 @@ def train_network(
 
     images: (N, C, H, W) float32, already preprocessed, on the model's device.
     targets: (N,) int64 class ids or (N, K) float probabilities.
+    weights: optional (N,) per-image loss weights (see :func:`soft_cross_entropy`), on the same device.
     ``after_step(step)`` runs after each optimiser step (1-based), ``after_epoch(epoch, stats)``
     after each epoch (1-based). Returns per-epoch ``{"loss", "acc"}`` on the training batches.
     """
     if len(images) == 0 or len(images) != len(targets):
         raise ValueError(f"train_network needs as many targets as images, and at least one; got {len(images)} and {len(targets)}.")
+    if weights is not None and weights.shape != (len(images),):
+        raise ValueError(f"train_network needs one weight per image; got shape {tuple(weights.shape)} for {len(images)} images.")
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = None
     if recipe.decay_at_half and recipe.epochs > 1:
@@ -99,7 +112,7 @@ def train_network(
             if aug is not None:
                 x = recipe.augment.apply(x, select(aug, (k, slice(0, len(idx)))))
             out = model(x)
-            loss = soft_cross_entropy(out, targets[idx])
+            loss = soft_cross_entropy(out, targets[idx], None if weights is None else weights[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

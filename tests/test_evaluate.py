@@ -17,6 +17,7 @@ from distill.data import fit_preprocessing, load_data
 from distill.errors import DataError, DistillError
 from distill.evaluate import (EvalConfig, auc_ovr, binary_auc, classification_metrics, draw_random_real, evaluate,
                               format_report, join_shares, renormalise)
+from distill.train import TrainRecipe, soft_cross_entropy, train_network
 from distill.formats.share import Recipe, Share
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
@@ -425,3 +426,83 @@ def test_label_prior_leaves_one_share_hard_labels_and_unrecorded_counts_alone(ti
 def test_eval_refuses_an_unknown_label_prior(tiny_npz):
     with pytest.raises(DistillError, match="label-prior"):
         evaluate(cfg(tiny_npz, label_prior="skewed"), shares=[("s", make_share(tiny_npz, soft=True))])
+
+
+# ----------------------------------------------------------------------------- weighing shares by the real images behind them
+
+
+def test_share_weights_follow_the_real_images_behind_each_class(tiny_npz):
+    # Site a held 30 normal and 10 pneumonia images, site b 10 and 30; each share holds 2 images a class.
+    # Within a class the weights go as 30:10 (a's normal images 3x b's), and each class keeps its 4 images' worth.
+    logits = torch.zeros(4, 2)
+    a, b = _site_share(tiny_npz, [30, 10], logits), _site_share(tiny_npz, [10, 30], logits)
+    u = join_shares([("a", a), ("b", b)], share_weights="real-images")
+    assert u.labels.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert u.weights.tolist() == pytest.approx([1.5, 1.5, 0.5, 0.5, 0.5, 0.5, 1.5, 1.5])
+    assert [float(u.weights[u.labels == k].sum()) for k in range(2)] == pytest.approx([4.0, 4.0])
+    assert u.share_weights["per_image_weight"] == [pytest.approx([1.5, 0.5]), pytest.approx([0.5, 1.5])]
+    # A site that recorded no image of a class gives its images of that class no weight.
+    c = _site_share(tiny_npz, [40, 0], logits)
+    w = join_shares([("a", a), ("c", c)], share_weights="real-images").weights
+    assert w[6:].tolist() == [0.0, 0.0] and w[2:4].tolist() == pytest.approx([2.0, 2.0])
+    assert join_shares([("a", a), ("b", b)]).weights is None  # the Python default: all alike
+    assert join_shares([("a", a)], share_weights="real-images").weights is None  # one share: nothing to weigh
+
+
+def test_share_weights_fall_back_to_equal_without_counts(tiny_npz, caplog):
+    a = _site_share(tiny_npz, [30, 10], torch.zeros(4, 2))
+    unknown = make_share(tiny_npz, per_class=2, soft=True)  # provenance without counts
+    with caplog.at_level("WARNING"):
+        u = join_shares([("a", a), ("unknown", unknown)], share_weights="real-images")
+    assert u.weights is None
+    assert u.share_weights == {"weights": "equal", "requested": "real-images", "reason": "counts not recorded",
+                               "shares": ["unknown"]}
+    assert "do(es) not record" in caplog.text
+    with pytest.raises(DistillError, match="share-weights"):
+        join_shares([("a", a), ("unknown", unknown)], share_weights="sizes")
+
+
+def test_weighted_loss_is_the_mean_of_weighted_per_sample_losses():
+    g = torch.Generator().manual_seed(0)
+    logits, w = torch.randn(5, 3, generator=g), torch.tensor([0.0, 1.0, 2.0, 0.5, 1.5])
+    ids = torch.tensor([0, 2, 1, 1, 0])
+    soft = torch.softmax(torch.randn(5, 3, generator=g), 1)
+    per_hard = torch.nn.functional.cross_entropy(logits, ids, reduction="none")
+    per_soft = -(soft * torch.log_softmax(logits, 1)).sum(1)
+    assert torch.allclose(soft_cross_entropy(logits, ids, w), (w * per_hard).mean())
+    assert torch.allclose(soft_cross_entropy(logits, soft, w), (w * per_soft).mean())
+    ones = torch.ones(5)
+    assert torch.allclose(soft_cross_entropy(logits, ids, ones), soft_cross_entropy(logits, ids))
+    assert torch.allclose(soft_cross_entropy(logits, soft, ones), soft_cross_entropy(logits, soft))
+
+
+def test_training_with_weights_two_and_zero_is_training_on_the_weighted_half():
+    # One full batch: the mean of 2*loss over the first half and 0 over the second is the first half's mean loss.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    recipe = TrainRecipe(epochs=3, lr=0.1, batch_size=256)
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+
+    weighted, half = net(), net()
+    train_network(weighted, x, y, recipe, torch.Generator().manual_seed(1), weights=torch.tensor([2.0] * 4 + [0.0] * 4))
+    train_network(half, x[:4], y[:4], recipe, torch.Generator().manual_seed(1))
+    for p, q in zip(weighted.parameters(), half.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ValueError, match="one weight per image"):
+        train_network(net(), x, y, recipe, torch.Generator().manual_seed(1), weights=torch.ones(3))
+
+
+def test_eval_weighs_a_union_and_reports_how(tiny_npz):
+    a = _site_share(tiny_npz, [30, 10], torch.zeros(4, 2))
+    b = _site_share(tiny_npz, [10, 30], torch.zeros(4, 2))
+    shares = [("a", a), ("b", b)]
+    kw = dict(runs=1, baselines=("none",), epochs=2)
+    weighted = evaluate(cfg(tiny_npz, **kw), shares=shares)
+    equal = evaluate(cfg(tiny_npz, share_weights="equal", **kw), shares=shares)
+    on = weighted["results"][0]["trained_on"]["share_weights"]
+    assert on["weights"] == "real-images" and on["site_counts"] == [[30, 10], [10, 30]]
+    assert equal["results"][0]["trained_on"]["share_weights"] == {"weights": "equal"}
+    assert weighted["results"][0]["runs"][0]["final_train_loss"] != equal["results"][0]["runs"][0]["final_train_loss"]

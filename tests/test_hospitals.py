@@ -1,4 +1,4 @@
-"""benchmarks/hospitals.py's pure parts: target arithmetic and the page's marked sections.
+"""benchmarks/hospitals.py's pure parts (target arithmetic, the page's marked sections) and label_prior.py on tiny shares.
 
 The benchmark itself runs the whole pipeline and never runs in CI; these tests feed its table
 functions invented numbers, which are not results, and write nothing into docs/.
@@ -54,3 +54,31 @@ def test_a_render_only_call_reaches_every_step_and_writes_a_plan(bench, tmp_path
     assert "<!-- hospitals:cpu6:begin -->" in page and "## Profile `cpu6`" in page
     assert page.count("| not run |") == len(bench.ROWS)  # five arms at 6 sites, α 0.3, and centralised
     assert not (tmp_path / "work" / "steps").exists()
+
+
+@pytest.fixture(scope="module")
+def label_prior_script():
+    yield from benchmark_module("label_prior.py", "benchmark_label_prior")
+
+
+def test_label_prior_script_scores_every_way_of_joining(label_prior_script, tiny_npz, tmp_path):
+    # benchmarks/label_prior.py end to end on two tiny site shares: one row per (--label-prior,
+    # --share-weights) pair and per weighting for the class-ids reference, each scored on val and test.
+    from test_evaluate import make_share
+
+    from distill.config import LABEL_PRIORS, SHARE_WEIGHTS
+    from distill.formats.share import write_share
+
+    paths = []
+    for i, counts in enumerate(([9, 1], [1, 9])):
+        s = make_share(tiny_npz, per_class=2, soft=True, epochs=2, seed=i)
+        s.provenance = {"dataset": {"name": "site", "counts": {"train": counts, "val": [1, 1], "test": [1, 1]}}}
+        paths.append(str(write_share(tmp_path / f"site-{i}.h5", s)))
+    mod = label_prior_script
+    rows, facts = mod.score(paths, str(tiny_npz), runs=1, seed=0, device="cpu")
+    assert [(r["choice"], r["weights"]) for r in rows] == [
+        (c, w) for c in (*LABEL_PRIORS, mod.HARD) for w in SHARE_WEIGHTS]
+    assert all(set(r["runs"][0]) == {"val", "test"} for r in rows)
+    assert facts["site_counts"] == [[9, 1], [1, 9]]
+    table = mod.render("two sites", rows, facts, ["x"], "cpu")
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + len(rows)
