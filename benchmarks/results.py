@@ -450,9 +450,10 @@ def software() -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        # The table being written does not count as a change to the code that produced it.
+        # The pages the benchmarks write do not count as changes to the code that produced them.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)docs/results.md"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+                                ":(exclude)docs/results.md", ":(exclude)docs/hospitals.md"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
