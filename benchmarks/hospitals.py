@@ -97,7 +97,7 @@ PROFILES = {
                     buffer_epochs=4, iterations=20, syn_steps=10, expert_epochs=2, max_start_epoch=4,
                     snapshots_per_epoch=2, runs=2, student_epochs=200, audit=False),
     # RetinaMNIST (5 grades, RGB, 1,080 training images) at the cpu profile's settings, 3 sites.
-    "cpu-retina": Profile("cpu-retina", "CPU, 2 cores, about 30 minutes: RetinaMNIST, 3 sites, α 0.3, 1.0 and IID, "
+    "cpu-retina": Profile("cpu-retina", "CPU, 2 cores, about 35 minutes: RetinaMNIST, 3 sites, α 0.3, 1.0 and IID, "
                           "the cpu profile's settings", datasets=("retinamnist",), sites=(3,),
                           alphas=("0.3", "1.0", "iid"), ipc=10, experts=2, buffer_epochs=4, iterations=20,
                           syn_steps=10, expert_epochs=2, max_start_epoch=4, snapshots_per_epoch=2, runs=2,
