@@ -630,6 +630,13 @@ def format_report(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for r in report["results"]:
+        moved = r["trained_on"].get("label_prior", {}).get("prior", "shared")
+        weighed = r["trained_on"].get("share_weights", {}).get("weights", "equal")
+        if r["kind"] == "distilled" and (moved != "shared" or weighed != "equal"):
+            lines.append(f"Union: soft labels moved to the {moved} class mix (--label-prior), images weighed "
+                         f"{'by the real images behind them' if weighed == 'real-images' else 'alike'} "
+                         "(--share-weights).")
     if not any(r["kind"] != "distilled" for r in report["results"]):
         lines.append("No baseline was run: compare with `distill eval --baseline random-real --ipc K` and "
                      "`--baseline full` under the same protocol.")

@@ -63,6 +63,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
     if hard:
         per_sample = F.cross_entropy(logits, target.long(), reduction="none")
     else:
+        # Not F.cross_entropy with probability targets: it rounds differently in the last bit, and this
+        # expression keeps every earlier soft-label result bit-reproducible.
         per_sample = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
     return (per_sample if weight is None else per_sample * weight).mean()
 

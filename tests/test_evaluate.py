@@ -506,3 +506,6 @@ def test_eval_weighs_a_union_and_reports_how(tiny_npz):
     assert on["weights"] == "real-images" and on["site_counts"] == [[30, 10], [10, 30]]
     assert equal["results"][0]["trained_on"]["share_weights"] == {"weights": "equal"}
     assert weighted["results"][0]["runs"][0]["final_train_loss"] != equal["results"][0]["runs"][0]["final_train_loss"]
+    assert "images weighed by the real images behind them" in format_report(weighted)
+    assert "Union:" not in format_report(evaluate(cfg(tiny_npz, share_weights="equal", label_prior="shared", **kw),
+                                                  shares=shares))
