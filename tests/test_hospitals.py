@@ -56,6 +56,18 @@ def test_a_render_only_call_reaches_every_step_and_writes_a_plan(bench, tmp_path
     assert not (tmp_path / "work" / "steps").exists()
 
 
+def test_a_spent_budget_starts_no_step_so_a_chunked_run_stops_cleanly(bench, tmp_path, monkeypatch):
+    # --budget-minutes is how the gpu profile fits in 8-minute chunks: once the budget is spent no new step
+    # starts, the table is still written, and the next call picks up the steps that did not run. The clock
+    # here jumps an hour at every reading, so the budget is spent before the first step.
+    clock = iter(range(0, 10**9, 3600))
+    monkeypatch.setattr(bench.time, "monotonic", lambda: next(clock))
+    out = tmp_path / "hospitals.md"
+    bench.main(["--profile", "smoke", "--budget-minutes", "8", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert out.read_text().count("| not run |") == len(bench.ROWS)
+    assert not (tmp_path / "work" / "steps").exists()
+
+
 @pytest.fixture(scope="module")
 def label_prior_script():
     yield from benchmark_module("label_prior.py", "benchmark_label_prior")
