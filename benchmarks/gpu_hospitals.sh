@@ -25,7 +25,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 DISTILL_DATA="$PWD/.gpudata"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 DISTILL_DATA="${DISTILL_DATA:-$PWD/.gpudata}"
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch, kornia; print('torch', torch.__version__, 'kornia', kornia.__version__)"; } \
   > "$OUT/summary.txt" 2>&1
 cp docs/hospitals.md "$OUT/hospitals.md"
@@ -39,9 +39,9 @@ echo "hospitals.py: exit $? after $(( $(date +%s) - START )) s (124: timed out; 
 python3 benchmarks/hospitals.py --profile "$PROFILE" --render-only --work "$WORK" --out "$OUT/hospitals.md" \
   > "$OUT/section.md" 2>> "$OUT/run.log"
 cat "$OUT/section.md" >> "$OUT/summary.txt"
-( cd "$WORK" && tar czf "$OUT/results.tgz" steps pneumoniamnist/central.json \
-    $(ls pneumoniamnist/sites*/split/split.json pneumoniamnist/sites*/*.json pneumoniamnist/sites*/site-*/share.h5 \
-       2>/dev/null) ) 2>> "$OUT/run.log"
+( cd "$WORK" 2>/dev/null && tar czf "$OUT/results.tgz" $(ls -d steps pneumoniamnist/central.json \
+    pneumoniamnist/sites*/split/split.json pneumoniamnist/sites*/*.json pneumoniamnist/sites*/site-*/share.h5 \
+    2>/dev/null) ) 2>> "$OUT/run.log"
 tail -40 "$OUT/run.log" > "$OUT/run-tail.log"
 rm -f "$OUT/run.log" "$OUT/section.md"
 cat "$OUT/summary.txt"
