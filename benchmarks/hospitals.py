@@ -293,8 +293,9 @@ def site_pipeline(run: Runner, budget: Budget, p: Profile, tag: str, site_npz: P
     refs.append(run(f"{tag}-buffer", ["buffer", "--data", str(site_npz), "--out", str(buf), "--experts", str(p.experts),
                                       "--epochs", str(p.buffer_epochs), "--snapshot-every", str(every),
                                       "--seed", str(p.seed), "--device", device], CHUNK)[0])
-    # --init real draws ipc real images per class; a site with fewer starts that class from noise.
-    init = "real" if min(counts) >= p.ipc else "noise"
+    # --init real draws ipc real images per class; at a site with fewer, real-or-noise keeps that class's few real
+    # images and starts the rest of it from noise (until 2026-12-01 14:10 UTC such a site started all from noise).
+    init = "real" if min(counts) >= p.ipc else "real-or-noise"
     budget.check()
     refs.append(run(f"{tag}-run", ["run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(p.ipc),
                                    "--iterations", str(p.iterations), "--syn-steps", str(p.syn_steps),
@@ -356,7 +357,7 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
     if result["trained_on"].get("share_weights", {"weights": "equal"})["weights"] != "equal":
         notes.append("images weighed by the real images behind them (`--share-weights`)")
     if noise:
-        notes.append(f"--init noise at site(s) {', '.join(noise)} (a class with fewer than {p.ipc} images)")
+        notes.append(f"--init real-or-noise at site(s) {', '.join(noise)} (a class with fewer than {p.ipc} images)")
     union.note = "; ".join(notes)
 
     def put(row: Row, runs: list[dict], bytes_out: str) -> None:

@@ -133,7 +133,8 @@ def eval_(config_file, shares, baselines, **flags):
               help=f"Snapshot intervals the target lies ahead of the start (see docs/method.md) {default_text(RunConfig, 'expert_epochs')}.")
 @click.option("--max-start-epoch", type=int, default=None,
               help="Latest start snapshot, inclusive (default: auto, later the more images per class; docs/method.md).")
-@click.option("--init", default=None, help=f"Initial images: real (random training images) or noise {default_text(RunConfig, 'init')}.")
+@click.option("--init", default=None, help=f"Initial images: real (random training images), real-or-noise (real; noise tops up a class with "
+                   f"fewer than --ipc images) or noise {default_text(RunConfig, 'init')}.")
 @click.option("--hard-labels/--soft-labels", default=None,
               help="Hard labels: class ids instead of learned soft labels (default: auto, hard below 10 images per class).")
 @click.option("--label-temperature", type=float, default=None,

@@ -403,6 +403,29 @@ def test_real_init_prefers_images_the_expert_classifies_correctly(tiny_arrays, c
     assert "Class 0 has only 2" in warning.getMessage() and "\n" not in warning.getMessage()
 
 
+def test_real_or_noise_init_keeps_a_scarce_class_real_images_and_tops_up_with_noise(tiny_arrays, caplog):
+    from distill.data import Split
+    from distill.mtt.synthetic import init_real, init_real_or_noise
+
+    arrays = tiny_arrays()
+    train = Split(torch.from_numpy(arrays["train_images"])[:, None], torch.from_numpy(arrays["train_labels"][:, 0]).long())
+    keep = lambda x: x.float()  # noqa: E731  (preprocessing that keeps the pixels, to find them again)
+    draw = lambda init, split: init(3, 2, 1, 8, torch.Generator().manual_seed(0), split, keep)  # noqa: E731
+    # Every class holds at least ipc images: exactly what --init real draws.
+    assert torch.equal(draw(init_real_or_noise, train)[0], draw(init_real, train)[0])
+    scarce = torch.cat([torch.nonzero(train.labels == 0).flatten(), torch.tensor([15])])  # one image of class 1
+    site = Split(train.images[scarce], train.labels[scarce])
+    with caplog.at_level("WARNING"):
+        images, labels = draw(init_real_or_noise, site)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    real = site.images.float().flatten(1)
+    nearest = [float((real - x.flatten()).abs().sum(1).min()) for x in images]
+    assert nearest[:4] == [0.0] * 4  # class 0's three and class 1's one real image
+    assert torch.equal(images[3], site.images[-1].float())
+    assert min(nearest[4:]) > 0  # the other two of class 1 are not training images
+    assert any("Class(es) 1 have fewer than --ipc 3" in r.getMessage() for r in caplog.records)
+
+
 def test_correctly_classified_is_the_experts_argmax_in_chunks(tiny_buffer, monkeypatch):
     import distill.mtt.synthetic as synthetic
     from distill.models import flat_forward

@@ -119,7 +119,10 @@ def test_a_site_with_one_image_of_a_class_still_makes_a_valid_share(tmp_path, mo
     assert share.class_counts() == [2, 2]
     real_init = [{"noise": "real", str(tmp_path / "r"): str(tmp_path / "r2")}.get(a, a) for a in steps[1]]
     code, _, err = run_main(real_init, monkeypatch, capsys)
-    assert_one_sentence(code, err, "fewer than --ipc 2", "--init noise")
+    assert_one_sentence(code, err, "fewer than --ipc 2", "--init real-or-noise", "--init noise")
+    real_or_noise = [{"real": "real-or-noise"}.get(a, a) for a in real_init]  # the one image of class 1, then noise
+    code, _, err = run_main(real_or_noise, monkeypatch, capsys)
+    assert code == 0, err
 
 
 # ----------------------------------------------------------------------------- the union of partial shares

@@ -59,22 +59,53 @@ def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: t
     prefer: optional (N_train,) bool; images where it is True are drawn first. A class with
     fewer than ``ipc`` of them is topped up from its others, with one warning.
     """
+    return _draw_real(ipc, num_classes, channels, size, generator, train, preprocessing, prefer, scarce="refuse")
+
+
+@register_init("real-or-noise", needs_real=True)
+def init_real_or_noise(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
+                       train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``real``; a class with fewer than ``ipc`` training images keeps all of them and starts the rest from noise.
+
+    Why: at a site that holds 1 image of a class, ``noise`` would start every class from noise, also
+    the classes it holds hundreds of images of (docs/hospitals.md).
+    """
+    return _draw_real(ipc, num_classes, channels, size, generator, train, preprocessing, prefer, scarce="noise")
+
+
+def _draw_real(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator, train: Split | None,
+               preprocessing: Preprocessing, prefer: torch.Tensor | None, scarce: str) -> tuple[torch.Tensor, torch.Tensor]:
     if train is None:
         raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise or --data.")
-    picks = []
+    picks, short = [], {}
     for c in range(num_classes):
         idx = torch.nonzero(train.labels == c).flatten()
         if len(idx) < ipc:
-            raise DistillError(f"Class {c} has only {len(idx)} training images, fewer than --ipc {ipc}; lower --ipc or use --init noise.")
+            if scarce == "refuse":
+                raise DistillError(f"Class {c} has only {len(idx)} training images, fewer than --ipc {ipc}; lower --ipc, "
+                                   "or use --init real-or-noise (the missing images start from noise) or --init noise.")
+            short[c] = len(idx)
         order = idx[torch.randperm(len(idx), generator=generator)]
         if prefer is not None:
             good = prefer[order]
-            if int(good.sum()) < ipc:
+            if int(good.sum()) < min(ipc, len(idx)):
                 log.warning("Class %d has only %d training image(s) that the labelling expert classifies correctly, fewer "
                             "than --ipc %d; the others start from images it misclassifies.", c, int(good.sum()), ipc)
             order = torch.cat([order[good], order[~good]])  # stable: the random order is kept within each part
         picks.append(order[:ipc])
-    return preprocessing(train.images[torch.cat(picks)]), class_labels(ipc, num_classes)
+    images = preprocessing(train.images[torch.cat(picks)])
+    if short:
+        log.warning("Class(es) %s have fewer than --ipc %d training images (%s); their other synthetic images start "
+                    "from noise.", ", ".join(map(str, short)), ipc, ", ".join(f"{c}: {n}" for c, n in short.items()))
+        blocks, start = [], 0
+        for c, pick in enumerate(picks):  # each class: its real images, then noise up to ipc
+            blocks.append(images[start:start + len(pick)])
+            start += len(pick)
+            if len(pick) < ipc:
+                blocks.append(torch.randn(ipc - len(pick), *images.shape[1:], generator=generator))
+        images = torch.cat(blocks)
+    return images, class_labels(ipc, num_classes)
 
 
 @register_init("noise")
