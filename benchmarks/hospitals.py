@@ -294,7 +294,7 @@ def site_pipeline(run: Runner, budget: Budget, p: Profile, tag: str, site_npz: P
                                       "--epochs", str(p.buffer_epochs), "--snapshot-every", str(every),
                                       "--seed", str(p.seed), "--device", device], CHUNK)[0])
     # --init real draws ipc real images per class; at a site with fewer, real-or-noise keeps that class's few real
-    # images and starts the rest of it from noise (until 2026-12-01 14:10 UTC such a site started all from noise).
+    # images and starts the rest of it from noise (sections rendered before this showed --init noise: all from noise).
     init = "real" if min(counts) >= p.ipc else "real-or-noise"
     budget.check()
     refs.append(run(f"{tag}-run", ["run", "--buffer", str(buf), "--out", str(rundir), "--ipc", str(p.ipc),
