@@ -99,7 +99,7 @@ PROFILES = {
                     buffer_epochs=4, iterations=20, syn_steps=10, expert_epochs=2, max_start_epoch=4,
                     snapshots_per_epoch=2, runs=2, student_epochs=200, audit=False),
     # cpu6 with five times the distillation iterations: does a better distilled share move the union?
-    "cpu6-long": Profile("cpu6-long", "CPU, 2 cores, about 30 minutes: cpu6 (6 sites, α 0.3) with 100 distillation "
+    "cpu6-long": Profile("cpu6-long", "CPU, 2 cores, an estimated 30 minutes: cpu6 (6 sites, α 0.3) with 100 distillation "
                          "iterations instead of 20", datasets=("pneumoniamnist",), sites=(6,), alphas=("0.3",), ipc=10,
                          experts=2, buffer_epochs=4, iterations=100, syn_steps=10, expert_epochs=2, max_start_epoch=4,
                          snapshots_per_epoch=2, runs=2, student_epochs=200, audit=False),
