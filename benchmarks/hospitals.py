@@ -124,7 +124,7 @@ PROFILES = {
     # The targets' configuration alone (PneumoniaMNIST, 6 sites, alpha 0.3), sized by estimate to finish in
     # one device call of about 8 minutes (benchmarks/gpu_hospitals.sh). The gpu profile's settings for these
     # 6 sites alone are estimated at more than a session's 15 minutes of device time. Not yet measured.
-    "gpu6": Profile("gpu6", "GPU, one call of about 8 minutes: the targets' 6 sites at α 0.3, 10× the cpu profiles' "
+    "gpu6": Profile("gpu6", "GPU, one call of an estimated 5 to 10 minutes: the targets' 6 sites at α 0.3, 10× the cpu profiles' "
                     "distillation", datasets=("pneumoniamnist",), sites=(6,), alphas=("0.3",), ipc=10, experts=5,
                     buffer_epochs=20, iterations=200, syn_steps=20, expert_epochs=2, max_start_epoch=10,
                     snapshots_per_epoch=1, runs=3, student_epochs=300, audit=False),
