@@ -59,7 +59,7 @@ def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: t
     prefer: optional (N_train,) bool; images where it is True are drawn first. A class with
     fewer than ``ipc`` of them is topped up from its others, with one warning.
     """
-    return _draw_real(ipc, num_classes, channels, size, generator, train, preprocessing, prefer, scarce="refuse")
+    return _draw_real(ipc, num_classes, generator, train, preprocessing, prefer, scarce="refuse")
 
 
 @register_init("real-or-noise", needs_real=True)
@@ -71,11 +71,12 @@ def init_real_or_noise(ipc: int, num_classes: int, channels: int, size: int, gen
     Why: at a site that holds 1 image of a class, ``noise`` would start every class from noise, also
     the classes it holds hundreds of images of (docs/hospitals.md).
     """
-    return _draw_real(ipc, num_classes, channels, size, generator, train, preprocessing, prefer, scarce="noise")
+    return _draw_real(ipc, num_classes, generator, train, preprocessing, prefer, scarce="noise")
 
 
-def _draw_real(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator, train: Split | None,
-               preprocessing: Preprocessing, prefer: torch.Tensor | None, scarce: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_real(ipc: int, num_classes: int, generator: torch.Generator, train: Split | None, preprocessing: Preprocessing,
+               prefer: torch.Tensor | None, scarce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both real initialisers; ``scarce`` says what a class with fewer than ``ipc`` images does: "refuse" or "noise"."""
     if train is None:
         raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise or --data.")
     picks, short = [], {}
