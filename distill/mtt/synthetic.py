@@ -78,7 +78,8 @@ def _draw_real(ipc: int, num_classes: int, generator: torch.Generator, train: Sp
                prefer: torch.Tensor | None, scarce: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Both real initialisers; ``scarce`` says what a class with fewer than ``ipc`` images does: "refuse" or "noise"."""
     if train is None:
-        raise DistillError("--init real needs the buffer's training images, which could not be loaded; use --init noise or --data.")
+        name = "real" if scarce == "refuse" else "real-or-noise"
+        raise DistillError(f"--init {name} needs the buffer's training images, which could not be loaded; use --init noise or --data.")
     picks, short = [], {}
     for c in range(num_classes):
         idx = torch.nonzero(train.labels == c).flatten()
