@@ -27,6 +27,15 @@ DP_FILE = "dp.json"
 DP_FORMAT = "distill-dp-record"
 DP_VERSION = "1.0"
 
+# DP statistics a DP buffer may release beside its experts (``distill buffer --dp-init class-means``):
+# one HDF5 file with ``format``/``format_version`` attributes and the dataset below, shape
+# [classes, images_per_class_or_1, channels, size, size], in the buffer's preprocessed space.
+# ``distill run --init dp-means`` starts from it. Its epsilon is part of DPRecord.epsilon.
+DP_STATS_FILE = "dp_stats.h5"
+DP_STATS_FORMAT = "distill-dp-stats"
+DP_STATS_VERSION = "1.0"
+DP_STATS_CLASS_MEANS = "class_means"
+
 PRIVACY_UNIT = "one training image"
 #: Where a DP buffer's normalisation comes from: fixed constants, never the private images.
 NORMALISATION_FIXED = "fixed"
