@@ -20,6 +20,7 @@ from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
 from .config import BufferConfig, check_ranges, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
+from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
 from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
@@ -64,7 +65,8 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
 
     Returns (data, the fitted preprocessing to write once every check has passed, or None).
     """
-    data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed)
+    read = ReadOptions(cfg.on_bad_file, cfg.nifti_axis, cfg.nifti_slice).record()
+    data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed, read=read)
     if not (out / PREPROCESSING_FILE).exists():
         return data, fit_preprocessing(data.train.images, zca=cfg.zca) if world.main else None
     pre, fingerprint, _ = read_buffer_preprocessing(out)

@@ -60,7 +60,8 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 
 
 @cli.command()
-@click.option("--data", required=True, help="MedMNIST name (e.g. pneumoniamnist), a MedMNIST-layout .npz, or a folder with one sub-folder per class.")
+@click.option("--data", required=True, help="MedMNIST name (e.g. pneumoniamnist), a MedMNIST-layout .npz, a folder with one "
+                                            "sub-folder per class, or a labels table .csv/.tsv (docs/your-data.md).")
 @click.option("--out", default=None, help=f"Output folder for the trajectories {default_text(BufferConfig, 'out')}.")
 @click.option("--model", default=None, help=f"Registered model name {default_text(BufferConfig, 'model')}.")
 @click.option("--experts", type=int, default=None, help=f"Number of experts {default_text(BufferConfig, 'experts')}.")
@@ -77,6 +78,11 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
               help="Train K experts at once in one vmapped network, same trajectories to rounding; "
                    f"0 = auto: up to 16 on CUDA, 1 on CPU {default_text(BufferConfig, 'batch_experts')}.")
 @click.option("--bf16/--no-bf16", default=None, help=f"bf16 autocast for the experts' forward pass (changes trajectories) {default_text(BufferConfig, 'bf16')}.")
+@click.option("--on-bad-file", type=click.Choice(["stop", "skip"]), default=None,
+              help=f"A table's unreadable image file: stop, or skip it and count {default_text(BufferConfig, 'on_bad_file')}.")
+@click.option("--nifti-axis", type=click.Choice(["sagittal", "coronal", "axial", "0", "1", "2"]), default=None,
+              help="Take one slice of each 3-D NIfTI volume along this axis (recorded with the buffer).")
+@click.option("--nifti-slice", type=int, default=None, help="Index of that slice (default: the middle one).")
 @SEED
 @DEVICE
 @CONFIG
