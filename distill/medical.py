@@ -140,8 +140,8 @@ def read_dicom(path: Path, name: str) -> np.ndarray:
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     try:
         if has_voi:
+            lo, hi = _voi_range(ds, apply_voi_lut)
             values = apply_voi_lut(values, ds)
-            lo, hi = _voi_range(ds)
             image = to_uint8(values, lo, hi)
         else:
             image = to_uint8(values)
@@ -152,15 +152,14 @@ def read_dicom(path: Path, name: str) -> np.ndarray:
     return image
 
 
-def _voi_range(ds) -> tuple[float, float]:
-    """The output range of pydicom's VOI transform: the VOI LUT's entries, or the window's stored range."""
+def _voi_range(ds, apply_voi_lut) -> tuple[float, float]:
+    """The output range of pydicom's VOI transform: a VOI LUT's entry range, or what a window maps
+    the lowest and highest inputs to (pydicom picks it from the stored bits and the rescale)."""
     if "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2 ** bits - 1)
-    bits = int(ds.get("BitsStored", 16))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2 ** bits - 1)
+    ends = apply_voi_lut(np.array([-1e12, 1e12], dtype=np.float64), ds)
+    return float(np.min(ends)), float(np.max(ends))
 
 
 # ----------------------------------------------------------------------------- NIfTI
