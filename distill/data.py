@@ -20,6 +20,8 @@ import torch
 
 from .errors import DataError
 from .io import md5_file, sha256_file
+from .medical import ReadOptions
+from .tables import read_table, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ ZCA_EPS = 0.1  # the reference MTT code's ZCA regulariser (kornia ZCAWhitening e
 # How a RealData's splits came about: the source's own (npz arrays, or train/ val/ test/ folders),
 # or carved per class from a pool (train/, or a folder without split sub-folders) with a seed.
 SPLIT_OFFICIAL, SPLIT_CARVED = "official", "carved"
+WHOLE_TEST = "whole_test"  # split-record flag: a source without splits of its own, read as all test data
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def data_dir() -> Path:
 
 def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: int = 0,
               val_fraction: float = 0.1, test_fraction: float = 0.2, split: dict | None = None,
-              split_indices: dict[str, torch.Tensor] | None = None, read: dict | None = None) -> RealData:
+              split_indices: dict[str, torch.Tensor] | None = None, read: dict | None = None,
+              whole_test: bool = False) -> RealData:
     """Load real data from a MedMNIST name, a MedMNIST-layout ``.npz``, an image folder or a labels table.
 
     ``size`` resizes images (bilinear, antialiased) to ``size x size``; ``None``
@@ -162,6 +166,9 @@ def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: i
     ``read``: how DICOM/NIfTI files are read (:class:`distill.medical.ReadOptions`'s record); by
     default the one in ``split``, so that later stages read the files as the buffer did. A MedMNIST
     name with ``size`` 64, 128 or 224 reads that MedMNIST+ release (``NAME_SIZE.npz``).
+
+    ``whole_test``: a folder or table without splits of its own is all test data (train and val
+    empty, split record ``whole_test``), not carved: ``distill eval --test``'s reading.
     """
     if read is None and split is not None:
         read = split.get("read")
@@ -169,7 +176,7 @@ def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: i
         split_seed = int(split.get("seed", split_seed))
         val_fraction = float(split.get("val_fraction", val_fraction))
         test_fraction = float(split.get("test_fraction", test_fraction))
-    data = _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read)
+    data = _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read, whole_test)
     if split is not None:
         _check_recorded_split(data, split)
     return data
@@ -193,7 +200,7 @@ def describe_split(record: dict) -> str:
     return "the source's own train/val/test split"
 
 
-def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read) -> RealData:
+def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read, whole_test=False) -> RealData:
     spec_str = str(spec)
     if spec_str.lower() in MEDMNIST and not Path(spec_str).exists():
         data = _load_medmnist_name(spec_str.lower(), size)
@@ -203,21 +210,21 @@ def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices
             names = ", ".join(MEDMNIST)
             raise DataError(f"Data {spec_str!r} is neither an existing path nor a known MedMNIST name ({names}).")
         if path.is_dir():
-            data = _load_folder(path, size, split_seed, val_fraction, test_fraction, split_indices)
+            data = _load_folder(path, size, split_seed, val_fraction, test_fraction, split_indices, whole_test)
         elif path.suffix == ".npz":
             data = _load_npz(path, path.stem)
         elif path.suffix.lower() in (".csv", ".tsv"):
-            from .medical import ReadOptions
-            from .tables import load_table
-
-            data = load_table(path, size, split_seed, val_fraction, test_fraction, split_indices,
-                              ReadOptions.from_record(read))
+            data = _load_table(path, size, split_seed, val_fraction, test_fraction, split_indices,
+                              ReadOptions.from_record(read), whole_test)
         else:
-            raise DataError(f"{path.name} is not a .npz file, a .csv/.tsv labels table or a folder of class sub-folders.")
+            raise DataError(f"{path.name} is not a .npz file or a folder of class sub-folders, nor a .csv/.tsv labels table.")
     if size is not None and size != data.size:
         for s in SPLITS:
             data.split(s).images = resize_uint8(data.split(s).images, size)
-    _validate(data)
+    if data.split_record.get(WHOLE_TEST):
+        _validate_test_only(data)
+    else:
+        _validate(data)
     return data
 
 
@@ -287,7 +294,7 @@ def _npz_split(images: np.ndarray, labels: np.ndarray, split: str, fname: str) -
 
 
 def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
-                 indices: dict[str, torch.Tensor] | None = None) -> RealData:
+                 indices: dict[str, torch.Tensor] | None = None, whole_test: bool = False) -> RealData:
     from PIL import Image
 
     # A train/ folder means the user split the data; a missing val/ or test/ is carved from train/ below.
@@ -326,7 +333,7 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
         for p, _ in items:
             try:
                 with Image.open(p) as im:
-                    im = _to_8bit(im)
+                    im = to_8bit(im)
                     if size is not None and im.size != (size, size):
                         im = im.resize((size, size), Image.BILINEAR)
                     imgs.append(np.asarray(im, dtype=np.uint8))
@@ -358,10 +365,53 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
     else:
         carved = ["val", "test"]
         pool = to_split(all_imgs["all"], files["all"])
+        if whole_test:
+            return whole_test_data(root.name, classes, h.hexdigest(), pool)
     splits, record, parts = carve_splits(splits if presplit else {}, pool, carved, seed, val_fraction, test_fraction,
                                          indices, root, pool_name="train" if presplit else "all")
     return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), split_record=record,
                     split_indices=parts, **splits)
+
+
+def _load_table(table: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
+               indices, options: ReadOptions, whole_test: bool = False) -> RealData:
+    """A labels table (:mod:`distill.tables`) as a :class:`RealData`.
+
+    Without a split column every image is in one pool and val/test are carved from it; with one,
+    a missing val or test is carved from train. Either carve keeps patients whole when the table
+    has a patient column.
+    """
+    t = read_table(table, size, options)
+    as_rgb = any(a.ndim == 3 for a in t.images)
+    arr = np.stack([np.repeat(a[..., None], 3, -1) if (as_rgb and a.ndim == 2) else a for a in t.images])
+    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    images, labels = torch.from_numpy(np.ascontiguousarray(arr)), torch.from_numpy(t.labels)
+    groups = torch.from_numpy(t.groups) if t.groups is not None else None
+    if whole_test and not t.splits:
+        return whole_test_data(table.stem, t.class_names, t.sha256, Split(images, labels))
+    where = {s: np.array([x == s for x in t.splits]) for s in SPLITS} if t.splits else {"train": np.ones(len(labels), bool)}
+    given = {s: Split(images[torch.from_numpy(m)], labels[torch.from_numpy(m)]) for s, m in where.items() if m.any()}
+    given_groups = {s: groups[torch.from_numpy(m)] for s, m in where.items() if m.any()} if groups is not None else None
+    if "train" not in given:
+        raise DataError(f"{table.name} has no train rows; mark some rows train in its split column.")
+    carved = [s for s in ("val", "test") if s not in given]
+    pool_name = "train" if t.splits else "all"
+    splits, record, parts = carve_splits(given, given["train"], carved, seed, val_fraction, test_fraction, indices,
+                                         table.name, pool_name, given_groups["train"] if given_groups else None,
+                                         noun="%s rows" if t.splits else "split column (so no %s rows)")
+    split_groups = None
+    if given_groups is not None:
+        split_groups = {s: given_groups["train"][parts[s]] if parts is not None and (s == "train" or s in carved)
+                        else given_groups.get(s, torch.zeros(0, dtype=torch.int64)) for s in SPLITS}
+        if not carved:
+            record = {**record, "patient_grouped": True}
+    if options.record():
+        record = {**record, "read": options.record()}
+    for s in SPLITS:
+        if s not in splits:  # an empty split keeps the geometry, so preprocessing accepts it
+            splits[s] = Split(images[:0], labels[:0])
+    return RealData(name=table.stem, class_names=t.class_names, source_sha256=t.sha256, split_record=record,
+                    split_indices=parts, groups=split_groups, **splits)
 
 
 def carve_splits(given: dict[str, Split], pool: Split, carved: list[str], seed: int, val_fraction: float,
@@ -396,6 +446,22 @@ def carve_splits(given: dict[str, Split], pool: Split, carved: list[str], seed: 
     return {s: made[s] if s == "train" or s in carved else given[s] for s in SPLITS}, record, parts
 
 
+def whole_test_data(name: str, class_names: list[str], sha256: str, pool: Split) -> RealData:
+    """A source without splits of its own as all test data: empty train and val of the same geometry."""
+    empty = Split(pool.images[:0], pool.labels[:0])
+    return RealData(name=name, class_names=class_names, source_sha256=sha256,
+                    split_record={"method": SPLIT_OFFICIAL, WHOLE_TEST: True}, train=empty, val=empty, test=pool)
+
+
+def _validate_test_only(data: RealData) -> None:
+    if len(data.test) == 0:
+        raise DataError(f"{data.name} holds no test images.")
+    if int(data.test.labels.max()) >= data.num_classes:
+        raise DataError(f"{data.name}: a test label is {int(data.test.labels.max())} but there are {data.num_classes} classes.")
+    if data.test.images.shape[-1] != data.test.images.shape[-2]:
+        raise DataError(f"{data.name}: images must be square; pass --size to resize them.")
+
+
 def _indices_sha256(idx: torch.Tensor) -> str:
     """SHA-256 of sorted int64 positions (little-endian bytes): compares two splits without storing them."""
     arr = np.ascontiguousarray(torch.sort(idx.long()).values.numpy().astype("<i8"))
@@ -407,24 +473,6 @@ def _check_indices(parts: dict[str, torch.Tensor], n: int, root: Path) -> None:
     if len(every) != n or len(torch.unique(every)) != n or (n and (every.min() < 0 or every.max() >= n)):
         raise DataError(f"The split recorded with the experts does not fit the {n} images now under {root}; "
                         "pass the data the buffer was built from, unchanged.")
-
-
-GREY_MODES = ("L", "LA", "1")
-WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit PNGs open as one of these
-
-
-def _to_8bit(im):
-    """A PIL image as 8-bit grey ("L") or "RGB"; 16-bit grey is scaled, not clipped.
-
-    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns most
-    16-bit medical images white, so the full 0-65535 range is mapped to 0-255.
-    """
-    from PIL import Image
-
-    if im.mode in WIDE_GREY_MODES:
-        wide = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-    return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
 
 
 def stratified_indices(labels: torch.Tensor, seed: int, val_fraction: float,

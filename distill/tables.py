@@ -202,8 +202,6 @@ def read_image(path: Path, name: str, size: int | None, options: ReadOptions) ->
     """Any supported image file -> (H, W) or (H, W, 3) uint8, resized (bilinear) to ``size`` when given."""
     from PIL import Image
 
-    from .data import _to_8bit
-
     if is_dicom(path):
         arr = read_dicom(path, name)
     elif is_nifti(path):
@@ -211,7 +209,7 @@ def read_image(path: Path, name: str, size: int | None, options: ReadOptions) ->
     else:
         try:
             with Image.open(path) as im:
-                arr = np.asarray(_to_8bit(im), dtype=np.uint8)
+                arr = np.asarray(to_8bit(im), dtype=np.uint8)
         except OSError:
             raise BadFile(f"{name} cannot be read as an image (PNG, JPEG, DICOM .dcm or NIfTI .nii/.nii.gz).") from None
     if size is not None and arr.shape[:2] != (size, size):
@@ -220,44 +218,19 @@ def read_image(path: Path, name: str, size: int | None, options: ReadOptions) ->
     return arr
 
 
-def load_table(table: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
-               indices, options: ReadOptions):
-    """A labels table as :class:`distill.data.RealData`.
+GREY_MODES = ("L", "LA", "1")
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit PNGs open as one of these
 
-    Without a split column every image is in one pool and val/test are carved from it; with one,
-    a missing val or test is carved from train. Either carve keeps patients whole when the table
-    has a patient column.
+
+def to_8bit(im):
+    """A PIL image as 8-bit grey ("L") or "RGB"; 16-bit grey is scaled, not clipped.
+
+    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns most
+    16-bit medical images white, so the full 0-65535 range is mapped to 0-255.
     """
-    import torch
+    from PIL import Image
 
-    from .data import SPLITS, RealData, Split, carve_splits
-
-    t = read_table(table, size, options)
-    as_rgb = any(a.ndim == 3 for a in t.images)
-    arr = np.stack([np.repeat(a[..., None], 3, -1) if (as_rgb and a.ndim == 2) else a for a in t.images])
-    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-    images, labels = torch.from_numpy(np.ascontiguousarray(arr)), torch.from_numpy(t.labels)
-    groups = torch.from_numpy(t.groups) if t.groups is not None else None
-    where = {s: np.array([x == s for x in t.splits]) for s in SPLITS} if t.splits else {"train": np.ones(len(labels), bool)}
-    given = {s: Split(images[torch.from_numpy(m)], labels[torch.from_numpy(m)]) for s, m in where.items() if m.any()}
-    given_groups = {s: groups[torch.from_numpy(m)] for s, m in where.items() if m.any()} if groups is not None else None
-    if "train" not in given:
-        raise DataError(f"{table.name} has no train rows; mark some rows train in its split column.")
-    carved = [s for s in ("val", "test") if s not in given]
-    pool_name = "train" if t.splits else "all"
-    splits, record, parts = carve_splits(given, given["train"], carved, seed, val_fraction, test_fraction, indices,
-                                         table.name, pool_name, given_groups["train"] if given_groups else None,
-                                         noun="%s rows" if t.splits else "split column (so no %s rows)")
-    split_groups = None
-    if given_groups is not None:
-        split_groups = {s: given_groups["train"][parts[s]] if parts is not None and (s == "train" or s in carved)
-                        else given_groups.get(s, torch.zeros(0, dtype=torch.int64)) for s in SPLITS}
-        if not carved:
-            record = {**record, "patient_grouped": True}
-    if options.record():
-        record = {**record, "read": options.record()}
-    for s in SPLITS:
-        if s not in splits:  # an empty split keeps the geometry, so preprocessing accepts it
-            splits[s] = Split(images[:0], labels[:0])
-    return RealData(name=table.stem, class_names=t.class_names, source_sha256=t.sha256, split_record=record,
-                    split_indices=parts, groups=split_groups, **splits)
+    if im.mode in WIDE_GREY_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
