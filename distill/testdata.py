@@ -32,12 +32,12 @@ def align_test_classes(data: RealData, share_classes: Sequence[str]) -> tuple[Re
     theirs = [_key(c) for c in share_classes]
     if ours == [str(i) for i in range(len(ours))] or ours == theirs:
         return data, []
-    extra = [c for c, k in zip(data.class_names, ours) if k not in theirs]
+    present = set(int(c) for c in torch.unique(data.test.labels).tolist())  # an empty class folder is no class
+    extra = [data.class_names[i] for i in sorted(present) if ours[i] not in theirs]
     if extra:
         raise DataError(f"The test data {data.name} has class(es) {', '.join(map(repr, extra))} that the share lacks "
                         f"(it has {', '.join(map(repr, share_classes))}); remove those images or test another share.")
-    present = set(int(c) for c in torch.unique(data.test.labels).tolist())
-    mapping = torch.tensor([theirs.index(k) for k in ours], dtype=torch.int64)
+    mapping = torch.tensor([theirs.index(k) if k in theirs else -1 for k in ours], dtype=torch.int64)
     missing = [c for c, k in zip(share_classes, theirs) if k not in [ours[i] for i in present]]
     if missing:
         log.warning("The test data %s has no image of the share's class(es) %s; the accuracy covers only %s.",
