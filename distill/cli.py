@@ -182,13 +182,18 @@ def run(config_file, resume, **flags):
               help="Export although the privacy audit is missing or failed (recorded in the share).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the share at --out if it exists.")
 @click.option("--report", "report", is_flag=True, help="Also write the in-hospital review page beside the share (SHARE.html).")
+@click.option("--format", "fmt", type=click.Choice(["h5", "folder", "npz"]), default="h5",
+              help="h5: the share (default); folder: PNGs, labels.csv, soft_labels.npy, recipe.json; npz: MedMNIST layout.")
 @CONFIG
-def export_cmd(rundir, out, config_file, report, **flags):
-    """Write the self-describing .h5 share of a finished, audited run."""
+def export_cmd(rundir, out, config_file, report, fmt, **flags):
+    """Write the self-describing .h5 share of a finished, audited run (or its plain folder/npz form)."""
     from .export import export_share
 
     cfg = build(ExportConfig, *_layers(config_file, **flags))
-    path = export_share(rundir, out, **dataclasses.asdict(cfg))
+    path = export_share(rundir, out, **dataclasses.asdict(cfg), format=fmt)
+    if fmt != "h5":
+        click.echo(f"Share written as {fmt} to {path}")
+        return
     click.echo(f"Share written to {path}")
     page = path.with_suffix(".html")
     if report:

@@ -221,6 +221,8 @@ def test_no_dicom_tag_or_path_reaches_the_share(tmp_path, subprocess_env):
          "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--init", "noise", "--device", "cpu",
          "--eval-every", "0"],
         ["export", str(tmp_path / "run"), "--out", str(tmp_path / "share.h5"), "--force"],
+        ["export", str(tmp_path / "run"), "--out", str(tmp_path / "plain"), "--force", "--format", "folder"],
+        ["export", str(tmp_path / "run"), "--out", str(tmp_path / "plain.npz"), "--force", "--format", "npz"],
     ]
     for args in steps:
         r = subprocess.run(py + args, env=subprocess_env, capture_output=True, text=True, cwd=tmp_path)
@@ -229,6 +231,13 @@ def test_no_dicom_tag_or_path_reaches_the_share(tmp_path, subprocess_env):
     found = [s for s in secrets if s.encode() in blob]
     assert not found, found
     assert b"effusion" in blob  # the scan sees inside compressed datasets: the class names are there
+    # The plain forms too: every file of the folder, and the npz's arrays (compressed inside the zip).
+    plain = b"".join(p.read_bytes() + p.name.encode() for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    with np.load(tmp_path / "plain.npz") as z:
+        plain += b"".join(z[k].tobytes() + k.encode() for k in z.files)
+    found = [s for s in secrets if s.encode() in plain]
+    assert not found, found
+    assert b"effusion" in plain
 
 
 def _h5_contents(path: Path) -> bytes:
