@@ -26,7 +26,7 @@ from .errors import DistillError, FormatError
 from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
 from .io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
-from .models import create_model, flatten_params, param_spec
+from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
 from .seeding import generator, seeded
 from .train import TrainRecipe, accuracy, predict, train_network
@@ -214,6 +214,9 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             remove_stale_temps(out)
         # Everything is checked before anything is written: a refused command leaves the folder as it was.
         data, new_pre = prepare_data(cfg, world, out)
+        if resolve_model(cfg.model, data.size) != cfg.model:  # the files record the depth that ran
+            cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, data.size))
+            log.info("Experts are %s: the ConvNet depth for %d px images.", cfg.model, data.size)
         try:
             probe = create_model(cfg.model, data.num_classes, data.channels, data.size)
         except ValueError as e:

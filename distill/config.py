@@ -26,7 +26,7 @@ class BufferConfig:
 
     data: str = ""
     out: str = "buffers"
-    model: str = "convnet3"
+    model: str = "convnet"  # a ConvNet whose depth follows the image size: convnet3 at 28 px (models.convnet_depth_for)
     experts: int = 10
     epochs: int = 50  # reference train_epochs
     lr: float = 0.01  # reference lr_teacher

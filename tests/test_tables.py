@@ -322,3 +322,17 @@ def test_medmnist_plus_sizes(tmp_path, tiny_arrays, monkeypatch):
         load_data("pneumoniamnist", size=128)
     # Usable by path, as any MedMNIST-layout file.
     assert load_data(path).size == 64
+
+
+def test_convnet_depth_follows_the_size_unless_given(tmp_path, tiny_arrays, monkeypatch, capsys):
+    from distill.formats.trajectory import read_expert
+    from distill.models import create_model, resolve_model
+
+    assert [resolve_model("convnet", s) for s in (28, 64, 128, 224)] == ["convnet3", "convnet4", "convnet5", "convnet5"]
+    assert resolve_model("convnet3", 128) == "convnet3"  # a named depth is kept
+    assert len(create_model("convnet", 2, 1, 64, width=4).features) == 4 * 4  # 4 blocks of conv, norm, relu, pool
+    path = tmp_path / "pneumoniamnist_64.npz"
+    np.savez(path, **tiny_arrays(size=64, per_class={"train": 4, "val": 2, "test": 2}))
+    code, out, err = run_main(_buffer(path, tmp_path / "buf", "--batch-size", "8"), monkeypatch, capsys)
+    assert code == 0, err
+    assert read_expert(next((tmp_path / "buf").glob("expert_*.h5"))).attrs["model"] == "convnet4"
