@@ -97,7 +97,8 @@ def buffer(config_file, **flags):
 
 @cli.command("eval")
 @click.argument("shares", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--test", default=None, help="Real data whose test split is scored (MedMNIST name, .npz or folder); default: --train.")
+@click.option("--test", default=None, help="Real data whose test split is scored (MedMNIST name, .npz, folder or .csv; a folder "
+                                           "or table without splits is all test data); default: --train.")
 @click.option("--train", default=None, help="Real data whose train split feeds the baselines; default: --test.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random-real", "full", "none"]),
               help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full.")
