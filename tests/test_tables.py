@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 import logging
 from pathlib import Path
 
@@ -336,3 +337,14 @@ def test_convnet_depth_follows_the_size_unless_given(tmp_path, tiny_arrays, monk
     code, out, err = run_main(_buffer(path, tmp_path / "buf", "--batch-size", "8"), monkeypatch, capsys)
     assert code == 0, err
     assert read_expert(next((tmp_path / "buf").glob("expert_*.h5"))).attrs["model"] == "convnet4"
+
+
+def test_without_the_medical_extra_one_sentence_says_how_to_install(tmp_path, monkeypatch, capsys):
+    rows = []
+    for i in range(4):
+        _dicom_copy(tmp_path / f"im{i}.dcm", "A^B", "1", "20200101")
+        rows.append([f"im{i}.dcm", str(i % 2)])
+    table = _write_table(tmp_path, rows, header=("path", "label"), name="t.csv")
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
+    code, _, err = run_main(_buffer(table, tmp_path / "o"), monkeypatch, capsys)
+    assert_one_sentence(code, err, "pip install 'distill[medical]'")
