@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import DistillError, FormatError
 from .formats.audit import AUDIT_FILE, read_audit
+from .formats.plain import write_plain
 from .formats.share import write_share
 from .formats.share_schema import Attr
 from .formats.synset import read_synset
@@ -70,8 +71,6 @@ def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: 
     if not rundir.is_dir():
         raise DistillError(f"Run folder {rundir} does not exist.")
     if format != "h5":
-        from .formats.plain import write_plain
-
         if format == "npz" and out.exists() and not overwrite:
             raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
         share = share_from_synset(read_synset(rundir), _privacy(rundir, force), license=license,
