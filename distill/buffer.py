@@ -20,12 +20,13 @@ from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
 from .config import BufferConfig, check_ranges, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
+from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
 from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
 from .io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
-from .models import create_model, flatten_params, param_spec
+from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
 from .seeding import generator, seeded
 from .train import TrainRecipe, accuracy, predict, train_network
@@ -64,7 +65,8 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
 
     Returns (data, the fitted preprocessing to write once every check has passed, or None).
     """
-    data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed)
+    read = ReadOptions(cfg.on_bad_file, cfg.nifti_axis, cfg.nifti_slice).record()
+    data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed, read=read)
     if not (out / PREPROCESSING_FILE).exists():
         return data, fit_preprocessing(data.train.images, zca=cfg.zca) if world.main else None
     pre, fingerprint, _ = read_buffer_preprocessing(out)
@@ -212,6 +214,9 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             remove_stale_temps(out)
         # Everything is checked before anything is written: a refused command leaves the folder as it was.
         data, new_pre = prepare_data(cfg, world, out)
+        if resolve_model(cfg.model, data.size) != cfg.model:  # the files record the depth that ran
+            cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, data.size))
+            log.info("Experts are %s: the ConvNet depth for %d px images.", cfg.model, data.size)
         try:
             probe = create_model(cfg.model, data.num_classes, data.channels, data.size)
         except ValueError as e:

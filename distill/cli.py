@@ -60,7 +60,8 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 
 
 @cli.command()
-@click.option("--data", required=True, help="MedMNIST name (e.g. pneumoniamnist), a MedMNIST-layout .npz, or a folder with one sub-folder per class.")
+@click.option("--data", required=True, help="MedMNIST name (e.g. pneumoniamnist), a MedMNIST-layout .npz, a folder with one "
+                                            "sub-folder per class, or a labels table .csv/.tsv (docs/your-data.md).")
 @click.option("--out", default=None, help=f"Output folder for the trajectories {default_text(BufferConfig, 'out')}.")
 @click.option("--model", default=None, help=f"Registered model name {default_text(BufferConfig, 'model')}.")
 @click.option("--experts", type=int, default=None, help=f"Number of experts {default_text(BufferConfig, 'experts')}.")
@@ -77,6 +78,11 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
               help="Train K experts at once in one vmapped network, same trajectories to rounding; "
                    f"0 = auto: up to 16 on CUDA, 1 on CPU {default_text(BufferConfig, 'batch_experts')}.")
 @click.option("--bf16/--no-bf16", default=None, help=f"bf16 autocast for the experts' forward pass (changes trajectories) {default_text(BufferConfig, 'bf16')}.")
+@click.option("--on-bad-file", type=click.Choice(["stop", "skip"]), default=None,
+              help=f"A table's unreadable image file: stop, or skip it and count {default_text(BufferConfig, 'on_bad_file')}.")
+@click.option("--nifti-axis", type=click.Choice(["sagittal", "coronal", "axial", "0", "1", "2"]), default=None,
+              help="Take one slice of each 3-D NIfTI volume along this axis (recorded with the buffer).")
+@click.option("--nifti-slice", type=int, default=None, help="Index of that slice (default: the middle one).")
 @SEED
 @DEVICE
 @CONFIG
@@ -91,7 +97,8 @@ def buffer(config_file, **flags):
 
 @cli.command("eval")
 @click.argument("shares", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--test", default=None, help="Real data whose test split is scored (MedMNIST name, .npz or folder); default: --train.")
+@click.option("--test", default=None, help="Real data whose test split is scored (MedMNIST name, .npz, folder or .csv; a folder "
+                                           "or table without splits is all test data); default: --train.")
 @click.option("--train", default=None, help="Real data whose train split feeds the baselines; default: --test.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random-real", "full", "none"]),
               help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full.")
@@ -176,13 +183,18 @@ def run(config_file, resume, **flags):
               help="Export although the privacy audit is missing or failed (recorded in the share).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the share at --out if it exists.")
 @click.option("--report", "report", is_flag=True, help="Also write the in-hospital review page beside the share (SHARE.html).")
+@click.option("--format", "fmt", type=click.Choice(["h5", "folder", "npz"]), default="h5",
+              help="h5: the share (default); folder: PNGs, labels.csv, soft_labels.npy, recipe.json; npz: MedMNIST layout.")
 @CONFIG
-def export_cmd(rundir, out, config_file, report, **flags):
-    """Write the self-describing .h5 share of a finished, audited run."""
+def export_cmd(rundir, out, config_file, report, fmt, **flags):
+    """Write the self-describing .h5 share of a finished, audited run (or its plain folder/npz form)."""
     from .export import export_share
 
     cfg = build(ExportConfig, *_layers(config_file, **flags))
-    path = export_share(rundir, out, **dataclasses.asdict(cfg))
+    path = export_share(rundir, out, **dataclasses.asdict(cfg), format=fmt)
+    if fmt != "h5":
+        click.echo(f"Share written as {fmt} to {path}")
+        return
     click.echo(f"Share written to {path}")
     page = path.with_suffix(".html")
     if report:

@@ -26,7 +26,7 @@ class BufferConfig:
 
     data: str = ""
     out: str = "buffers"
-    model: str = "convnet3"
+    model: str = "convnet"  # a ConvNet whose depth follows the image size: convnet3 at 28 px (models.convnet_depth_for)
     experts: int = 10
     epochs: int = 50  # reference train_epochs
     lr: float = 0.01  # reference lr_teacher
@@ -47,6 +47,10 @@ class BufferConfig:
     bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
     seed: int = 0
     device: str = "auto"
+    # How DICOM/NIfTI files of a labels table are read (distill/medical.py); recorded in the buffer's split record.
+    on_bad_file: str = "stop"  # or "skip" unreadable files, with a count
+    nifti_axis: str | None = None  # slice 3-D NIfTI volumes along sagittal|coronal|axial
+    nifti_slice: int | None = None  # that slice's index; None = the middle one
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import torch
 
 from .errors import DataError
 from .io import md5_file, sha256_file
+from .medical import ReadOptions
+from .tables import read_table, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ ZCA_EPS = 0.1  # the reference MTT code's ZCA regulariser (kornia ZCAWhitening e
 # How a RealData's splits came about: the source's own (npz arrays, or train/ val/ test/ folders),
 # or carved per class from a pool (train/, or a folder without split sub-folders) with a seed.
 SPLIT_OFFICIAL, SPLIT_CARVED = "official", "carved"
+WHOLE_TEST = "whole_test"  # split-record flag: a source without splits of its own, read as all test data
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,21 @@ MEDMNIST: dict[str, MedMNISTInfo] = {
     "retinamnist": MedMNISTInfo(
         "retinamnist.npz", "bd4c0672f1bba3e3a89f0e4e876791e4", ("grade 0", "grade 1", "grade 2", "grade 3", "grade 4")
     ),
+}
+
+# MedMNIST+ (medmnist 3.x, Zenodo record 10519652): the same datasets at 64, 128 and 224 px, each file
+# with its own MD5, as listed in medmnist/info.py ("MD5_64", "MD5_128", "MD5_224").
+MEDMNIST_PLUS_SIZES = (64, 128, 224)
+MEDMNIST_PLUS_MD5: dict[str, str] = {
+    "pneumoniamnist_64.npz": "8f4eceb4ccffa70c672198ea285246c6",
+    "pneumoniamnist_128.npz": "05b46931834c231683c68f40c47b2971",
+    "pneumoniamnist_224.npz": "d6a3c71de1b945ea11211b03746c1fe1",
+    "breastmnist_64.npz": "742edef2a1fd1524b2efff4bd7ba9364",
+    "breastmnist_128.npz": "363e4b3f8d712e9b5de15470a2aaadf1",
+    "breastmnist_224.npz": "b56378a6eefa9fed602bb16d192d4c8b",
+    "retinamnist_64.npz": "afda852cc34dcda56f86ad2b2457dbcc",
+    "retinamnist_128.npz": "e48e916a24454daf90583d4e6efb1a18",
+    "retinamnist_224.npz": "eae7e3b6f3fcbda4ae613ebdcbe35348",
 }
 
 
@@ -71,6 +89,8 @@ class RealData:
     split_record: dict = field(default_factory=lambda: {"method": SPLIT_OFFICIAL})
     # For a carved split: split -> (n,) int64 positions in the pool it was carved from; None otherwise.
     split_indices: dict[str, torch.Tensor] | None = None
+    # Split -> (n,) int64 anonymous patient numbers, when the source names patients (a table's patient column).
+    groups: dict[str, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -130,8 +150,9 @@ def data_dir() -> Path:
 
 def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: int = 0,
               val_fraction: float = 0.1, test_fraction: float = 0.2, split: dict | None = None,
-              split_indices: dict[str, torch.Tensor] | None = None) -> RealData:
-    """Load real data from a MedMNIST name, a MedMNIST-layout ``.npz`` or an image folder.
+              split_indices: dict[str, torch.Tensor] | None = None, read: dict | None = None,
+              whole_test: bool = False) -> RealData:
+    """Load real data from a MedMNIST name, a MedMNIST-layout ``.npz``, an image folder or a labels table.
 
     ``size`` resizes images (bilinear, antialiased) to ``size x size``; ``None``
     keeps the source size (folders need it unless all images share one size).
@@ -141,12 +162,21 @@ def load_data(spec: str | os.PathLike, *, size: int | None = None, split_seed: i
     ``split``: a recorded :attr:`RealData.split_record` (from a buffer, a run): its seed and
     fractions replace the arguments, ``split_indices`` (the buffer's exact positions) replace
     the carve, and a result whose members differ from the record's is refused.
+
+    ``read``: how DICOM/NIfTI files are read (:class:`distill.medical.ReadOptions`'s record); by
+    default the one in ``split``, so that later stages read the files as the buffer did. A MedMNIST
+    name with ``size`` 64, 128 or 224 reads that MedMNIST+ release (``NAME_SIZE.npz``).
+
+    ``whole_test``: a folder or table without splits of its own is all test data (train and val
+    empty, split record ``whole_test``), not carved: ``distill eval --test``'s reading.
     """
+    if read is None and split is not None:
+        read = split.get("read")
     if split is not None and split.get("method") == SPLIT_CARVED:
         split_seed = int(split.get("seed", split_seed))
         val_fraction = float(split.get("val_fraction", val_fraction))
         test_fraction = float(split.get("test_fraction", test_fraction))
-    data = _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices)
+    data = _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read, whole_test)
     if split is not None:
         _check_recorded_split(data, split)
     return data
@@ -165,42 +195,55 @@ def describe_split(record: dict) -> str:
     """One phrase saying how a split came about, e.g. 'val and test carved from train/ with seed 1'."""
     if record.get("method") == SPLIT_CARVED:
         pool = "train/" if record.get("pool") == "train" else "the whole folder"
-        return f"{' and '.join(record.get('carved', []))} carved from {pool} with seed {record.get('seed')}"
+        grouped = ", patient-grouped" if record.get("patient_grouped") else ""
+        return f"{' and '.join(record.get('carved', []))} carved from {pool} with seed {record.get('seed')}{grouped}"
     return "the source's own train/val/test split"
 
 
-def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices) -> RealData:
+def _load_any(spec, size, split_seed, val_fraction, test_fraction, split_indices, read, whole_test=False) -> RealData:
     spec_str = str(spec)
     if spec_str.lower() in MEDMNIST and not Path(spec_str).exists():
-        data = _load_medmnist_name(spec_str.lower())
+        data = _load_medmnist_name(spec_str.lower(), size)
     else:
         path = Path(spec_str)
         if not path.exists():
             names = ", ".join(MEDMNIST)
             raise DataError(f"Data {spec_str!r} is neither an existing path nor a known MedMNIST name ({names}).")
         if path.is_dir():
-            data = _load_folder(path, size, split_seed, val_fraction, test_fraction, split_indices)
+            data = _load_folder(path, size, split_seed, val_fraction, test_fraction, split_indices, whole_test)
         elif path.suffix == ".npz":
             data = _load_npz(path, path.stem)
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            data = _load_table(path, size, split_seed, val_fraction, test_fraction, split_indices,
+                              ReadOptions.from_record(read), whole_test)
         else:
-            raise DataError(f"{path.name} is not a .npz file or a folder of class sub-folders.")
+            raise DataError(f"{path.name} is not a .npz file or a folder of class sub-folders, nor a .csv/.tsv labels table.")
     if size is not None and size != data.size:
         for s in SPLITS:
             data.split(s).images = resize_uint8(data.split(s).images, size)
-    _validate(data)
+    if data.split_record.get(WHOLE_TEST):
+        _validate_test_only(data)
+    else:
+        _validate(data)
     return data
 
 
-def _load_medmnist_name(name: str) -> RealData:
+def _load_medmnist_name(name: str, size: int | None = None) -> RealData:
     info = MEDMNIST[name]
-    path = data_dir() / info.file
+    file, expected = info.file, info.md5
+    if size in MEDMNIST_PLUS_SIZES:
+        file = f"{name}_{size}.npz"
+        expected = MEDMNIST_PLUS_MD5.get(file)
+        if expected is None:  # a release we cannot verify is not read by name; its path still works
+            raise DataError(f"No checksum is known for MedMNIST+ {file}; pass its path as --data to use it unverified.")
+    path = data_dir() / file
     if not path.exists():
         raise DataError(
-            f"MedMNIST {name!r} was not found at {path}; set DISTILL_DATA to the folder holding {info.file}."
+            f"MedMNIST {name!r} was not found at {path}; set DISTILL_DATA to the folder holding {file}."
         )
     md5 = md5_file(path)
-    if md5 != info.md5:
-        raise DataError(f"{path} does not match the official {name} release (MD5 {md5}, expected {info.md5}).")
+    if md5 != expected:
+        raise DataError(f"{path} does not match the official {name} release (MD5 {md5}, expected {expected}).")
     data = _load_npz(path, name)
     data.class_names = list(info.classes)
     return data
@@ -251,7 +294,7 @@ def _npz_split(images: np.ndarray, labels: np.ndarray, split: str, fname: str) -
 
 
 def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
-                 indices: dict[str, torch.Tensor] | None = None) -> RealData:
+                 indices: dict[str, torch.Tensor] | None = None, whole_test: bool = False) -> RealData:
     from PIL import Image
 
     # A train/ folder means the user split the data; a missing val/ or test/ is carved from train/ below.
@@ -290,7 +333,7 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
         for p, _ in items:
             try:
                 with Image.open(p) as im:
-                    im = _to_8bit(im)
+                    im = to_8bit(im)
                     if size is not None and im.size != (size, size):
                         im = im.resize((size, size), Image.BILINEAR)
                     imgs.append(np.asarray(im, dtype=np.uint8))
@@ -322,23 +365,101 @@ def _load_folder(root: Path, size: int | None, seed: int, val_fraction: float, t
     else:
         carved = ["val", "test"]
         pool = to_split(all_imgs["all"], files["all"])
-    record: dict = {"method": SPLIT_OFFICIAL}
-    parts = None
-    if carved:
-        fractions = {"val": val_fraction if "val" in carved else 0.0, "test": test_fraction if "test" in carved else 0.0}
-        parts = indices or stratified_indices(pool.labels, seed, fractions["val"], fractions["test"])
-        _check_indices(parts, len(pool), root)
-        record = {"method": SPLIT_CARVED, "pool": "train" if presplit else "all", "carved": carved, "seed": seed,
-                  "val_fraction": fractions["val"], "test_fraction": fractions["test"],
-                  "members_sha256": {s: _indices_sha256(parts[s]) for s in SPLITS}}
-        # It changes the per-class counts the user sees, so it is said at WARNING level.
-        sizes = ", ".join(f"{s} {len(parts[s])}" for s in ("train", *carved))
-        log.warning("%s has no %s folder; carved %s from %s with seed %d (%s images).", root, " or ".join(carved),
-                    " and ".join(carved), "train/" if presplit else "the folder", seed, sizes)
-        made = {s: Split(pool.images[parts[s]], pool.labels[parts[s]]) for s in SPLITS}
-        splits = {s: made[s] if s == "train" or s in carved else splits[s] for s in SPLITS}
+        if whole_test:
+            return whole_test_data(root.name, classes, h.hexdigest(), pool)
+    splits, record, parts = carve_splits(splits if presplit else {}, pool, carved, seed, val_fraction, test_fraction,
+                                         indices, root, pool_name="train" if presplit else "all")
     return RealData(name=root.name, class_names=classes, source_sha256=h.hexdigest(), split_record=record,
                     split_indices=parts, **splits)
+
+
+def _load_table(table: Path, size: int | None, seed: int, val_fraction: float, test_fraction: float,
+               indices, options: ReadOptions, whole_test: bool = False) -> RealData:
+    """A labels table (:mod:`distill.tables`) as a :class:`RealData`.
+
+    Without a split column every image is in one pool and val/test are carved from it; with one,
+    a missing val or test is carved from train. Either carve keeps patients whole when the table
+    has a patient column.
+    """
+    t = read_table(table, size, options)
+    as_rgb = any(a.ndim == 3 for a in t.images)
+    arr = np.stack([np.repeat(a[..., None], 3, -1) if (as_rgb and a.ndim == 2) else a for a in t.images])
+    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    images, labels = torch.from_numpy(np.ascontiguousarray(arr)), torch.from_numpy(t.labels)
+    groups = torch.from_numpy(t.groups) if t.groups is not None else None
+    if whole_test and not t.splits:
+        return whole_test_data(table.stem, t.class_names, t.sha256, Split(images, labels))
+    where = {s: np.array([x == s for x in t.splits]) for s in SPLITS} if t.splits else {"train": np.ones(len(labels), bool)}
+    given = {s: Split(images[torch.from_numpy(m)], labels[torch.from_numpy(m)]) for s, m in where.items() if m.any()}
+    given_groups = {s: groups[torch.from_numpy(m)] for s, m in where.items() if m.any()} if groups is not None else None
+    if "train" not in given:
+        raise DataError(f"{table.name} has no train rows; mark some rows train in its split column.")
+    carved = [s for s in ("val", "test") if s not in given]
+    pool_name = "train" if t.splits else "all"
+    splits, record, parts = carve_splits(given, given["train"], carved, seed, val_fraction, test_fraction, indices,
+                                         table.name, pool_name, given_groups["train"] if given_groups else None,
+                                         noun="%s rows" if t.splits else "split column (so no %s rows)")
+    split_groups = None
+    if given_groups is not None:
+        split_groups = {s: given_groups["train"][parts[s]] if parts is not None and (s == "train" or s in carved)
+                        else given_groups.get(s, torch.zeros(0, dtype=torch.int64)) for s in SPLITS}
+        if not carved:
+            record = {**record, "patient_grouped": True}
+    if options.record():
+        record = {**record, "read": options.record()}
+    for s in SPLITS:
+        if s not in splits:  # an empty split keeps the geometry, so preprocessing accepts it
+            splits[s] = Split(images[:0], labels[:0])
+    return RealData(name=table.stem, class_names=t.class_names, source_sha256=t.sha256, split_record=record,
+                    split_indices=parts, groups=split_groups, **splits)
+
+
+def carve_splits(given: dict[str, Split], pool: Split, carved: list[str], seed: int, val_fraction: float,
+                 test_fraction: float, indices: dict[str, torch.Tensor] | None, where, pool_name: str,
+                 groups: torch.Tensor | None = None, noun: str = "%s folder") -> tuple[dict[str, Split], dict, dict | None]:
+    """Carve the ``carved`` splits from ``pool``; returns (all three splits, the split record, positions or None).
+
+    ``groups``: (len(pool),) int64 patient numbers; every patient's images then land in one part.
+    """
+    if not carved:
+        return given, {"method": SPLIT_OFFICIAL}, None
+    fractions = {"val": val_fraction if "val" in carved else 0.0, "test": test_fraction if "test" in carved else 0.0}
+    if indices is not None:
+        parts = indices
+    elif groups is not None:
+        parts = grouped_indices(pool.labels, groups, seed, fractions["val"], fractions["test"])
+    else:
+        parts = stratified_indices(pool.labels, seed, fractions["val"], fractions["test"])
+    _check_indices(parts, len(pool), where)
+    record = {"method": SPLIT_CARVED, "pool": pool_name, "carved": carved, "seed": seed,
+              "val_fraction": fractions["val"], "test_fraction": fractions["test"],
+              "members_sha256": {s: _indices_sha256(parts[s]) for s in SPLITS}}
+    if groups is not None:
+        record["patient_grouped"] = True
+    # It changes the per-class counts the user sees, so it is said at WARNING level.
+    sizes = ", ".join(f"{s} {len(parts[s])}" for s in ("train", *carved))
+    how = (f", patient-grouped: each of {len(torch.unique(groups))} patients on one side" if groups is not None
+           else "")
+    log.warning("%s has no %s; carved %s from %s with seed %d (%s images%s).", where, noun % " or ".join(carved),
+                " and ".join(carved), "train/" if pool_name == "train" else "all its images", seed, sizes, how)
+    made = {s: Split(pool.images[parts[s]], pool.labels[parts[s]]) for s in SPLITS}
+    return {s: made[s] if s == "train" or s in carved else given[s] for s in SPLITS}, record, parts
+
+
+def whole_test_data(name: str, class_names: list[str], sha256: str, pool: Split) -> RealData:
+    """A source without splits of its own as all test data: empty train and val of the same geometry."""
+    empty = Split(pool.images[:0], pool.labels[:0])
+    return RealData(name=name, class_names=class_names, source_sha256=sha256,
+                    split_record={"method": SPLIT_OFFICIAL, WHOLE_TEST: True}, train=empty, val=empty, test=pool)
+
+
+def _validate_test_only(data: RealData) -> None:
+    if len(data.test) == 0:
+        raise DataError(f"{data.name} holds no test images.")
+    if int(data.test.labels.max()) >= data.num_classes:
+        raise DataError(f"{data.name}: a test label is {int(data.test.labels.max())} but there are {data.num_classes} classes.")
+    if data.test.images.shape[-1] != data.test.images.shape[-2]:
+        raise DataError(f"{data.name}: images must be square; pass --size to resize them.")
 
 
 def _indices_sha256(idx: torch.Tensor) -> str:
@@ -352,24 +473,6 @@ def _check_indices(parts: dict[str, torch.Tensor], n: int, root: Path) -> None:
     if len(every) != n or len(torch.unique(every)) != n or (n and (every.min() < 0 or every.max() >= n)):
         raise DataError(f"The split recorded with the experts does not fit the {n} images now under {root}; "
                         "pass the data the buffer was built from, unchanged.")
-
-
-GREY_MODES = ("L", "LA", "1")
-WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit PNGs open as one of these
-
-
-def _to_8bit(im):
-    """A PIL image as 8-bit grey ("L") or "RGB"; 16-bit grey is scaled, not clipped.
-
-    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns most
-    16-bit medical images white, so the full 0-65535 range is mapped to 0-255.
-    """
-    from PIL import Image
-
-    if im.mode in WIDE_GREY_MODES:
-        wide = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-    return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
 
 
 def stratified_indices(labels: torch.Tensor, seed: int, val_fraction: float,
@@ -389,6 +492,35 @@ def stratified_indices(labels: torch.Tensor, seed: int, val_fraction: float,
         parts["train"].append(idx[n_test + n_val:])
     empty = torch.zeros(0, dtype=torch.int64)
     return {s: torch.sort(torch.cat(parts[s] or [empty])).values for s in SPLITS}
+
+
+def grouped_indices(labels: torch.Tensor, groups: torch.Tensor, seed: int, val_fraction: float,
+                    test_fraction: float) -> dict[str, torch.Tensor]:
+    """As :func:`stratified_indices`, but whole patients move: no group has images in two parts.
+
+    ``groups``: (N,) int64 patient numbers. Patients are stratified by their most frequent label,
+    shuffled with ``seed``, and taken into test, then val, until each holds its fraction of that
+    stratum's images (rounded), so class balance is kept as far as whole patients allow.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    counts = torch.zeros(len(ids), int(labels.max()) + 1 if len(labels) else 1, dtype=torch.int64)
+    counts.index_put_((inverse, labels), torch.ones_like(labels), accumulate=True)
+    majority, sizes = counts.argmax(1), counts.sum(1)
+    side = torch.zeros(len(ids), dtype=torch.int64)  # 0 train, 1 val, 2 test
+    for c in torch.unique(majority).tolist():
+        members = torch.nonzero(majority == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        total = int(sizes[members].sum())
+        want = {2: int(round(total * test_fraction)), 1: int(round(total * val_fraction))}
+        taken = {2: 0, 1: 0}
+        for p in members.tolist():
+            for part in (2, 1):
+                if taken[part] < want[part]:
+                    side[p], taken[part] = part, taken[part] + int(sizes[p])
+                    break
+    where = side[inverse]
+    return {s: torch.nonzero(where == k).flatten() for k, s in ((0, "train"), (1, "val"), (2, "test"))}
 
 
 def stratified_split(data: Split, seed: int, val_fraction: float, test_fraction: float) -> tuple[Split, Split, Split]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from .checks import check_model_builds
 from .config import FULL_EPOCHS, LABEL_PRIORS, SHARE_WEIGHTS, BufferConfig, EvalConfig, check_ranges
-from .data import (SPLIT_CARVED, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
+from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
                    fit_preprocessing, load_data)
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
@@ -34,6 +34,7 @@ from .models import create_model, list_models
 from .progress import progress
 from .seeding import derive_seed, generator, seeded
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, TrainRecipe, predict, train_network
+from .testdata import align_test_classes, baselines_for_whole_test
 
 log = logging.getLogger(__name__)
 
@@ -565,11 +566,16 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     # split with load_data's fixed split seed, not --seed: every seed must score the same test images.
     size = cfg.size or (union.preprocessing.size if union else None)
     test_spec, train_spec = cfg.test or cfg.train, cfg.train or cfg.test
-    test_data = load_data(test_spec, size=size)
+    test_data = load_data(test_spec, size=size, whole_test=True)  # a folder/table without splits is all test
     carve = _source_split(shares, test_data)
     if carve is not None:
         test_data = load_data(test_spec, size=size, split=carve)
     train_data = test_data if train_spec == test_spec else load_data(train_spec, size=size)
+    missing_classes: list[str] = []
+    if test_data.split_record.get(WHOLE_TEST):
+        baselines = baselines_for_whole_test(cfg.baselines, baselines, train_data is not test_data, test_data.name)
+        if union is not None:
+            test_data, missing_classes = align_test_classes(test_data, union.class_names)
     if len(test_data.test) == 0:
         raise DataError(f"{test_data.name} has an empty test split; there is nothing to score.")
     setup = _setup(cfg, union, train_data, test_data, baselines)
@@ -601,7 +607,8 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
         "preprocessing": {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
                           "channels": setup.pre.channels},
         "test": {"data": test_spec, "name": test_data.name, "split": "test", "images": len(y_test),
-                 "class_names": setup.class_names, "class_counts": class_counts(y_test, k)},
+                 "class_names": setup.class_names, "class_counts": class_counts(y_test, k),
+                 "missing_classes": missing_classes},
         "results": results,
     })
     if cfg.json:
@@ -623,6 +630,8 @@ def format_report(report: dict) -> str:
     t = report["test"]
     lines = [f"Test: {t['name']} {t['split']} split, {t['images']} images; model {report['model']}; "
              f"{report['runs']} run(s) per row, seed {report['seed']}; mean ± std (n-1)."]
+    if t.get("missing_classes"):  # whole test data without some of the share's classes
+        lines.append(f"The accuracy covers only the classes with test images; none of {', '.join(t['missing_classes'])}.")
     rows = [("trained on", "images", "epochs", "lr", "accuracy %", "AUC")]
     for r in report["results"]:
         rows.append((r["name"], str(r["trained_on"]["images"]), str(r["recipe"]["epochs"]), f"{r['recipe']['lr']:.3g}",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import DistillError, FormatError
 from .formats.audit import AUDIT_FILE, read_audit
+from .formats.plain import write_plain
 from .formats.share import write_share
 from .formats.share_schema import Attr
 from .formats.synset import read_synset
@@ -57,16 +58,24 @@ def _privacy(rundir: Path, force: bool) -> dict:
 
 
 def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: str = "CC-BY-4.0",
-                 description: str = "", citation: str = "", force: bool = False, overwrite: bool = False) -> Path:
+                 description: str = "", citation: str = "", force: bool = False, overwrite: bool = False,
+                 format: str = "h5") -> Path:
     """Write the share of the run in ``rundir`` to ``out`` (atomically); returns ``out``.
 
     Refuses unless ``rundir/audit.json`` records a passed audit, or ``force`` is set,
     in which case the share records the override. Refuses an existing ``out`` unless
     ``overwrite``; one export at a time writes ``out`` (a lock file beside it).
+    ``format``: h5 (the share), or its plain forms folder / npz (:mod:`distill.formats.plain`).
     """
     rundir, out = Path(rundir), Path(out)
     if not rundir.is_dir():
         raise DistillError(f"Run folder {rundir} does not exist.")
+    if format != "h5":
+        if format == "npz" and out.exists() and not overwrite:
+            raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
+        share = share_from_synset(read_synset(rundir), _privacy(rundir, force), license=license,
+                                  description=description, citation=citation)
+        return write_plain(share, out, format)
     if out.is_dir():
         raise DistillError(f"{out} is a folder; give the share's file name, e.g. {out / 'share.h5'}.")
     if out.exists() and not overwrite:

@@ -79,8 +79,20 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+def convnet_depth_for(size: int) -> int:
+    """The ConvNet depth for ``size`` px images: 3 below 64 (28 px, the MTT reference), 4 below 128,
+    5 from 128 on (Li et al.'s chest X-rays at 128 px use depth 5); 224 px keeps 5."""
+    return 3 if size < 64 else 4 if size < 128 else 5
+
+
+def resolve_model(name: str, size: int) -> str:
+    """``convnet`` (depth by image size) -> ``convnetD``; any other name unchanged."""
+    return f"convnet{convnet_depth_for(size)}" if name == "convnet" else name
+
+
 @register_model("convnet")
 def convnet(num_classes, channels, size, **kw):
+    kw.setdefault("depth", convnet_depth_for(size))
     return ConvNet(num_classes, channels, size, **kw)
 
 

@@ -41,7 +41,7 @@ EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per
 EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")
 SOFTWARE_KEYS = ("distill", "python", "torch", "numpy", "h5py", "kornia", "torchvision", "scipy", "cuda", "cudnn")
 # The split's description, not its members: hashes of the members would link shares of one buffer.
-SPLIT_KEYS = ("method", "pool", "seed", "carved", "val_fraction", "test_fraction")
+SPLIT_KEYS = ("method", "pool", "seed", "carved", "val_fraction", "test_fraction", "patient_grouped", "read")
 SALT_BYTES = 16  # 128 bits: no two shares ever share a salt, so their hashes cannot be matched up
 
 _MAX_TEXT = 200  # a provenance value longer than this is not a setting

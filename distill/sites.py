@@ -51,14 +51,24 @@ def parse_alpha(alpha: str | float) -> float | None:
 
 
 def split_indices(labels: torch.Tensor, sites: int, alpha: float | None, seed: int,
-                  min_per_class: int = 0, class_names: Sequence[str] | None = None) -> list[torch.Tensor]:
+                  min_per_class: int = 0, class_names: Sequence[str] | None = None,
+                  groups: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Disjoint index sets, one per site, that together cover ``labels`` exactly once; sorted int64 each.
 
     Class by class, the class's images are shuffled, ``min_per_class`` go to every site, and the rest
     are cut in proportions drawn from Dirichlet(alpha, ..., alpha) over the sites (``alpha=None``:
     equal proportions, the IID split). Small alpha gives each class to few sites, as in FedISCA's
     ``dirichlet_N_alpha`` splits. All draws come from one numpy generator seeded with ``seed``.
+
+    ``groups``: (N,) int64 patient numbers. Then whole patients are dealt out (each counted under
+    their most frequent label, ``min_per_class`` counting patients), so no patient is at two sites.
     """
+    if groups is not None:
+        ids, inverse = torch.unique(groups, return_inverse=True)
+        counts = torch.zeros(len(ids), int(labels.max()) + 1, dtype=torch.int64)
+        counts.index_put_((inverse, labels.long()), torch.ones_like(labels.long()), accumulate=True)
+        per_patient = split_indices(counts.argmax(1), sites, alpha, seed, min_per_class, class_names)
+        return [torch.nonzero(torch.isin(inverse, p)).flatten() for p in per_patient]
     if sites < 2:
         raise DistillError(f"--sites must be at least 2; got {sites}.")
     if min_per_class < 0:
@@ -151,7 +161,8 @@ def split_dataset(cfg: SplitConfig, scarce_below: int = RunConfig.ipc) -> SplitR
 
 
 def _write_split(cfg: SplitConfig, data, alpha, out: Path, scarce_below: int) -> SplitResult:
-    parts = split_indices(data.train.labels, cfg.sites, alpha, cfg.seed, cfg.min_per_class, data.class_names)
+    groups = data.groups["train"] if data.groups else None
+    parts = split_indices(data.train.labels, cfg.sites, alpha, cfg.seed, cfg.min_per_class, data.class_names, groups)
     k, names = data.num_classes, list(data.class_names)
     summaries, records = [], []
     for i, idx in enumerate(parts):
@@ -170,7 +181,7 @@ def _write_split(cfg: SplitConfig, data, alpha, out: Path, scarce_below: int) ->
         "source": {"data": cfg.data, "name": data.name, "sha256": data.source_sha256, "class_names": names,
                    "class_counts": {s: class_counts(data.split(s).labels, k) for s in SPLITS}},
         "sites": cfg.sites, "alpha": IID if alpha is None else alpha, "min_per_class": cfg.min_per_class,
-        "seed": cfg.seed, "scarce_below": scarce_below,
+        "seed": cfg.seed, "scarce_below": scarce_below, "patient_grouped": groups is not None,
         "val": "the source's val split, the same at every site", "test": "the source's test split, the same at every site",
         "site_files": records,
     }

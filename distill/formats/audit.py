@@ -117,7 +117,8 @@ def _table(s: dict) -> list[str]:
 
 def _split_words(split: dict) -> str:
     how = f"carved with seed {split.get('seed')}" if split.get("method") == "carved" else "as the source splits"
-    return how + (", as the experts had it" if split.get("recorded") else ", assumed")
+    grouped = ", patient-grouped (no patient on both sides)" if split.get("patient_grouped") else ""
+    return how + grouped + (", as the experts had it" if split.get("recorded") else ", assumed")
 
 
 def _ci(m: dict) -> str:

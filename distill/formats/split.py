@@ -4,7 +4,9 @@ Present only when val and/or test were carved from a pool (``train/``, or a
 folder without split sub-folders): one int64 dataset per split (``train``,
 ``val``, ``test``) holding positions in that pool, whose files are sorted by
 class, then by name. How the split was made (seed, fractions, SHA-256 of each
-part's positions) is the ``split`` record of the file's fingerprint.
+part's positions) is the ``split`` record of the file's fingerprint; its ``patient_grouped``
+flag says that the source named patients and no patient has images in two parts, and its
+``read`` record says how DICOM/NIfTI files were read (:class:`distill.medical.ReadOptions`).
 """
 from __future__ import annotations
 

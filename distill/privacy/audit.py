@@ -115,7 +115,7 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
                  "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked,
                  # Which train/val/test split: the one recorded with the experts, or one assumed (see subject.py).
                  "split": {"recorded": subject.split is not None,
-                           **{k: data.split_record[k] for k in ("method", "seed", "carved") if k in data.split_record}}},
+                           **{k: data.split_record[k] for k in ("method", "seed", "carved", "patient_grouped") if k in data.split_record}}},
         "n_synthetic": len(subject.images),
         "nearest_neighbour": {k: r.summary() for k, r in neighbours.items()},
         "feature_network": feature_info,
