@@ -108,6 +108,9 @@ def buffer(config_file, **flags):
 @click.option("--label-prior", type=click.Choice(LABEL_PRIORS), default=None,
               help="Class mix the soft labels of several shares are moved to: the sites' counts added up, each "
                    f"site's own, or equal classes {default_text(EvalConfig, 'label_prior')}.")
+@click.option("--max-hours", type=float, default=None,
+              help="Refuse to start when the estimated training time is longer "
+                   f"{default_text(EvalConfig, 'max_hours')}.")
 @click.option("--share-weights", type=click.Choice(SHARE_WEIGHTS), default=None,
               help="How several shares' images of one class weigh against each other: by the real images of that "
                    f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
@@ -203,6 +206,7 @@ def inspect_cmd(share, config_file, **flags):
     import json
     import warnings
 
+    from .checks import check_share_recipe
     from .formats import load_share
 
     cfg = build(InspectConfig, *_layers(config_file, **flags))
@@ -211,6 +215,7 @@ def inspect_cmd(share, config_file, **flags):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = load_share(share)
+    check_share_recipe(s, share)  # the network its recipe builds, estimated before anything is built
     for w in caught:
         click.echo(f"Warning: {w.message}", err=True)
     click.echo(json.dumps(s.summary(), indent=2, sort_keys=True) if as_json else s.describe())

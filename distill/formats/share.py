@@ -30,7 +30,9 @@ import torch
 from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
+from .. import limits as L
 from ..io import atomic_path, new_h5
+from ..models import check_model_kwargs
 from ..train import TrainRecipe
 from . import share_schema as S
 from .audit import summary_lines
@@ -456,6 +458,10 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
         bad = f"has learning rate {r.lr}; it must be positive and finite"
     elif r.epochs < 1 or r.batch_size < 1:
         bad = f"has {r.epochs} epochs and batch size {r.batch_size}; both must be at least 1"
+    elif r.epochs > L.MAX_EPOCHS:
+        bad = f"asks for {r.epochs} epochs, more than the limit of {L.MAX_EPOCHS}"
+    elif r.batch_size > L.MAX_BATCH_SIZE:
+        bad = f"asks for batch size {r.batch_size}, more than the limit of {L.MAX_BATCH_SIZE}"
     elif not (math.isfinite(r.momentum) and 0 <= r.momentum < 1):
         bad = f"has momentum {r.momentum}; it must lie in [0, 1)"
     elif not (math.isfinite(r.weight_decay) and r.weight_decay >= 0):
@@ -468,11 +474,16 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
         bad = "asks for soft_cross_entropy but the share has no soft labels"
     else:
         try:
+            check_model_kwargs(r.model, r.model_kwargs)
+        except ValueError as e:
+            bad = str(e)
+    if bad is None:
+        try:
             Augment.parse(r.augment)
         except (ValueError, AttributeError):
             bad = f"has augmentation {r.augment!r}, which distill.augment cannot parse"
     if bad:
-        raise FormatError(f"{where}: the training recipe {bad}.")
+        raise FormatError(f"{where}: the training recipe {bad}; the share is invalid (limits: docs/share-format.md).")
 
 
 def _check_content(where: str, a: dict[str, np.ndarray], num_classes: int, recipe: Recipe,
