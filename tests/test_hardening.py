@@ -105,3 +105,208 @@ def test_metrics_log_follows_no_link(tmp_path):
     with pytest.raises(DistillError, match="symbolic link"):
         m.truncate(0)
     assert victim.read_text() == "precious\n"
+
+
+# ----------------------------------------------------------------------------- shares to attack
+
+import shutil  # noqa: E402
+
+import h5py  # noqa: E402
+
+from distill.export import export_share  # noqa: E402
+from distill.formats import load_share  # noqa: E402
+from distill.formats.share import _walk, content_sha256  # noqa: E402
+from test_share import _text, make_run, restamp  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hardening")
+    return export_share(make_run(root / "run"), root / "share.h5")
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.npz"
+    np.savez(path, **make_tiny_arrays())
+    return path
+
+
+def forged(template: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``template`` changed by ``edit(f)``, both checksums recomputed as an attacker would."""
+    path = tmp_path / "forged.h5"
+    shutil.copyfile(template, path)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    restamp(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- 2. a received share is bounded
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda f: f["recipe"].attrs.__setitem__("epochs", np.int64(10 ** 12)), "1000000000000 epochs"),
+    (lambda f: f["recipe"].attrs.__setitem__("batch_size", np.int64(10 ** 9)), "batch size 1000000000"),
+    (lambda f: _text(f["recipe"], "model_kwargs", '{"width": 300000}'), "model_kwargs.width = 300000"),
+    (lambda f: _text(f["recipe"], "model_kwargs", '{"evil": 1}'), "model_kwargs.evil"),
+    (lambda f: _text(f["recipe"], "model", "bigmodel"), "unknown model 'bigmodel'"),
+], ids=["epochs", "batch", "width", "unknown-kwarg", "model-name"])
+def test_a_hostile_recipe_makes_inspect_call_the_share_invalid(template, tmp_path, monkeypatch, capsys, edit, fragment):
+    path = forged(template, tmp_path, edit)
+    code, out, err = run_main(["inspect", str(path)], monkeypatch, capsys)
+    assert_one_sentence(code, err, fragment, "the share is invalid")
+    assert out == ""
+
+
+def _real_build_refused(built: list, instead=None):
+    """``create_model`` that builds on the meta device (the estimate) and records, or fails, a real build."""
+    import torch
+
+    from distill.models import create_model
+
+    def build(*args, **kwargs):
+        if torch.get_default_device().type == "meta":
+            return create_model(*args, **kwargs)
+        built.append(args)
+        return instead(*args, **kwargs) if instead else None
+
+    return build
+
+
+def test_a_recipe_over_the_cost_limits_is_refused_before_the_model_is_built(template, tmp_path, monkeypatch, capsys):
+    import distill.checks
+
+    path = forged(template, tmp_path, lambda f: _text(f["recipe"], "model_kwargs", '{"width": 2048}'))
+    built = []
+    monkeypatch.setattr(distill.checks, "create_model", _real_build_refused(built))
+    monkeypatch.setattr(distill.limits, "MAX_PARAMS", 10_000_000)  # width 2048 at 8 px: about 75 million
+    code, _, err = run_main(["inspect", str(path)], monkeypatch, capsys)
+    assert_one_sentence(code, err, "parameters", "the share is invalid")
+    monkeypatch.setattr(distill.limits, "MAX_PARAMS", 10 ** 9)
+    monkeypatch.setattr(distill.limits, "MAX_ACTIVATION_BYTES", 1 << 20)
+    code, _, err = run_main(["inspect", str(path)], monkeypatch, capsys)
+    assert_one_sentence(code, err, "activations", "the share is invalid")
+    assert not built
+
+
+def test_the_cost_estimate_matches_the_built_model():
+    from distill.checks import estimate_model
+    from distill.models import create_model
+
+    for name, kw in (("convnet3", {}), ("convnet", {"width": 16, "depth": 2}), ("vgg11", {}), ("resnet18", {})):
+        est = estimate_model(name, 3, 1, 28, kw)
+        assert est.params == sum(p.numel() for p in create_model(name, 3, 1, 28, **kw).parameters())
+        assert est.activation_bytes > 0 and est.flops > 0
+
+
+@pytest.mark.parametrize("command", ["buffer", "eval"])
+def test_size_is_bounded_before_any_data_is_loaded(tiny_npz, tmp_path, monkeypatch, capsys, command):
+    args = (["buffer", "--data", str(tiny_npz), "--out", str(tmp_path / "b")] if command == "buffer"
+            else ["eval", "--test", str(tiny_npz), "--baseline", "random-real"])
+    code, _, err = run_main([*args, "--size", "100000"], monkeypatch, capsys)
+    assert_one_sentence(code, err, "--size must be at most 512; got 100000")
+    assert not (tmp_path / "b").exists()
+
+
+def test_eval_refuses_what_would_exceed_max_hours_with_the_estimate(template, tiny_npz, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the estimate")
+
+    monkeypatch.setattr("distill.evaluate.train_network", refuse)
+    code, _, err = run_main(["eval", str(template), "--test", str(tiny_npz), "--match-classes-by-position",
+                             "--baseline", "none", "--runs", "2", "--device", "cpu", "--max-hours", "1e-12"],
+                            monkeypatch, capsys)
+    assert_one_sentence(code, err, "would train for at least", "--max-hours 1e-12")
+
+
+def test_eval_refuses_what_would_exceed_the_free_memory(template, tiny_npz, monkeypatch, capsys):
+    monkeypatch.setattr("distill.evaluate.free_memory", lambda device: 1000)
+    code, _, err = run_main(["eval", str(template), "--test", str(tiny_npz), "--match-classes-by-position",
+                             "--baseline", "none", "--runs", "1", "--device", "cpu"], monkeypatch, capsys)
+    assert_one_sentence(code, err, "of memory but", "is free")
+
+
+def test_a_model_build_that_runs_out_of_memory_is_one_sentence(monkeypatch):
+    import distill.checks
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 3200000000000 bytes.")
+
+    monkeypatch.setattr(distill.checks, "create_model", _real_build_refused([], oom))
+    with pytest.raises(DistillError, match="ran out of memory while being built"):
+        distill.checks.check_model_builds("convnet3", 2, 1, 28)
+
+
+# ----------------------------------------------------------------------------- 3. the checksum covers every field
+
+
+def _swap_class_names(f):
+    names = f["class_names"][()]
+    f["class_names"][...] = names[::-1]
+
+
+@pytest.mark.parametrize("edit", [
+    _swap_class_names,
+    lambda f: f["recipe"].attrs.__setitem__("epochs", f["recipe"].attrs["epochs"] + 1),
+    lambda f: f["preprocessing"].attrs.__setitem__("zca_eps", np.float64(0.5)),
+    lambda f: _text(f["privacy"], "audit_status", "failed"),
+    lambda f: _text(f["provenance"], "dataset", '{"name": "elsewhere"}'),
+    lambda f: _text(f, "description", "something else"),
+    lambda f: f["privacy"].attrs.__setitem__("epsilon", np.float64(1.0)),  # a field this reader does not know
+], ids=["class-names", "recipe", "preprocessing-attr", "privacy", "provenance", "text", "new-field"])
+def test_any_changed_field_fails_the_checksum(template, tmp_path, edit):
+    path = tmp_path / "edited.h5"
+    shutil.copyfile(template, path)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    with pytest.raises(DistillError, match="content checksum does not match"):
+        load_share(path)
+
+
+def test_the_checksum_follows_the_documented_bytes(template):
+    """An independent reading of docs/share-format.md's description, with h5py's own walk."""
+    import hashlib
+    import json
+
+    def put(h, b):
+        h.update(len(b).to_bytes(8, "little") + b)
+
+    def put_array(h, a):
+        a = np.ascontiguousarray(np.asarray(a), dtype=np.asarray(a).dtype.newbyteorder("<"))
+        for b in (a.dtype.str.encode(), json.dumps(list(a.shape)).encode(), a.tobytes()):
+            put(h, b)
+
+    with h5py.File(template, "r") as f:
+        objs = {"": f}
+        f.visititems(lambda name, obj: objs.update({name: obj}))  # a callback's non-None return stops the walk
+        h = hashlib.sha256()
+        for path in sorted(objs, key=str.encode):
+            obj = objs[path]
+            put(h, path.encode())
+            put(h, b"dataset" if isinstance(obj, h5py.Dataset) else b"group")
+            if isinstance(obj, h5py.Dataset):
+                put_array(h, obj[()])
+            for name in sorted(obj.attrs, key=str.encode):
+                if not (path == "" and name == "content_sha256"):
+                    put(h, name.encode())
+                    put_array(h, obj.attrs[name])
+        assert f.attrs["content_sha256"].decode() == h.hexdigest()
+        assert h.hexdigest() == content_sha256(f, _walk(f, str(template)))
+
+
+def test_a_version_1_0_share_loads_and_says_what_is_unverified():
+    from conftest import REPO_ROOT
+
+    share = load_share(REPO_ROOT / "tests" / "data" / "legacy_v1" / "share.h5")
+    assert share.format_version == "1.0" and not share.content_sha256
+    text = share.describe()
+    assert "UNVERIFIED" in text and "class names" in text and "recipe" in text and "privacy record" in text
+    assert "class names" in share.summary()["unverified"]
+
+
+def test_a_current_share_is_version_1_1_and_fully_verified(template):
+    share = load_share(template)
+    assert share.format_version == "1.1" and len(share.content_sha256) == 64 and not share.unverified
+    assert "verified: every field" in share.describe() and "UNVERIFIED" not in share.describe()

@@ -87,6 +87,8 @@ class Share:
     created: str = ""
     format_version: str = ""
     payload_sha256: str = ""
+    content_sha256: str = ""  # over every field (format 1.1); "" in a 1.0 share
+    unverified: tuple[str, ...] = ()  # what no checksum covered (a 1.0 share), for describe()
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +112,8 @@ class Share:
         """Everything but the arrays: licence, text, provenance, privacy, version and checksum."""
         return {"license": self.license, "description": self.description, "citation": self.citation,
                 "created": self.created, "format_version": self.format_version,
-                "payload_sha256": self.payload_sha256, "provenance": self.provenance, "privacy": self.privacy}
+                "payload_sha256": self.payload_sha256, "content_sha256": self.content_sha256,
+                "unverified": list(self.unverified), "provenance": self.provenance, "privacy": self.privacy}
 
     def dataset(self) -> torch.utils.data.Dataset:
         """A Dataset of (image (C, H, W) float32 preprocessed, target): (K,) probabilities, or an int64 class id."""
@@ -183,6 +186,7 @@ class Share:
         pre = self.preprocessing
         return {
             "format_version": self.format_version, "created": self.created, "payload_sha256": self.payload_sha256,
+            "content_sha256": self.content_sha256, "unverified": list(self.unverified),
             "images": {"count": self.num_images, "shape": list(self.images.shape[1:]), "dtype": "float32",
                        "space": S.IMAGE_SPACE},
             "classes": [{"id": k, "name": n, "images": c}
@@ -206,7 +210,7 @@ class Share:
             labels = f"hard class ids, train with {r.loss}"
         lines = [
             f"distill share v{self.format_version}, created {self.created}",
-            f"  payload sha256 {self.payload_sha256} (verified)",
+            *_checksum_lines(self),
             f"images: {self.num_images} x {tuple(self.images.shape[1:])} float32, preprocessed",
             f"labels: {labels}",
             "classes:",
@@ -290,6 +294,13 @@ def labelled_grid(images01: torch.Tensor, per_row: int, class_names: list[str] |
     return canvas
 
 
+def _checksum_lines(share: Share) -> list[str]:
+    if share.content_sha256:
+        return [f"  content sha256 {share.content_sha256} (verified: every field)"]
+    return [f"  payload sha256 {share.payload_sha256} (verified: images, labels, label logits, preprocessing arrays)",
+            f"  UNVERIFIED (format {share.format_version} has no content checksum): {', '.join(share.unverified)}"]
+
+
 def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
 
@@ -308,6 +319,48 @@ def payload_sha256(arrays: dict[str, np.ndarray]) -> str:
         if key in arrays:
             a = np.asarray(arrays[key])
             h.update(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes(order="C"))
+    return h.hexdigest()
+
+
+def content_sha256(f: h5py.File, objs: dict[str, h5py.HLObject], read: dict[str, np.ndarray] | None = None) -> str:
+    """SHA-256 over every group, dataset and attribute of the share except ``content_sha256`` itself.
+
+    Generic on purpose: a field added later is covered without a change here. ``objs`` maps each
+    object's path (no leading slash) to it, as :func:`_walk` returns; ``read`` holds datasets
+    already in memory, by path. The byte stream (docs/share-format.md, "What the checksum covers"):
+    objects in order of their UTF-8 path, the root ("") first; each contributes its path, then
+    ``group``, or ``dataset``, its dtype, shape and raw little-endian C-order bytes; then its
+    attributes in order of their UTF-8 names, each as name, dtype, shape and bytes. Every item
+    is prefixed by its length as 8 bytes little-endian, so no two files share a stream.
+    """
+    h = hashlib.sha256()
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    def put_array(a: np.ndarray) -> None:
+        a = np.asarray(a)
+        if a.dtype.kind not in "biufS":  # the reader's _walk has refused such datasets already
+            raise ValueError(f"a value of dtype {a.dtype} cannot be part of a share")
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        put(a.dtype.str.encode())
+        put(json.dumps(list(a.shape)).encode())
+        put(a.tobytes(order="C"))
+
+    for path in sorted(["", *objs], key=lambda p: p.encode("utf-8")):
+        obj = f if path == "" else objs[path]
+        put(path.encode("utf-8"))
+        if isinstance(obj, h5py.Dataset):
+            put(b"dataset")
+            put_array(read[path] if read is not None and path in read else obj[()])
+        else:
+            put(b"group")
+        for name in sorted(obj.attrs.keys(), key=lambda n: n.encode("utf-8")):
+            if path == "" and name == Attr.CONTENT_SHA256:
+                continue
+            put(name.encode("utf-8"))
+            put_array(obj.attrs[name])
     return h.hexdigest()
 
 
@@ -434,6 +487,7 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
             _set_json(g, Attr.SUMMARY, privacy[Attr.SUMMARY])
             _set_text(g, Attr.STATEMENT, privacy[Attr.STATEMENT])
             _set_text(g, Attr.AUDIT_CREATED, privacy[Attr.AUDIT_CREATED])
+            _set_text(f, Attr.CONTENT_SHA256, content_sha256(f, _walk(f, str(path))))  # last: it covers the rest
         load_share(tmp)
     log.info("Share written to %s (%d images, %d classes).", path, len(arrays[Key.IMAGES]), len(names))
     return path
@@ -562,7 +616,7 @@ def _walk(f: h5py.File, where: str) -> dict[str, h5py.HLObject]:
     found: dict[str, h5py.HLObject] = {}
     seen_groups = set()
     stack = [("", f)]
-    count = 0
+    count = total = 0
     _check_attrs(f, where)
     while stack:
         prefix, group = stack.pop()
@@ -585,6 +639,16 @@ def _walk(f: h5py.File, where: str) -> dict[str, h5py.HLObject]:
                     raise FormatError(f"{where}: /{p} is a virtual dataset; shares must hold their data themselves.")
                 if obj.external:
                     raise FormatError(f"{where}: /{p} keeps its data in external files; shares must be self-contained.")
+                # Every dataset is read for the content checksum, so every one is bounded, known or not.
+                if obj.shape is None or obj.dtype.kind not in "biufS":
+                    raise FormatError(f"{where}: /{p} has dtype {obj.dtype} or no shape; shares hold numbers and "
+                                      "fixed-length text.")
+                declared = obj.size * obj.dtype.itemsize
+                total += declared
+                if declared > S.MAX_ARRAY_BYTES or total > S.MAX_TOTAL_BYTES:
+                    raise FormatError(f"{where}: /{p} declares {obj.shape}, outside the sane limits "
+                                      f"({S.MAX_ARRAY_BYTES >> 30} GiB per dataset, {S.MAX_TOTAL_BYTES >> 30} GiB "
+                                      "per share).")
             elif isinstance(obj, h5py.Group):
                 addr = h5py.h5o.get_info(obj.id).addr
                 if addr in seen_groups:  # a group hard-linked twice (or into itself): visit once
@@ -674,6 +738,11 @@ def _declared(objs: dict, key: str, dtype, shape: tuple, where: str, required: b
         raise FormatError(f"{where}: /{key} declares {ds.shape}, more than {S.MAX_ARRAY_BYTES >> 30} GiB; "
                           "that is not a sane share.")
     return ds
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = (int(p) for p in version.split(".")[:2])  # check_version has accepted its form
+    return major, minor
 
 
 def _group(objs: dict, key: str, where: str) -> h5py.Group:
@@ -780,6 +849,14 @@ def _read(f: h5py.File, where: str) -> Share:
     if stored != actual:
         raise FormatError(f"{where}: the payload checksum does not match (stored {stored[:16]}..., computed "
                           f"{actual[:16]}...); the file was altered or damaged.")
+    content, unverified = "", S.UNVERIFIED_IN_1_0
+    if _version_tuple(version) >= S.CONTENT_SINCE or Attr.CONTENT_SHA256 in f.attrs:
+        content = _attr(f, Attr.CONTENT_SHA256, "text", where)
+        computed = content_sha256(f, objs, arrays)
+        if content != computed:
+            raise FormatError(f"{where}: the content checksum does not match (stored {content[:16]}..., computed "
+                              f"{computed[:16]}...); a field was altered or damaged.")
+        unverified = ()
 
     pre_arrays = {name[len(Key.PREPROCESSING) + 1:]: v for name, v in arrays.items() if name.startswith(Key.PREPROCESSING)}
     pre = Preprocessing.from_arrays(pre_arrays, {"size": pre_size, "channels": pre_channels, "zca": zca,
@@ -790,4 +867,4 @@ def _read(f: h5py.File, where: str) -> Share:
                  class_names=class_names, preprocessing=pre, recipe=recipe, provenance=provenance, privacy=privacy,
                  license=_attr(f, Attr.LICENSE, "text", where), description=_attr(f, Attr.DESCRIPTION, "text", where),
                  citation=_attr(f, Attr.CITATION, "text", where), created=_attr(f, Attr.CREATED, "text", where),
-                 format_version=version, payload_sha256=stored)
+                 format_version=version, payload_sha256=stored, content_sha256=content, unverified=unverified)
