@@ -310,3 +310,54 @@ def test_a_current_share_is_version_1_1_and_fully_verified(template):
     share = load_share(template)
     assert share.format_version == "1.1" and len(share.content_sha256) == 64 and not share.unverified
     assert "verified: every field" in share.describe() and "UNVERIFIED" not in share.describe()
+
+
+# ----------------------------------------------------------------------------- 4. text from a share is printed safely
+
+HOSTILE = "benign\x1b[2J\x1b]0;pwned\x07\rmalignant\u202e"
+
+
+def test_printable_escapes_every_control_character():
+    import unicodedata
+
+    from distill.text import control_characters, printable
+
+    assert printable(HOSTILE) == "benign\\x1b[2J\\x1b]0;pwned\\x07\\x0dmalignant\\u202e"
+    controls = [chr(c) for c in range(0x250) if unicodedata.category(chr(c)) == "Cc"]
+    assert all(printable(c).startswith("\\x") for c in controls)
+    assert printable("Pneumonie, größer als 5 mm") == "Pneumonie, größer als 5 mm"  # ordinary text is kept
+    assert control_characters("a\tb\nc\x1b", allow="\n\t") == ["\\x1b"]
+
+
+def test_inspect_prints_a_hostile_text_escaped(template, tmp_path, monkeypatch, capsys):
+    def edit(f):
+        _text(f, "description", HOSTILE)
+        _text(f["provenance"], "method", '{"note": "\\u001b[31mred"}')
+        names = f["class_names"][()]
+        del f["class_names"]
+        f.create_dataset("class_names", data=np.array([b"ok\x1b[1A", names[1]], dtype=h5py.string_dtype("utf-8", 16)))
+    path = forged(template, tmp_path, edit)
+    code, out, err = run_main(["inspect", str(path)], monkeypatch, capsys)
+    assert code == 0, err
+    assert not any(c in out + err for c in "\x1b\x07\r\u202e")
+    assert "\\x1b[2J" in out and "ok\\x1b[1A" in out
+
+
+def test_log_lines_and_errors_are_escaped(monkeypatch, capsys):
+    import logging
+
+    from distill.cli import _PrintableFormatter
+
+    record = logging.LogRecord("distill", logging.INFO, __file__, 1, "class %s", (HOSTILE,), None)
+    assert "\x1b" not in _PrintableFormatter("%(message)s").format(record)
+    code, _, err = run_main(["inspect", f"/nonexistent/{HOSTILE}.h5"], monkeypatch, capsys)
+    assert code == 1 and "\x1b" not in err and "\\x1b" in err
+
+
+@pytest.mark.parametrize("flag", ["--description", "--cite", "--license"])
+def test_export_refuses_control_characters_in_text_options(tmp_path, monkeypatch, capsys, flag):
+    rundir = make_run(tmp_path / "run")
+    out = tmp_path / "s.h5"
+    code, _, err = run_main(["export", str(rundir), "--out", str(out), flag, "x\x1b[2J\x07\ry"], monkeypatch, capsys)
+    assert_one_sentence(code, err, "\\x1b")
+    assert "\x1b" not in err and not out.exists()

@@ -33,6 +33,7 @@ from ..errors import DistillError, FormatError
 from .. import limits as L
 from ..io import atomic_path, new_h5
 from ..models import check_model_kwargs
+from ..text import control_characters, printable
 from ..train import TrainRecipe
 from . import share_schema as S
 from .audit import summary_lines
@@ -237,7 +238,7 @@ class Share:
             lines.append(f"description: {self.description}")
         if self.citation:
             lines.append(f"citation: {self.citation}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # the sender chose this text: no terminal control
 
     def save_grid(self, path: str | os.PathLike, max_per_class: int = MAX_GRID_PER_CLASS) -> Path:
         """Draw one row per class (preprocessing undone), named on the left, into a PNG; returns its path.
@@ -430,6 +431,12 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
         raise DistillError(f"License {share.license!r} is not an SPDX identifier such as CC-BY-4.0 or CC0-1.0.")
     if any(b"\0" in b or not b for b in encoded):
         raise DistillError("Class names must be non-empty and contain no NUL character.")
+    for what, text, allow in (("class name", " ".join(names), ""), ("--description", share.description or "", "\n\t"),
+                              ("--cite", share.citation or "", "\n\t"), ("--license", share.license or "", "")):
+        bad = control_characters(text, allow)
+        if bad:
+            raise DistillError(f"The share's {what} contains the control character(s) {', '.join(bad)}, which a "
+                               "terminal would obey when the share is inspected; remove them.")
     privacy = _normalised_privacy(share.privacy)
     _check_content(str(path), arrays, len(names), share.recipe, share.label_temperature, privacy)
     with atomic_path(path) as tmp:
