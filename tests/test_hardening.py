@@ -14,6 +14,7 @@ import pytest
 
 from conftest import make_tiny_arrays
 from distill.errors import DistillError
+from distill.formats.trajectory import expert_path
 from distill.io import LOCK_FILE, append_text, output_lock, truncate_in_place
 from test_cli_errors import assert_one_sentence, run_main
 
@@ -361,3 +362,101 @@ def test_export_refuses_control_characters_in_text_options(tmp_path, monkeypatch
     code, _, err = run_main(["export", str(rundir), "--out", str(out), flag, "x\x1b[2J\x07\ry"], monkeypatch, capsys)
     assert_one_sentence(code, err, "\\x1b")
     assert "\x1b" not in err and not out.exists()
+
+
+# ----------------------------------------------------------------------------- 5. a buffer holds experts of one kind
+
+
+def _buffer_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["buffer", "--data", str(data), "--out", str(out), "--experts", "1", "--epochs", "1", "--batch-size", "5",
+            "--augment", "none", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def float32_buffer(tiny_npz, tmp_path_factory) -> Path:
+    from distill.buffer import build_buffer
+    from distill.config import BufferConfig
+
+    out = tmp_path_factory.mktemp("buffers") / "f32"
+    build_buffer(BufferConfig(data=str(tiny_npz), out=str(out), experts=1, epochs=1, batch_size=5, augment="none",
+                              device="cpu"))
+    return out
+
+
+def test_buffer_refuses_to_add_experts_of_another_kind(float32_buffer, tiny_npz, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "b"
+    shutil.copytree(float32_buffer, out)
+    config = (out / "config.toml").read_text()
+    args = _buffer_args(tiny_npz, out, "--experts", "2", "--snapshot-dtype", "float16", "--bf16")
+    code, _, err = run_main(args, monkeypatch, capsys)
+    assert_one_sentence(code, err, "snapshot_dtype 'float32'", "bf16 False")
+    assert (out / "config.toml").read_text() == config and not expert_path(out, 1).exists()
+
+
+def test_run_refuses_a_buffer_whose_experts_disagree(float32_buffer, tiny_npz, tmp_path):
+    from distill.buffer import build_buffer
+    from distill.config import BufferConfig
+    from distill.mtt.experts import ExpertPool
+
+    other = tmp_path / "f16"
+    build_buffer(BufferConfig(data=str(tiny_npz), out=str(other), experts=1, epochs=1, batch_size=5, augment="none",
+                              device="cpu", snapshot_dtype="float16"))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(float32_buffer, mixed)
+    shutil.copyfile(expert_path(other, 0), expert_path(mixed, 1))
+    with pytest.raises(DistillError, match="snapshot_dtype 'float16'"):
+        ExpertPool(mixed)
+
+
+# ----------------------------------------------------------------------------- 6. every value bounded and finite
+
+
+@pytest.mark.parametrize("command", ["buffer", "run", "eval", "audit", "split"])
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64)])
+def test_seeds_outside_the_int64_range_are_one_sentence(tiny_npz, tmp_path, monkeypatch, capsys, command, seed):
+    args = {"buffer": _buffer_args(tiny_npz, tmp_path / "b"),
+            "run": ["run", "--buffer", str(tmp_path / "nobuffer"), "--out", str(tmp_path / "r")],
+            "eval": ["eval", "--test", str(tiny_npz), "--baseline", "random-real"],
+            "audit": ["audit", str(tmp_path / "norun"), "--data", str(tiny_npz)],
+            "split": ["split", str(tiny_npz), "--out", str(tmp_path / "s")]}[command]
+    code, _, err = run_main([*args, "--seed", seed], monkeypatch, capsys)
+    assert_one_sentence(code, err, "--seed must be in [0, 2^63)")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_an_infinite_learning_rate_is_refused_up_front(tiny_npz, tmp_path, monkeypatch, capsys, value):
+    code, _, err = run_main(_buffer_args(tiny_npz, tmp_path / "b", "--lr", value), monkeypatch, capsys)
+    assert_one_sentence(code, err, "--lr must be")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_sentence(tiny_npz, tmp_path, monkeypatch, capsys):
+    conf = tmp_path / "latin1.toml"
+    conf.write_bytes('augment = "none"  # größer\n'.encode("latin-1"))
+    code, _, err = run_main([*_buffer_args(tiny_npz, tmp_path / "b"), "--config", str(conf)], monkeypatch, capsys)
+    assert_one_sentence(code, err, "is not UTF-8")
+
+
+def test_a_too_long_file_name_is_one_sentence(tiny_npz, tmp_path, monkeypatch, capsys):
+    long = tmp_path / ("x" * 300)
+    for args in (_buffer_args(tiny_npz, long), ["inspect", str(long) + ".h5"],
+                 ["eval", "--test", str(long) + ".npz", "--baseline", "random-real"]):
+        code, _, err = run_main(args, monkeypatch, capsys)
+        assert_one_sentence(code, err)
+
+
+def test_a_buffer_whose_folder_vanishes_mid_run_exits_1(tiny_npz, tmp_path, monkeypatch, capsys):
+    import distill.buffer
+
+    out = tmp_path / "b"
+    real = distill.buffer.train_network
+
+    def vanish(*args, **kwargs):
+        shutil.rmtree(out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill.buffer, "train_network", vanish)
+    code, _, err = run_main(_buffer_args(tiny_npz, out), monkeypatch, capsys)
+    assert_one_sentence(code, err, "disappeared")
+    assert not expert_path(out, 0).exists()
