@@ -226,7 +226,9 @@ class Allowed:
         if isinstance(v, float) and not math.isfinite(v):
             return False  # inf passes every lower bound: --lr inf trained NaN experts
         above = self.low is None or (v > self.low if self.strict else v >= self.low)
-        return above and (v < INT_LIMIT if self.high is None else v < self.high)
+        if self.high is not None:
+            return above and v < self.high
+        return above and (v < INT_LIMIT if isinstance(v, int) else True)
 
     def phrase(self, v: Any) -> str:
         if self.choices:
