@@ -629,6 +629,8 @@ def _walk(f: h5py.File, where: str) -> dict[str, h5py.HLObject]:
         prefix, group = stack.pop()
         for name in group:
             count += 1
+            if not isinstance(name, str):
+                raise FormatError(f"{where}: an object name in /{prefix} is not valid UTF-8 ({printable(name)}).")
             if count > S.MAX_OBJECTS:
                 raise FormatError(f"{where} holds more than {S.MAX_OBJECTS} objects; a share has about 15.")
             p = f"{prefix}{name}"
@@ -675,6 +677,8 @@ def _check_attrs(obj: h5py.HLObject, where: str) -> None:
     if len(names) > S.MAX_ATTRS:
         raise FormatError(f"{where}: {obj.name} has {len(names)} attributes; more than {S.MAX_ATTRS} is not a share.")
     for name in names:
+        if not isinstance(name, str):  # h5py hands back the raw bytes of a name that is not UTF-8
+            raise FormatError(f"{where}: an attribute name at {obj.name} is not valid UTF-8 ({printable(name)}).")
         aid = h5py.h5a.open(obj.id, name.encode("utf-8"))
         tid = aid.get_type()
         if tid.get_class() not in _ATTR_CLASSES or (isinstance(tid, h5py.h5t.TypeStringID) and tid.is_variable_str()):
