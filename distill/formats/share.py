@@ -27,10 +27,10 @@ import h5py
 import numpy as np
 import torch
 
+from .. import limits as L
 from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
-from .. import limits as L
 from ..io import atomic_path, new_h5
 from ..models import check_model_kwargs
 from ..text import control_characters, printable
@@ -328,7 +328,7 @@ def content_sha256(f: h5py.File, objs: dict[str, h5py.HLObject], read: dict[str,
 
     Generic on purpose: a field added later is covered without a change here. ``objs`` maps each
     object's path (no leading slash) to it, as :func:`_walk` returns; ``read`` holds datasets
-    already in memory, by path. The byte stream (docs/share-format.md, "What the checksum covers"):
+    already in memory, by path. The byte stream (docs/share-format.md, "Content checksum"):
     objects in order of their UTF-8 path, the root ("") first; each contributes its path, then
     ``group``, or ``dataset``, its dtype, shape and raw little-endian C-order bytes; then its
     attributes in order of their UTF-8 names, each as name, dtype, shape and bytes. Every item
