@@ -111,7 +111,8 @@ def _apply(path: Path, m: tuple) -> None:
                 if e[1] == "/" or e[1] in f:
                     _set_attr(f, e[1], e[2], e[3])
             elif kind == "recipe":
-                _set_attr(f, "recipe", e[1], e[2])
+                if "recipe" in f:  # an earlier edit may have deleted it
+                    _set_attr(f, "recipe", e[1], e[2])
             elif kind == "text":
                 _set_attr(f, "/", e[1], e[2])
             elif kind == "dataset":
