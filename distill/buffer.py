@@ -23,8 +23,9 @@ from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
-from .formats.trajectory import (PREPROCESSING_FILE, TrajectoryMeta, expert_path, numbering_gaps,
-                                 read_buffer_preprocessing, read_expert, write_buffer_preprocessing, write_expert)
+from .formats.trajectory import (PREPROCESSING_FILE, SHAPING_SETTINGS, TrajectoryMeta, expert_path, numbering_gaps,
+                                 read_buffer_preprocessing, read_expert, shaping_settings, write_buffer_preprocessing,
+                                 write_expert)
 from .io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
@@ -87,9 +88,10 @@ def _expert_done(path: Path, cfg: BufferConfig) -> bool:
     except FormatError as err:
         log.warning("%s will be trained again: %s", path.name, err)
         return False
-    made = {"model": e.attrs.get("model"), "seed": e.attrs.get("seed"), "snapshot_every": e.attrs.get("snapshot_every"),
-            **{k: e.train.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")}}
-    differs = [k for k, v in made.items() if v is not None and v != getattr(cfg, k)]  # older files lack some
+    made = shaping_settings(e)
+    asked = {**{k: getattr(cfg, k) for k in SHAPING_SETTINGS if hasattr(cfg, k)},
+             "batched": cfg.batch_experts > 1 or cfg.bf16}
+    differs = [k for k, v in made.items() if v is not None and v != asked[k]]  # older files lack some
     if differs:  # its config.toml would no longer describe the finished experts
         raise DistillError(f"{path} was made with other settings ({', '.join(f'{k} {made[k]!r}' for k in differs)}); "
                            "rerun with those or choose another --out folder.")
@@ -111,6 +113,9 @@ def _recipe(cfg: BufferConfig) -> TrainRecipe:
 def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: str, spec, snaps: list[torch.Tensor],
                       steps: list[int], history: list[dict], val_acc: list[float], steps_per_epoch: int) -> Path:
     path = expert_path(cfg.out, index)
+    if not (Path(cfg.out) / PREPROCESSING_FILE).is_file():  # writing would make a new, half buffer
+        raise DistillError(f"{cfg.out} or its {PREPROCESSING_FILE} disappeared while the experts trained; restore "
+                           "it or choose another --out folder, then run the command again.")
     write_expert(
         path, torch.stack(snaps), steps, snapshot_dtype=cfg.snapshot_dtype,
         history={"train_loss": [h["loss"] for h in history], "train_acc": [h["acc"] for h in history], "val_acc": val_acc},

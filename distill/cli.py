@@ -8,6 +8,7 @@ finished work.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import sys
 
@@ -17,15 +18,28 @@ from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
+from .io import fs_error
+from .text import printable, printable_lines
 
 log = logging.getLogger("distill")
 
 AUDIT_FAILED = 3  # exit status of `distill audit` on a FAIL verdict (docs/privacy.md); 1 is an error
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped: a message may quote a received share's text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_lines(super().format(record))
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # basicConfig's own, not a test harness's
+            handler.setFormatter(_PrintableFormatter(fmt))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,6 +129,9 @@ def buffer(config_file, **flags):
 @click.option("--label-prior", type=click.Choice(LABEL_PRIORS), default=None,
               help="Class mix the soft labels of several shares are moved to: the sites' counts added up, each "
                    f"site's own, or equal classes {default_text(EvalConfig, 'label_prior')}.")
+@click.option("--max-hours", type=float, default=None,
+              help="Refuse to start when the estimated training time is longer "
+                   f"{default_text(EvalConfig, 'max_hours')}.")
 @click.option("--share-weights", type=click.Choice(SHARE_WEIGHTS), default=None,
               help="How several shares' images of one class weigh against each other: by the real images of that "
                    f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
@@ -127,7 +144,7 @@ def eval_(config_file, shares, baselines, **flags):
 
     cfg = build(EvalConfig, *_layers(config_file, shares=tuple(shares) or None, baselines=tuple(baselines) or None,
                                      **flags))
-    click.echo(format_report(evaluate(cfg)))
+    click.echo(printable_lines(format_report(evaluate(cfg))))  # class names and paths come from the shares
 
 
 @cli.command()
@@ -215,6 +232,7 @@ def inspect_cmd(share, config_file, **flags):
     import json
     import warnings
 
+    from .checks import check_share_recipe
     from .formats import load_share
 
     cfg = build(InspectConfig, *_layers(config_file, **flags))
@@ -223,8 +241,9 @@ def inspect_cmd(share, config_file, **flags):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = load_share(share)
+    check_share_recipe(s, share)  # the network its recipe builds, estimated before anything is built
     for w in caught:
-        click.echo(f"Warning: {w.message}", err=True)
+        click.echo(f"Warning: {printable(w.message)}", err=True)
     click.echo(json.dumps(s.summary(), indent=2, sort_keys=True) if as_json else s.describe())
     if grid:
         click.echo(f"Grid written to {s.save_grid(grid)}", err=as_json)  # stdout stays pure JSON
@@ -332,10 +351,15 @@ def main() -> None:
     except click.ClickException as e:
         # Click's own errors (a folder where a file is expected, an unknown option) read like ours:
         # one sentence and exit 1, not its usage block and exit 2.
-        click.echo(f"Error: {_click_sentence(e)}", err=True)
+        click.echo(f"Error: {printable(_click_sentence(e))}", err=True)
         sys.exit(1)
     except DistillError as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {printable(e)}", err=True)  # a message may quote a received share's text
+        sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        click.echo(f"Error: {printable(fs_error(e, e.filename or 'a path').args[0])}", err=True)
         sys.exit(1)
 
 

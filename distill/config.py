@@ -7,6 +7,7 @@ config next to its outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 from .errors import DistillError
 from .io import atomic_path
+from .limits import INT_LIMIT, MAX_EPOCHS, MAX_HOURS, MAX_SIZE, SEED_LIMIT
 
 T = TypeVar("T")
 
@@ -137,6 +139,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
+    max_hours: float = MAX_HOURS  # refuse to start when the estimated training time is longer (distill/checks.py)
 
 
 # The full-data baseline's epochs: 300 epochs over PneumoniaMNIST's 4,708 images is about 3.5 h per
@@ -224,14 +227,26 @@ class Allowed:
     def ok(self, v: Any) -> bool:
         if self.choices:
             return v in self.choices
+        if isinstance(v, float) and not math.isfinite(v):
+            return False  # inf passes every lower bound: --lr inf trained NaN experts
         above = self.low is None or (v > self.low if self.strict else v >= self.low)
-        return above and (self.high is None or v < self.high)
+        if self.high is not None:
+            return above and v < self.high
+        return above and (v < INT_LIMIT if isinstance(v, int) else True)
 
     def phrase(self, v: Any) -> str:
         if self.choices:
             return f"one of {', '.join(self.choices)}"
+        if isinstance(v, float) and not math.isfinite(v):
+            return "a finite number"
         if self.high is not None:
+            if self.high == SEED_LIMIT:
+                return "in [0, 2^63)"
+            if isinstance(v, int) and not isinstance(v, bool):
+                return f"at most {self.high - 1}" if v >= self.high else f"at least {self.low:g}"
             return f"in [{self.low:g}, {self.high:g})"
+        if isinstance(v, int) and v >= INT_LIMIT:
+            return "below 2^63"
         if self.strict and self.low == 0:
             return "positive"
         if self.zero:
@@ -240,6 +255,9 @@ class Allowed:
 
 
 AT_LEAST_1, ZERO_OR_MORE, POSITIVE = Allowed(low=1), Allowed(low=0), Allowed(low=0, strict=True)
+SEED = Allowed(low=0, high=SEED_LIMIT)  # every seed: [0, 2^63)
+SIZE = Allowed(low=1, high=MAX_SIZE + 1)  # --size: a resize target, in pixels per side
+EPOCHS = Allowed(low=1, high=MAX_EPOCHS + 1)
 FRACTION = Allowed(low=0, high=1)  # momentum
 KEY_ONLY = dict(flag=False)
 
@@ -248,9 +266,9 @@ KEY_ONLY = dict(flag=False)
 # checked by their stage.
 ALLOWED: dict[type, dict[str, Allowed]] = {
     BufferConfig: {
-        "experts": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "batch_size": AT_LEAST_1,
+        "experts": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE, "batch_size": AT_LEAST_1,
         "momentum": Allowed(low=0, high=1, **KEY_ONLY), "weight_decay": Allowed(low=0, **KEY_ONLY),
-        "size": AT_LEAST_1, "snapshot_every": Allowed(low=0, zero="once per epoch"),
+        "size": SIZE, "seed": SEED, "snapshot_every": Allowed(low=0, zero="once per epoch"),
         "snapshot_dtype": Allowed(choices=SNAPSHOT_DTYPES),
         "batch_experts": Allowed(low=0, zero="auto"),
     },
@@ -264,13 +282,14 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "momentum": Allowed(low=0, high=1, **KEY_ONLY), "batch_syn": Allowed(low=0, zero="the whole set"),
         "gradient": Allowed(choices=GRADIENTS), "fast": Allowed(choices=FAST_MODES),
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
-        "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY),
+        "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY), "seed": SEED,
     },
-    EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1,
+    EvalConfig: {"runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": SIZE, "seed": SEED,
+                 "max_hours": POSITIVE,
                  "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
-        "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
-        "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE,
+        "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,
+        "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "seed": SEED,
     },
 }
 
@@ -300,8 +319,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise DistillError(f"Config file {path} does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise DistillError(f"Config file {path} is not UTF-8 text (byte {e.start} cannot be decoded); "
+                           "save it as UTF-8.") from None
     except tomllib.TOMLDecodeError as e:
-        raise DistillError(f"Config file {path} is not valid TOML: {e}.") from None
+        raise DistillError(f"Config file {path} is not valid TOML: {str(e).rstrip('.')}.") from None
+    except OSError as e:
+        raise DistillError(f"Config file {path} cannot be read ({e.strerror or e}).") from None
 
 
 def build(cls: type[T], *layers: dict[str, Any]) -> T:
@@ -436,4 +460,4 @@ class SplitConfig:
     seed: int = 0
 
 
-ALLOWED[SplitConfig] = {"sites": Allowed(low=2), "min_per_class": ZERO_OR_MORE}
+ALLOWED[SplitConfig] = {"sites": Allowed(low=2), "min_per_class": ZERO_OR_MORE, "seed": SEED}

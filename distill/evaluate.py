@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from .checks import check_model_builds
+from .checks import check_eval_budget, check_model_builds, device_flops, estimate_eval, free_memory
 from .config import FULL_EPOCHS, LABEL_PRIORS, SHARE_WEIGHTS, BufferConfig, EvalConfig, check_ranges
 from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
                    fit_preprocessing, load_data)
@@ -581,9 +581,16 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     setup = _setup(cfg, union, train_data, test_data, baselines)
     k = len(setup.class_names)
     geometry = (k, setup.pre.channels, setup.pre.size)
-    check_model_builds(setup.model_name, *geometry, setup.model_kwargs)  # fail before any training
+    # Fail before any training: the model's size is estimated before it is built, then the whole run's.
+    cost = check_model_builds(setup.model_name, *geometry, setup.model_kwargs,
+                              batch_size=setup.base_recipe.batch_size)
 
     arms = _arms(cfg, union, setup, train_spec, train_data, baselines, device)
+    image_bytes = 4 * setup.pre.channels * setup.pre.size ** 2  # float32, network space
+    rows = [(int(a.trained_on["images"]), a.recipe.epochs, a.recipe.batch_size) for a in arms]
+    data_bytes = image_bytes * (len(test_data.test.labels) + max((n for n, _, _ in rows), default=0))
+    check_eval_budget(estimate_eval(rows, cfg.runs, cost, data_bytes, device_flops(device)), cfg.max_hours,
+                      free_memory(device))
     for level, line in plan(arms, cfg.runs):
         log.log(level, "%s", line)
     if baselines:

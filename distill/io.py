@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -86,6 +87,10 @@ def fs_error(e: OSError, path: str | os.PathLike) -> DistillError:
     if code == errno.ENOENT:
         return DistillError(f"{path} or a folder above it disappeared while in use; restore it or choose another "
                             "folder, then run the command again.")
+    if code == errno.ENAMETOOLONG:
+        return DistillError(f"The name {path} is too long for the file system; choose a shorter one.")
+    if code == errno.ELOOP:
+        return DistillError(f"{path} is a symbolic link (or a loop of them); distill does not write through links.")
     if code == errno.ENOTDIR:
         return DistillError(f"A part of {path} is a file, not a folder; choose another path.")
     why = (e.strerror or str(e)).rstrip(".").replace("\n", " ")
@@ -119,23 +124,32 @@ def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Pa
     process dies, so a lock file left by a killed writer does not block. The file is removed on
     release; a writer that opened it just before checks that it still locks the file at that
     name, and opens it again when it does not.
+
+    The lock file is opened without following a symbolic link and must be a regular file with no
+    other name (:func:`open_no_follow`): anyone who may write to a shared output folder could
+    otherwise point it at another user's file, which this writer would truncate. A lock that cannot
+    be recorded (a full disk) is removed again, and so is the folder when it was made for the lock.
     """
     folder = Path(folder)
     path = folder / name
+    made = not os.path.lexists(folder)
     fd = None
+    created = False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            created = not os.path.lexists(path)
+            fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, what="lock file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
+                fd = None
                 raise DistillError(f"{folder} is in use by another distill process (PID {holder}); wait until it "
                                    "finishes or choose another output.") from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -144,9 +158,16 @@ def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Pa
             fd = None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as e:
+    except (OSError, DistillError) as e:
         if fd is not None:
+            if created:  # we hold the lock, so the file at this name is ours to remove
+                with contextlib.suppress(OSError):
+                    path.unlink()
             os.close(fd)  # a lock we took but cannot record must not outlive this error
+        if made:
+            remove_if_empty(folder)  # made only to hold this lock
+        if isinstance(e, DistillError):
+            raise
         raise fs_error(e, path) from None
     try:
         yield path
@@ -154,6 +175,58 @@ def output_lock(folder: str | os.PathLike, name: str = LOCK_FILE) -> Iterator[Pa
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)  # releases the lock
+
+
+def open_no_follow(path: str | os.PathLike, flags: int, mode: int = 0o644, *, what: str = "file") -> int:
+    """``os.open`` that follows no symbolic link at ``path`` and accepts only a regular file with one name.
+
+    For files opened in place (locks, appended logs): through a link planted in a folder that
+    others may write to, such a write would truncate or grow a file that is not ours. A hard link
+    is refused as well, for the same reason. Returns the descriptor; anything else is a
+    :class:`DistillError` in one sentence.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DistillError(f"The {what} {path} is a symbolic link; distill does not write through links. "
+                               "Remove it and run the command again.") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        kind = "a regular file with other names (hard links)" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise DistillError(f"The {what} {path} is {kind}; distill writes only its own files there. "
+                           "Remove it and run the command again.")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append_text(path: str | os.PathLike, text: str, *, what: str = "log") -> None:
+    """Append ``text`` to ``path`` (made if missing) through :func:`open_no_follow`, so a link is never followed."""
+    try:
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what=what)
+        try:
+            with os.fdopen(fd, "a", encoding="utf-8", closefd=True) as f:
+                fd = None
+                f.write(text)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    except OSError as e:
+        raise fs_error(e, path) from None
+
+
+def truncate_in_place(path: str | os.PathLike, size: int, *, what: str = "log") -> None:
+    """Cut ``path`` to ``size`` bytes in place, following no link (see :func:`open_no_follow`)."""
+    try:
+        fd = open_no_follow(path, os.O_WRONLY, what=what)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise fs_error(e, path) from None
 
 
 def _read_pid(fd: int) -> str:

@@ -15,19 +15,52 @@ from torch import nn
 from torch.func import functional_call
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# name -> {argument: allowed values}: the model arguments a share's recipe or a config may pass.
+# A (low, high) pair of ints is an inclusive range; a tuple of strings lists the choices.
+_KWARGS: dict[str, dict[str, tuple]] = {}
 
 CONVNET_WIDTH = 128  # the reference MTT width; Li et al. use 128 for chest X-rays as well
 NORMS = ("instance", "batch", "none")
+# 16x the reference width: wide enough for any experiment we know of; a 28 px depth-3 ConvNet of
+# this width holds about 0.4 billion parameters, which the cost check (distill/checks.py) bounds anyway.
+MAX_CONVNET_WIDTH = 2048
+MAX_CONVNET_DEPTH = 8  # halves the image 8 times: 256 px and up
 
 
-def register_model(name: str):
+def register_model(name: str, kwargs: dict[str, tuple] | None = None):
+    """Register a model builder under ``name``; ``kwargs`` lists the arguments it accepts from a file."""
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"Model {name!r} is registered twice.")
         _REGISTRY[name] = fn
+        _KWARGS[name] = dict(kwargs or {})
         return fn
 
     return deco
+
+
+def check_model_kwargs(name: str, kwargs: object) -> None:
+    """Refuse a model name outside the registry, or an argument outside its allow-list, with ``ValueError``.
+
+    For arguments that come from a file (a share's recipe, a config): ``create_model`` itself
+    accepts whatever the builder takes, including sizes that would exhaust the memory.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"names the unknown model {name!r}; this version knows {', '.join(list_models())}")
+    if not isinstance(kwargs, dict):
+        raise ValueError("has model_kwargs that are not a JSON object")
+    allowed = _KWARGS[name]
+    for key, value in kwargs.items():
+        spec = allowed.get(key)
+        if spec is None:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"passes model_kwargs.{key} to {name}, which accepts {known}")
+        if isinstance(spec[0], int):
+            low, high = spec
+            if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+                raise ValueError(f"has model_kwargs.{key} = {value!r}; {name} takes an integer in {low}..{high}")
+        elif value not in spec:
+            raise ValueError(f"has model_kwargs.{key} = {value!r}; {name} takes one of {', '.join(spec)}")
 
 
 def list_models() -> list[str]:
@@ -90,17 +123,20 @@ def resolve_model(name: str, size: int) -> str:
     return f"convnet{convnet_depth_for(size)}" if name == "convnet" else name
 
 
-@register_model("convnet")
+_CONVNET_KWARGS = {"width": (1, MAX_CONVNET_WIDTH), "norm": NORMS}
+
+
+@register_model("convnet", {**_CONVNET_KWARGS, "depth": (1, MAX_CONVNET_DEPTH)})
 def convnet(num_classes, channels, size, **kw):
     kw.setdefault("depth", convnet_depth_for(size))
     return ConvNet(num_classes, channels, size, **kw)
 
 
 for _d in (3, 4, 5):
-    register_model(f"convnet{_d}")(lambda num_classes, channels, size, _d=_d, **kw: ConvNet(num_classes, channels, size, depth=_d, **kw))
+    register_model(f"convnet{_d}", _CONVNET_KWARGS)(lambda num_classes, channels, size, _d=_d, **kw: ConvNet(num_classes, channels, size, depth=_d, **kw))
 
 
-@register_model("resnet18")
+@register_model("resnet18", {"norm": ("batch", "instance")})
 def resnet18(num_classes, channels, size, norm: str = "batch"):
     """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 28-128 px inputs."""
     import torchvision
@@ -151,7 +187,7 @@ class VGG11(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("vgg11")
+@register_model("vgg11", {"norm": NORMS})
 def vgg11(num_classes, channels, size, **kw):
     return VGG11(num_classes, channels, size, **kw)
 

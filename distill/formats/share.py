@@ -27,10 +27,13 @@ import h5py
 import numpy as np
 import torch
 
+from .. import limits as L
 from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5
+from ..models import check_model_kwargs
+from ..text import control_characters, printable
 from ..train import TrainRecipe
 from . import share_schema as S
 from .audit import summary_lines
@@ -85,6 +88,8 @@ class Share:
     created: str = ""
     format_version: str = ""
     payload_sha256: str = ""
+    content_sha256: str = ""  # over every field (format 1.1); "" in a 1.0 share
+    unverified: tuple[str, ...] = ()  # what no checksum covered (a 1.0 share), for describe()
 
     @property
     def num_classes(self) -> int:
@@ -108,7 +113,8 @@ class Share:
         """Everything but the arrays: licence, text, provenance, privacy, version and checksum."""
         return {"license": self.license, "description": self.description, "citation": self.citation,
                 "created": self.created, "format_version": self.format_version,
-                "payload_sha256": self.payload_sha256, "provenance": self.provenance, "privacy": self.privacy}
+                "payload_sha256": self.payload_sha256, "content_sha256": self.content_sha256,
+                "unverified": list(self.unverified), "provenance": self.provenance, "privacy": self.privacy}
 
     def dataset(self) -> torch.utils.data.Dataset:
         """A Dataset of (image (C, H, W) float32 preprocessed, target): (K,) probabilities, or an int64 class id."""
@@ -181,6 +187,7 @@ class Share:
         pre = self.preprocessing
         return {
             "format_version": self.format_version, "created": self.created, "payload_sha256": self.payload_sha256,
+            "content_sha256": self.content_sha256, "unverified": list(self.unverified),
             "images": {"count": self.num_images, "shape": list(self.images.shape[1:]), "dtype": "float32",
                        "space": S.IMAGE_SPACE},
             "classes": [{"id": k, "name": n, "images": c}
@@ -204,7 +211,7 @@ class Share:
             labels = f"hard class ids, train with {r.loss}"
         lines = [
             f"distill share v{self.format_version}, created {self.created}",
-            f"  payload sha256 {self.payload_sha256} (verified)",
+            *_checksum_lines(self),
             f"images: {self.num_images} x {tuple(self.images.shape[1:])} float32, preprocessed",
             f"labels: {labels}",
             "classes:",
@@ -231,7 +238,7 @@ class Share:
             lines.append(f"description: {self.description}")
         if self.citation:
             lines.append(f"citation: {self.citation}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # the sender chose this text: no terminal control
 
     def save_grid(self, path: str | os.PathLike, max_per_class: int = MAX_GRID_PER_CLASS) -> Path:
         """Draw one row per class (preprocessing undone), named on the left, into a PNG; returns its path.
@@ -288,6 +295,13 @@ def labelled_grid(images01: torch.Tensor, per_row: int, class_names: list[str] |
     return canvas
 
 
+def _checksum_lines(share: Share) -> list[str]:
+    if share.content_sha256:
+        return [f"  content sha256 {share.content_sha256} (verified: every field)"]
+    return [f"  payload sha256 {share.payload_sha256} (verified: images, labels, label logits, preprocessing arrays)",
+            f"  UNVERIFIED (format {share.format_version} has no content checksum): {', '.join(share.unverified)}"]
+
+
 def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
 
@@ -306,6 +320,48 @@ def payload_sha256(arrays: dict[str, np.ndarray]) -> str:
         if key in arrays:
             a = np.asarray(arrays[key])
             h.update(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes(order="C"))
+    return h.hexdigest()
+
+
+def content_sha256(f: h5py.File, objs: dict[str, h5py.HLObject], read: dict[str, np.ndarray] | None = None) -> str:
+    """SHA-256 over every group, dataset and attribute of the share except ``content_sha256`` itself.
+
+    Generic on purpose: a field added later is covered without a change here. ``objs`` maps each
+    object's path (no leading slash) to it, as :func:`_walk` returns; ``read`` holds datasets
+    already in memory, by path. The byte stream (docs/share-format.md, "Content checksum"):
+    objects in order of their UTF-8 path, the root ("") first; each contributes its path, then
+    ``group``, or ``dataset``, its dtype, shape and raw little-endian C-order bytes; then its
+    attributes in order of their UTF-8 names, each as name, dtype, shape and bytes. Every item
+    is prefixed by its length as 8 bytes little-endian, so no two files share a stream.
+    """
+    h = hashlib.sha256()
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    def put_array(a: np.ndarray) -> None:
+        a = np.asarray(a)
+        if a.dtype.kind not in "biufS":  # the reader's _walk has refused such datasets already
+            raise ValueError(f"a value of dtype {a.dtype} cannot be part of a share")
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        put(a.dtype.str.encode())
+        put(json.dumps(list(a.shape)).encode())
+        put(a.tobytes(order="C"))
+
+    for path in sorted(["", *objs], key=lambda p: p.encode("utf-8")):
+        obj = f if path == "" else objs[path]
+        put(path.encode("utf-8"))
+        if isinstance(obj, h5py.Dataset):
+            put(b"dataset")
+            put_array(read[path] if read is not None and path in read else obj[()])
+        else:
+            put(b"group")
+        for name in sorted(obj.attrs.keys(), key=lambda n: n.encode("utf-8")):
+            if path == "" and name == Attr.CONTENT_SHA256:
+                continue
+            put(name.encode("utf-8"))
+            put_array(obj.attrs[name])
     return h.hexdigest()
 
 
@@ -375,6 +431,12 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
         raise DistillError(f"License {share.license!r} is not an SPDX identifier such as CC-BY-4.0 or CC0-1.0.")
     if any(b"\0" in b or not b for b in encoded):
         raise DistillError("Class names must be non-empty and contain no NUL character.")
+    for what, text, allow in (("class name", " ".join(names), ""), ("--description", share.description or "", "\n\t"),
+                              ("--cite", share.citation or "", "\n\t"), ("--license", share.license or "", "")):
+        bad = control_characters(text, allow)
+        if bad:
+            raise DistillError(f"The share's {what} contains the control character(s) {', '.join(bad)}, which a "
+                               "terminal would obey when the share is inspected; remove them.")
     privacy = _normalised_privacy(share.privacy)
     _check_content(str(path), arrays, len(names), share.recipe, share.label_temperature, privacy)
     with atomic_path(path) as tmp:
@@ -432,6 +494,7 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
             _set_json(g, Attr.SUMMARY, privacy[Attr.SUMMARY])
             _set_text(g, Attr.STATEMENT, privacy[Attr.STATEMENT])
             _set_text(g, Attr.AUDIT_CREATED, privacy[Attr.AUDIT_CREATED])
+            _set_text(f, Attr.CONTENT_SHA256, content_sha256(f, _walk(f, str(path))))  # last: it covers the rest
         load_share(tmp)
     log.info("Share written to %s (%d images, %d classes).", path, len(arrays[Key.IMAGES]), len(names))
     return path
@@ -456,6 +519,10 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
         bad = f"has learning rate {r.lr}; it must be positive and finite"
     elif r.epochs < 1 or r.batch_size < 1:
         bad = f"has {r.epochs} epochs and batch size {r.batch_size}; both must be at least 1"
+    elif r.epochs > L.MAX_EPOCHS:
+        bad = f"asks for {r.epochs} epochs, more than the limit of {L.MAX_EPOCHS}"
+    elif r.batch_size > L.MAX_BATCH_SIZE:
+        bad = f"asks for batch size {r.batch_size}, more than the limit of {L.MAX_BATCH_SIZE}"
     elif not (math.isfinite(r.momentum) and 0 <= r.momentum < 1):
         bad = f"has momentum {r.momentum}; it must lie in [0, 1)"
     elif not (math.isfinite(r.weight_decay) and r.weight_decay >= 0):
@@ -468,11 +535,16 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
         bad = "asks for soft_cross_entropy but the share has no soft labels"
     else:
         try:
+            check_model_kwargs(r.model, r.model_kwargs)
+        except ValueError as e:
+            bad = str(e)
+    if bad is None:
+        try:
             Augment.parse(r.augment)
         except (ValueError, AttributeError):
             bad = f"has augmentation {r.augment!r}, which distill.augment cannot parse"
     if bad:
-        raise FormatError(f"{where}: the training recipe {bad}.")
+        raise FormatError(f"{where}: the training recipe {bad}; the share is invalid (limits: docs/share-format.md).")
 
 
 def _check_content(where: str, a: dict[str, np.ndarray], num_classes: int, recipe: Recipe,
@@ -551,12 +623,14 @@ def _walk(f: h5py.File, where: str) -> dict[str, h5py.HLObject]:
     found: dict[str, h5py.HLObject] = {}
     seen_groups = set()
     stack = [("", f)]
-    count = 0
+    count = total = 0
     _check_attrs(f, where)
     while stack:
         prefix, group = stack.pop()
         for name in group:
             count += 1
+            if not isinstance(name, str):
+                raise FormatError(f"{where}: an object name in /{prefix} is not valid UTF-8 ({printable(name)}).")
             if count > S.MAX_OBJECTS:
                 raise FormatError(f"{where} holds more than {S.MAX_OBJECTS} objects; a share has about 15.")
             p = f"{prefix}{name}"
@@ -574,6 +648,16 @@ def _walk(f: h5py.File, where: str) -> dict[str, h5py.HLObject]:
                     raise FormatError(f"{where}: /{p} is a virtual dataset; shares must hold their data themselves.")
                 if obj.external:
                     raise FormatError(f"{where}: /{p} keeps its data in external files; shares must be self-contained.")
+                # Every dataset is read for the content checksum, so every one is bounded, known or not.
+                if obj.shape is None or obj.dtype.kind not in "biufS":
+                    raise FormatError(f"{where}: /{p} has dtype {obj.dtype} or no shape; shares hold numbers and "
+                                      "fixed-length text.")
+                declared = obj.size * obj.dtype.itemsize
+                total += declared
+                if declared > S.MAX_ARRAY_BYTES or total > S.MAX_TOTAL_BYTES:
+                    raise FormatError(f"{where}: /{p} declares {obj.shape}, outside the sane limits "
+                                      f"({S.MAX_ARRAY_BYTES >> 30} GiB per dataset, {S.MAX_TOTAL_BYTES >> 30} GiB "
+                                      "per share).")
             elif isinstance(obj, h5py.Group):
                 addr = h5py.h5o.get_info(obj.id).addr
                 if addr in seen_groups:  # a group hard-linked twice (or into itself): visit once
@@ -593,6 +677,8 @@ def _check_attrs(obj: h5py.HLObject, where: str) -> None:
     if len(names) > S.MAX_ATTRS:
         raise FormatError(f"{where}: {obj.name} has {len(names)} attributes; more than {S.MAX_ATTRS} is not a share.")
     for name in names:
+        if not isinstance(name, str):  # h5py hands back the raw bytes of a name that is not UTF-8
+            raise FormatError(f"{where}: an attribute name at {obj.name} is not valid UTF-8 ({printable(name)}).")
         aid = h5py.h5a.open(obj.id, name.encode("utf-8"))
         tid = aid.get_type()
         if tid.get_class() not in _ATTR_CLASSES or (isinstance(tid, h5py.h5t.TypeStringID) and tid.is_variable_str()):
@@ -663,6 +749,11 @@ def _declared(objs: dict, key: str, dtype, shape: tuple, where: str, required: b
         raise FormatError(f"{where}: /{key} declares {ds.shape}, more than {S.MAX_ARRAY_BYTES >> 30} GiB; "
                           "that is not a sane share.")
     return ds
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = (int(p) for p in version.split(".")[:2])  # check_version has accepted its form
+    return major, minor
 
 
 def _group(objs: dict, key: str, where: str) -> h5py.Group:
@@ -769,6 +860,14 @@ def _read(f: h5py.File, where: str) -> Share:
     if stored != actual:
         raise FormatError(f"{where}: the payload checksum does not match (stored {stored[:16]}..., computed "
                           f"{actual[:16]}...); the file was altered or damaged.")
+    content, unverified = "", S.UNVERIFIED_IN_1_0
+    if _version_tuple(version) >= S.CONTENT_SINCE or Attr.CONTENT_SHA256 in f.attrs:
+        content = _attr(f, Attr.CONTENT_SHA256, "text", where)
+        computed = content_sha256(f, objs, arrays)
+        if content != computed:
+            raise FormatError(f"{where}: the content checksum does not match (stored {content[:16]}..., computed "
+                              f"{computed[:16]}...); a field was altered or damaged.")
+        unverified = ()
 
     pre_arrays = {name[len(Key.PREPROCESSING) + 1:]: v for name, v in arrays.items() if name.startswith(Key.PREPROCESSING)}
     pre = Preprocessing.from_arrays(pre_arrays, {"size": pre_size, "channels": pre_channels, "zca": zca,
@@ -779,4 +878,4 @@ def _read(f: h5py.File, where: str) -> Share:
                  class_names=class_names, preprocessing=pre, recipe=recipe, provenance=provenance, privacy=privacy,
                  license=_attr(f, Attr.LICENSE, "text", where), description=_attr(f, Attr.DESCRIPTION, "text", where),
                  citation=_attr(f, Attr.CITATION, "text", where), created=_attr(f, Attr.CREATED, "text", where),
-                 format_version=version, payload_sha256=stored)
+                 format_version=version, payload_sha256=stored, content_sha256=content, unverified=unverified)

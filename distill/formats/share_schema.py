@@ -7,7 +7,7 @@ people without Python.
 from __future__ import annotations
 
 SHARE_FORMAT = "distill-share"
-VERSION_MAJOR, VERSION_MINOR = 1, 0
+VERSION_MAJOR, VERSION_MINOR = 1, 1  # 1.1: content_sha256 over every field
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
 
 
@@ -32,6 +32,7 @@ class Attr:
     FORMAT_VERSION = "format_version"
     CREATED = "created"
     PAYLOAD_SHA256 = "payload_sha256"
+    CONTENT_SHA256 = "content_sha256"  # 1.1: every group, dataset and attribute but itself (content_sha256())
     NUM_IMAGES = "num_images"
     NUM_CLASSES = "num_classes"
     LICENSE = "license"
@@ -72,6 +73,10 @@ PROVENANCE_KEYS = (Attr.METHOD, Attr.EXPERTS, Attr.DATASET, Attr.SOFTWARE, Attr.
 # C-order bytes (absent optional ones are skipped). They are everything a recipient
 # trains on: pixels, targets and the transform it applies to its own data.
 PAYLOAD_ORDER = (Key.IMAGES, Key.LABELS, Key.LABEL_LOGITS) + tuple(f"{Key.PREPROCESSING}/{a}" for a in PRE_ARRAYS)
+# What a share without content_sha256 (format 1.0) leaves unchecked: everything but the payload.
+UNVERIFIED_IN_1_0 = ("class names", "recipe", "preprocessing attributes", "provenance", "privacy record",
+                     "licence, description, citation and creation time")
+CONTENT_SINCE = (1, 1)  # the first version whose shares must carry content_sha256
 
 LOSS_SOFT = "soft_cross_entropy"  # targets softmax(label_logits / temperature)
 LOSS_HARD = "cross_entropy"  # targets the class ids

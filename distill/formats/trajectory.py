@@ -200,6 +200,24 @@ def _open(path: Path) -> h5py.File:
         raise FormatError(f"{path} is no longer a readable HDF5 trajectory file; rebuild the buffer.") from None
 
 
+# Every setting that shapes an expert's file: experts that differ in one of them are not interchangeable,
+# and a buffer's config.toml could not describe them all. "batched" is whether the experts went through
+# the vmapped path (batching changes the rounding; the group size does not change an expert's arithmetic,
+# so a buffer grown with more experts per group stays one kind).
+SHAPING_SETTINGS = ("model", "seed", "snapshot_every", "snapshot_dtype", "epochs", "lr", "momentum", "weight_decay",
+                    "batch_size", "augment", "batched", "bf16")
+
+
+def shaping_settings(e: ExpertFile) -> dict:
+    """The :data:`SHAPING_SETTINGS` an expert file records; None where an older file does not say."""
+    batch_experts = e.train.get("batch_experts")
+    return {"model": e.attrs.get("model"), "seed": e.attrs.get("seed"), "snapshot_every": e.attrs.get("snapshot_every"),
+            "snapshot_dtype": e.attrs.get("snapshot_dtype"),
+            **{k: e.train.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")},
+            "batched": None if batch_experts is None else batch_experts > 1 or bool(e.train.get("bf16")),
+            "bf16": e.train.get("bf16")}
+
+
 def read_expert(path: str | os.PathLike, verify: bool = True) -> ExpertFile:
     """Open an expert file and check its schema; with ``verify``, also the checksum of its snapshots."""
     path = Path(path)

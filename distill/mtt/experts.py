@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import DistillError, FormatError
-from ..formats.trajectory import ExpertFile, check_numbering, list_experts, read_buffer_preprocessing, read_expert
+from ..formats.trajectory import (SHAPING_SETTINGS, ExpertFile, check_numbering, list_experts, read_buffer_preprocessing,
+                                 read_expert, shaping_settings)
 from ..models import create_model
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ class ExpertPool:
             if differs or e.model_kwargs != first.model_kwargs or e.num_params != first.num_params:
                 what = ", ".join(differs) or "model arguments"
                 raise FormatError(f"{e.path.name} differs from {first.path.name} in {what}; a buffer must hold experts of one kind.")
+            settings, first_settings = shaping_settings(e), shaping_settings(first)
+            mixed = [k for k in SHAPING_SETTINGS if settings[k] != first_settings[k]]
+            if mixed:
+                k = mixed[0]
+                raise FormatError(f"{e.path.name} was made with {k} {settings[k]!r} but {first.path.name} with "
+                                  f"{first_settings[k]!r}; a buffer must hold experts made with one setting, so "
+                                  "rebuild it or move one kind to another folder.")
             if e.attrs.get("preprocessing_sha256") != self.preprocessing_sha256:
                 raise FormatError(f"{e.path.name} was made with another preprocessing than {self.folder}/preprocessing.h5; rebuild the buffer.")
         self.num_snapshots = min(e.num_snapshots for e in self.experts)

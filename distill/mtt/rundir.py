@@ -30,7 +30,7 @@ from ..errors import DistillError, FormatError
 from ..formats.common import check_version
 from ..formats.share import labelled_grid
 from ..formats.synset import SYNSET_FILE
-from ..io import atomic_path, fs_error, write_bytes_atomic
+from ..io import append_text, atomic_path, truncate_in_place, write_bytes_atomic
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -106,17 +106,12 @@ class MetricsLog:
 
     def truncate(self, offset: int) -> None:
         """Drop what was logged after the checkpoint being resumed (those iterations run again)."""
-        if self.enabled and self.path.exists():
-            with open(self.path, "r+b") as f:
-                f.truncate(offset)
+        if self.enabled and os.path.lexists(self.path):
+            truncate_in_place(self.path, offset, what="metrics log")
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(_finite_or_none(record), sort_keys=True) + "\n")
-            except OSError as e:
-                raise fs_error(e, self.path) from None
+            append_text(self.path, json.dumps(_finite_or_none(record), sort_keys=True) + "\n", what="metrics log")
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.enabled and self.path.exists() else 0
