@@ -47,6 +47,14 @@ class BufferConfig:
     bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
     seed: int = 0
     device: str = "auto"
+    # Differential privacy (distill/dp.py): None = experts trained without DP. With an epsilon the whole
+    # buffer (every expert, and the class means of dp_init) spends at most (dp_epsilon, dp_delta).
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None  # None = 1 / (10 n), below 1/n for the n training images
+    dp_clip: float = 1.0  # per-image gradient L2 bound (dp.DEFAULT_CLIP)
+    dp_shards: int = 1  # experts train on this many disjoint shards of the data (parallel composition)
+    dp_accountant: str = "prv"  # prv | rdp (Opacus)
+    dp_init: str = "none"  # none | class-means: also release per-class mean images (a part of the budget)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,8 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
+    epsilon: float | None = None  # --baseline dp-sgd: the (epsilon, delta) of its DP-SGD training
+    delta: float | None = None  # None = 1 / (10 n) for the n training images
 
 
 # The full-data baseline's epochs: 300 epochs over PneumoniaMNIST's 4,708 images is about 3.5 h per
@@ -200,6 +210,8 @@ class ReportConfig:
 GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
 FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
+DP_ACCOUNTANTS = ("prv", "rdp")  # Opacus' accountants (distill/dp.py)
+DP_INITS = ("none", "class-means")  # DP statistics a DP buffer may release beside its experts
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "size": AT_LEAST_1, "snapshot_every": Allowed(low=0, zero="once per epoch"),
         "snapshot_dtype": Allowed(choices=SNAPSHOT_DTYPES),
         "batch_experts": Allowed(low=0, zero="auto"),
+        "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
+        "dp_shards": AT_LEAST_1, "dp_accountant": Allowed(choices=DP_ACCOUNTANTS), "dp_init": Allowed(choices=DP_INITS),
     },
     RunConfig: {
         "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
@@ -262,7 +276,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY),
     },
-    EvalConfig: {"runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1,
+    EvalConfig: {"epsilon": POSITIVE, "delta": POSITIVE, "runs": AT_LEAST_1, "epochs": AT_LEAST_1, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": AT_LEAST_1,
                  "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,

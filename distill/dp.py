@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .augment import device_generator
+from .config import DP_ACCOUNTANTS as ACCOUNTANTS
 from .data import Preprocessing
 from .errors import DistillError
 from .formats.dp_record import (DP_STATS_CLASS_MEANS, DP_STATS_FORMAT, DP_STATS_VERSION, NORMALISATION_FIXED,
@@ -39,8 +40,6 @@ from .train import TrainRecipe, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
-ACCOUNTANTS = ("prv", "rdp")  # Opacus' names; PRV is the tighter one and the default
-DP_INITS = ("none", "class-means")
 DEFAULT_CLIP = 1.0  # per-image gradient L2 bound; 1 is the common DP-SGD choice (Abadi et al. 2016; De et al. 2022)
 # delta defaults to 1 / (DELTA_FACTOR * n): well below 1/n, the level at which "publish one image" is (0, delta)-DP.
 DELTA_FACTOR = 10
@@ -132,7 +131,8 @@ class DPPlan:
 
     Every expert trains ``steps`` steps at ``sample_rate`` with noise ``noise_multiplier``. The experts of
     one shard compose (``experts_per_shard * steps`` steps under one accountant); disjoint shards compose
-    in parallel, so the budget is the worst shard's: the one with the most experts and the fewest images.
+    in parallel, so the budget is the worst shard's: the one with the most experts. Each shard samples
+    every image with probability ``sample_rate`` (batch / n), whatever its size.
     """
 
     epsilon: float  # the budget asked for
@@ -187,8 +187,11 @@ def plan_budget(*, epsilon: float, delta: float, n: int, batch_size: int, epochs
                            f"got {experts} expert(s) and {n} images.")
     shard_size = n // shards
     per_shard = -(-experts // shards)
-    sample_rate = min(1.0, batch_size / shard_size)
-    steps_per_epoch = -(-shard_size // batch_size)
+    # q is batch / n whatever the shards: a shard's batches hold about batch / shards images, and its
+    # experts take as many steps as one on all the data. (Keeping the batch instead would double q on
+    # 2 shards and weaken the amplification by sampling about as much as parallel composition saves.)
+    sample_rate = min(1.0, batch_size / n)
+    steps_per_epoch = -(-n // batch_size)
     steps = epochs * steps_per_epoch
     stats_sigma = solve_sigma(STATS_FRACTION * epsilon, delta, 1.0, 1, accountant) if stats else None
     target = (1 - STATS_FRACTION) * epsilon if stats else epsilon
