@@ -79,7 +79,7 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--bf16/--no-bf16", default=None, help=f"bf16 autocast for the experts' forward pass (changes trajectories) {default_text(BufferConfig, 'bf16')}.")
 @click.option("--dp-epsilon", type=float, default=None,
               help="Train the experts with DP-SGD so that the whole buffer is (epsilon, delta)-DP per training image.")
-@click.option("--dp-delta", type=float, default=None, help="The delta of --dp-epsilon; below 1/n (default 1/(10 n)).")
+@click.option("--dp-delta", type=float, default=None, help="The delta of --dp-epsilon; below 1/n. Left out: 1/(10 n) for n training images.")
 @click.option("--dp-clip", type=float, default=None, help=f"Per-image gradient L2 bound {default_text(BufferConfig, 'dp_clip')}.")
 @click.option("--dp-shards", type=int, default=None,
               help=f"Experts train on S disjoint shards, which compose in parallel {default_text(BufferConfig, 'dp_shards')}.")
@@ -108,7 +108,7 @@ def buffer(config_file, **flags):
               help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full. "
                    "dp-sgd: one network trained on the real data with DP-SGD at --epsilon.")
 @click.option("--epsilon", type=float, default=None, help="--baseline dp-sgd: its privacy budget epsilon.")
-@click.option("--delta", type=float, default=None, help="--baseline dp-sgd: its delta, below 1/n (default 1/(10 n)).")
+@click.option("--delta", type=float, default=None, help="--baseline dp-sgd: its delta, below 1/n. Left out: 1/(10 n) for n training images.")
 @click.option("--ipc", type=int, default=None, help="Random-real images per class (default: as many as the share has).")
 @click.option("--model", default=None, help=f"Registered model to train (default: the share's recipe, else {BufferConfig.model}).")
 @click.option("--runs", type=int, default=None, help=f"Networks trained per row {default_text(EvalConfig, 'runs')}.")

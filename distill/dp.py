@@ -33,6 +33,7 @@ from .augment import device_generator
 from .config import DP_ACCOUNTANTS as ACCOUNTANTS
 from .data import Preprocessing
 from .errors import DistillError
+from .io import atomic_path, new_h5
 from .formats.dp_record import (DP_STATS_CLASS_MEANS, DP_STATS_FORMAT, DP_STATS_VERSION, NORMALISATION_FIXED,
                                 DPRecord)
 from .seeding import generator as seeded_generator
@@ -168,12 +169,11 @@ class DPPlan:
             stats_epsilon=epsilon_spent(self.history()[1:], self.delta, self.accountant) if stats else 0.0,
             extra={"epsilon_budget": self.epsilon, "steps_per_epoch": self.steps_per_epoch,
                    "experts_per_shard": self.experts_per_shard, "shard_size": self.shard_size,
-                   "stats_noise_multiplier": self.stats_noise_multiplier,
-                   "stats_fraction": STATS_FRACTION if stats else 0.0,
-                   "stats_bound": "each image's L2 norm clipped to sqrt(C*H*W), the largest in [-1, 1] pixels",
                    "delta_rule": f"1/({DELTA_FACTOR} n) unless given", "normalisation_constants": [DP_MEAN, DP_STD],
                    "noise_source": "operating-system entropy (not the recorded seed)",
-                   "sgd_and_stats_epsilon": "each computed alone; epsilon is their composition"})
+                   **({"stats_noise_multiplier": self.stats_noise_multiplier, "stats_fraction": STATS_FRACTION,
+                       "stats_bound": "each image's L2 norm clipped to sqrt(C*H*W), the largest for pixels in [-1, 1]",
+                       "sgd_and_stats_epsilon": "each computed alone; epsilon is their composition"} if stats else {})})
 
 
 def plan_budget(*, epsilon: float, delta: float, n: int, batch_size: int, epochs: int, experts: int = 1,
@@ -344,8 +344,6 @@ def noised_class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def write_dp_stats(path, means: torch.Tensor, noisy_counts: torch.Tensor, plan: DPPlan) -> None:
     """dp_stats.h5, atomically: the class means (K, 1, C, H, W) with the format, version and what they cost."""
-    from .io import atomic_path, new_h5
-
     with atomic_path(path) as tmp:
         with new_h5(tmp) as f:
             f.attrs["format"] = DP_STATS_FORMAT
