@@ -462,7 +462,7 @@ def _setup(cfg: EvalConfig, union: Union | None, train_data: RealData, test_data
     if "dp-sgd" in baselines:  # a DP network must not see statistics of the private images either
         if cfg.zca:
             raise DistillError("--baseline dp-sgd cannot use --zca: the whitening is fitted on the private images.")
-        pre, source = dp.fixed_preprocessing(train_data.channels, train_data.size), "fixed constants (DP)"
+        pre, source = dp.fixed_preprocessing(train_data.channels, train_data.size), "by fixed constants (DP)"
     else:
         pre, source = fit_preprocessing(train_data.train.images, zca=cfg.zca), "fit on the train split"
     return _Setup(pre, source, list(train_data.class_names), recipe, recipe.model, dict(cfg.model_kwargs or {}))
@@ -620,7 +620,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
         # A random-real row depends on this, not on the other rows: alone or combined, it is the same.
         log.info("Baselines follow %s.", "the share's recipe and preprocessing, so a `--baseline random-real` run "
                  "without the share (reference recipe, its own preprocessing) gives other numbers" if union else
-                 "the reference recipe, with preprocessing fit on the train split")
+                 f"the reference recipe, with preprocessing {setup.pre_source}")
     x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
     total = sum(cfg.runs * a.recipe.epochs for a in arms)
     results = []
