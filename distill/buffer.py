@@ -204,7 +204,9 @@ def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessi
         if not cfg.snapshot_every:
             snaps.append(flatten_params(model).cpu())
             steps.append(epoch * steps_per_epoch)
-        val_acc.append(accuracy(predict(model, x_val), data.val.labels) if len(x_val) else float("nan"))
+        # A DP expert's file holds nothing but DP outputs: no accuracy on the private images.
+        val_acc.append(accuracy(predict(model, x_val), data.val.labels) if len(x_val) and plan is None
+                       else float("nan"))
         if on_epoch is not None:
             on_epoch()
 
@@ -218,6 +220,8 @@ def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessi
         dp_train = {"dp_noise_multiplier": plan.noise_multiplier, "dp_clip": plan.clip,
                     "dp_sample_rate": plan.sample_rate, "dp_shard": shard, "dp_shards": plan.shards}
     history = train(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
+    if plan is not None:  # loss and accuracy on the private training batches are not DP: not stored
+        history = [{"loss": float("nan"), "acc": float("nan")} for _ in history]
     return _write_trajectory(index, cfg, data, pre_sha, param_spec(model), snaps, steps, history, val_acc,
                              steps_per_epoch, dp_train)
 

@@ -31,7 +31,7 @@ from test_cli_errors import assert_one_sentence, run_main
 
 def _cfg(data, out, **kw) -> BufferConfig:
     return BufferConfig(**{"data": str(data), "out": str(out), "experts": 2, "epochs": 2, "batch_size": 8,
-                           "device": "cpu", "augment": "none", "dp_epsilon": 8.0, **kw})
+                           "device": "cpu", "augment": "none", "dp_epsilon": 8.0, "dp_accountant": "rdp", **kw})
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -137,6 +137,8 @@ def test_dp_buffer_writes_its_record_fixed_normalisation_and_noised_class_means(
     # Poisson batches vary in size; the snapshots still fall every step.
     assert e.snapshot_steps.tolist() == list(range(rec.steps + 1))
     assert e.train["dp_noise_multiplier"] == rec.noise_multiplier
+    # Nothing measured on private images without noise: no training loss or accuracy, no validation accuracy.
+    assert all(np.isnan(v).all() for v in e.history().values())
     with h5py.File(out / DP_STATS_FILE) as f:
         assert f.attrs["format"] == "distill-dp-stats"
         means = f[DP_STATS_CLASS_MEANS][()]
@@ -172,14 +174,15 @@ def test_dp_buffer_resumed_after_a_kill_reports_the_same_epsilon(tiny_npz, tmp_p
 
 
 def test_dp_and_non_dp_experts_never_share_a_folder(tiny_npz, tmp_path):
-    plain = dataclasses.replace(_cfg(tiny_npz, tmp_path / "plain", experts=1, epochs=1), dp_epsilon=None)
+    plain = dataclasses.replace(_cfg(tiny_npz, tmp_path / "plain", experts=1, epochs=1), dp_epsilon=None,
+                                dp_accountant="prv")
     build_buffer(plain)
     with pytest.raises(Exception, match="without DP"):
-        build_buffer(dataclasses.replace(plain, dp_epsilon=8.0, dp_delta=1e-3))
+        build_buffer(dataclasses.replace(plain, dp_epsilon=8.0, dp_delta=1e-3, dp_accountant="rdp"))
     dpb = _cfg(tiny_npz, tmp_path / "dp", experts=1, epochs=1, dp_delta=1e-3)
     build_buffer(dpb)
     with pytest.raises(Exception, match="holds DP experts"):
-        build_buffer(dataclasses.replace(dpb, dp_epsilon=None, dp_delta=None))
+        build_buffer(dataclasses.replace(dpb, dp_epsilon=None, dp_delta=None, dp_accountant="prv"))
 
 
 @pytest.mark.parametrize("extra, fragment", [
