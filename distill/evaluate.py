@@ -42,6 +42,7 @@ EVAL_FORMAT = "distill-eval"
 EVAL_FORMAT_VERSION = "1.0"
 
 BASELINES = ("random-real", "full", "dp-sgd")
+DEFAULT_BASELINES = ("random-real", "full")  # beside a share when none is named; dp-sgd needs an epsilon
 DEFAULT_MODEL = BufferConfig.model  # the experts' network (the reference MTT one), when no share names one
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
@@ -387,7 +388,7 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
     check_ranges(cfg)
     if cfg.model is not None and cfg.model not in list_models():
         raise DistillError(f"Unknown model {cfg.model!r}; choose one of {', '.join(list_models())}.")
-    baselines = tuple(cfg.baselines) if cfg.baselines is not None else (BASELINES if shares else ())
+    baselines = tuple(cfg.baselines) if cfg.baselines is not None else (DEFAULT_BASELINES if shares else ())
     if "none" in baselines:
         if len(baselines) > 1:
             raise DistillError("--baseline none cannot be combined with other baselines.")
