@@ -219,3 +219,19 @@ def test_eval_dp_sgd_baseline_runs_and_reports(tiny_npz, tmp_path, monkeypatch, 
     code, _, err = run_main(["eval", "--train", str(tiny_npz), "--baseline", "dp-sgd", "--device", "cpu"],
                             monkeypatch, capsys)
     assert_one_sentence(code, err, "--epsilon")
+
+
+def test_class_means_are_exact_without_noise_and_noised_per_pixel_as_the_mechanism_says():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 1, 8, 8, generator=gen) * 2 - 1
+    y = torch.arange(400) % 2
+    exact = torch.stack([x[y == k].mean(0) for k in range(2)])
+    means, counts = dp.noised_class_means(x, y, 2, 0.0)
+    assert means.shape == (2, 1, 1, 8, 8) and counts.tolist() == [200.0, 200.0]
+    assert torch.allclose(means[:, 0], exact, atol=1e-5)
+    sigma = 0.05
+    noisy, _ = dp.noised_class_means(x, y, 2, sigma, noise_generator=torch.Generator().manual_seed(1))
+    # Each pixel of a sum gets noise of std sigma * sqrt(2) * B, B = sqrt(64); divided by ~200 images.
+    expected = sigma * math.sqrt(2) * 8 / 200
+    residual = (noisy[:, 0] - exact).std().item()
+    assert 0.7 * expected < residual < 1.3 * expected
