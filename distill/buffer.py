@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import dp
 from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
 from .config import BufferConfig, check_ranges, save_toml
@@ -23,10 +24,11 @@ from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
+from .formats.dp_record import DP_STATS_FILE, DPRecord, dp_path, read_dp_record
 from .formats.trajectory import (PREPROCESSING_FILE, SHAPING_SETTINGS, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, shaping_settings, write_buffer_preprocessing,
                                  write_expert)
-from .io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
+from .io import atomic_path, check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
 from .seeding import generator, seeded
@@ -43,6 +45,56 @@ def validate(cfg: BufferConfig) -> None:
         Augment.parse(cfg.augment)
     except ValueError as e:
         raise DistillError(str(e)) from None
+    validate_dp(cfg)
+
+
+def validate_dp(cfg: BufferConfig) -> None:
+    """DP settings that make sense only together; the budget against n is checked once the data is loaded."""
+    defaults = BufferConfig()
+    if cfg.dp_epsilon is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("dp_delta", "dp_clip", "dp_shards", "dp_accountant", "dp_init")
+                 if getattr(cfg, k) != getattr(defaults, k)]
+        if given:
+            raise DistillError(f"{given[0]} applies to DP experts only; add --dp-epsilon E or leave it out.")
+        return
+    if cfg.zca:
+        raise DistillError("ZCA whitening is fitted on the private images and would leak them; DP experts "
+                           "(--dp-epsilon) need --no-zca.")
+    if cfg.batch_experts > 1 or cfg.bf16:
+        raise DistillError("DP experts train one at a time in float32; leave out --batch-experts and --bf16.")
+
+
+def _check_dp_mixture(cfg: BufferConfig, out: Path) -> None:
+    """A folder holds DP experts or non-DP experts, never both: the budget would describe only some of them."""
+    has_dp = dp_path(out).exists()
+    has_buffer = (out / PREPROCESSING_FILE).exists() or any(out.glob("expert_*"))
+    if cfg.dp_epsilon is not None and has_buffer and not has_dp:
+        raise DistillError(f"{out} already holds experts trained without DP; choose another --out folder for DP experts.")
+    if cfg.dp_epsilon is None and has_dp:
+        raise DistillError(f"{out} holds DP experts ({dp_path(out).name}); add the same --dp-epsilon to resume "
+                           "it, or choose another --out folder.")
+
+
+def dp_plan(cfg: BufferConfig, n: int, out: Path) -> tuple[dp.DPPlan, DPRecord]:
+    """The budget of a DP buffer, solved from its settings; a resumed buffer must find the same plan on disk."""
+    import opacus
+
+    delta = dp.check_budget(cfg.dp_epsilon, cfg.dp_delta, n)
+    plan = dp.plan_budget(epsilon=cfg.dp_epsilon, delta=delta, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                          experts=cfg.experts, shards=cfg.dp_shards, clip=cfg.dp_clip, accountant=cfg.dp_accountant,
+                          stats=cfg.dp_init == "class-means")
+    old = read_dp_record(out)
+    if old is None:
+        return plan, plan.record(opacus.__version__)
+    # The budget was fixed for the planned experts when the buffer started: resuming spends nothing new.
+    same = (old.experts, old.shards, old.steps, old.clip, old.accountant, old.delta, old.extra.get("epsilon_budget"),
+            old.stats) == (plan.experts, plan.shards, plan.steps, plan.clip, plan.accountant, plan.delta,
+                           plan.epsilon, "class_means" if plan.stats_noise_multiplier is not None else None)
+    if not same or abs(old.noise_multiplier - plan.noise_multiplier) > 1e-9:
+        raise DistillError(f"{out} holds DP experts planned as {old.experts} expert(s) at epsilon "
+                           f"{old.extra.get('epsilon_budget')} ({dp_path(out).name}); resume with the settings it "
+                           "was started with, or choose another --out folder.")
+    return plan, old
 
 
 AUTO_BATCH_EXPERTS = 16  # experts per vmapped group on CUDA when --batch-experts is left at 0 (auto)
@@ -56,6 +108,8 @@ def resolve_batch_experts(cfg: BufferConfig, device: torch.device, model: torch.
     """
     if cfg.batch_experts:
         return cfg.batch_experts
+    if cfg.dp_epsilon is not None:
+        return 1  # per-image gradients (Opacus) for one network at a time
     if device.type != "cuda" or any(True for _ in model.buffers()):
         return 1
     return max(1, min(cfg.experts, AUTO_BATCH_EXPERTS))
@@ -69,6 +123,8 @@ def prepare_data(cfg: BufferConfig, world: World, out: Path) -> tuple[RealData, 
     read = ReadOptions(cfg.on_bad_file, cfg.nifti_axis, cfg.nifti_slice).record()
     data = load_data(cfg.data, size=cfg.size, split_seed=cfg.seed, read=read)
     if not (out / PREPROCESSING_FILE).exists():
+        if cfg.dp_epsilon is not None:  # constants: nothing fitted on the private images (distill/dp.py)
+            return data, dp.fixed_preprocessing(data.channels, data.size) if world.main else None
         return data, fit_preprocessing(data.train.images, zca=cfg.zca) if world.main else None
     pre, fingerprint, _ = read_buffer_preprocessing(out)
     if fingerprint["sha256"] != data.source_sha256 or pre.zca != cfg.zca or pre.size != data.size:
@@ -111,7 +167,8 @@ def _recipe(cfg: BufferConfig) -> TrainRecipe:
 
 
 def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: str, spec, snaps: list[torch.Tensor],
-                      steps: list[int], history: list[dict], val_acc: list[float], steps_per_epoch: int) -> Path:
+                      steps: list[int], history: list[dict], val_acc: list[float], steps_per_epoch: int,
+                      dp_train: dict | None = None) -> Path:
     path = expert_path(cfg.out, index)
     if not (Path(cfg.out) / PREPROCESSING_FILE).is_file():  # writing would make a new, half buffer
         raise DistillError(f"{cfg.out} or its {PREPROCESSING_FILE} disappeared while the experts trained; restore "
@@ -127,14 +184,18 @@ def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: st
             train={"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
                    "batch_size": cfg.batch_size, "augment": cfg.augment,
                    # How the experts were computed: batching changes rounding, bf16 changes more.
-                   "batch_experts": cfg.batch_experts, "bf16": cfg.bf16}),
+                   "batch_experts": cfg.batch_experts, "bf16": cfg.bf16, **(dp_train or {})}),
     )
     return path
 
 
 def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessing, pre_sha: str,
-                 device: torch.device, x_train: torch.Tensor, x_val: torch.Tensor, on_epoch=None) -> Path:
-    """Train expert ``index`` and write its trajectory file; returns the path."""
+                 device: torch.device, x_train: torch.Tensor, x_val: torch.Tensor, on_epoch=None,
+                 plan: dp.DPPlan | None = None) -> Path:
+    """Train expert ``index`` and write its trajectory file; returns the path.
+
+    With a DP ``plan`` the expert trains with DP-SGD on its shard (``index % plan.shards``).
+    """
     model = _new_expert(index, cfg, data, device)
     gen = generator(cfg.seed, index, DATA_SEED_KEY)
     y_train = data.train.labels.to(device)
@@ -150,14 +211,26 @@ def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessi
         if not cfg.snapshot_every:
             snaps.append(flatten_params(model).cpu())
             steps.append(epoch * steps_per_epoch)
-        val_acc.append(accuracy(predict(model, x_val), data.val.labels) if len(x_val) else float("nan"))
+        # A DP expert's file holds nothing but DP outputs: no accuracy on the private images.
+        val_acc.append(accuracy(predict(model, x_val), data.val.labels) if len(x_val) and plan is None
+                       else float("nan"))
         if on_epoch is not None:
             on_epoch()
 
     steps_per_epoch = -(-len(x_train) // cfg.batch_size)
-    history = train_network(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
+    train, dp_train = train_network, None
+    if plan is not None:
+        shard = index % plan.shards
+        rows = dp.shard_indices(len(x_train), plan.shards, cfg.seed)[shard].to(device)
+        x_train, y_train, train = x_train[rows], y_train[rows], dp.dp_trainer(plan)
+        steps_per_epoch = plan.steps_per_epoch
+        dp_train = {"dp_noise_multiplier": plan.noise_multiplier, "dp_clip": plan.clip,
+                    "dp_sample_rate": plan.sample_rate, "dp_shard": shard, "dp_shards": plan.shards}
+    history = train(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
+    if plan is not None:  # loss and accuracy on the private training batches are not DP: not stored
+        history = [{"loss": float("nan"), "acc": float("nan")} for _ in history]
     return _write_trajectory(index, cfg, data, pre_sha, param_spec(model), snaps, steps, history, val_acc,
-                             steps_per_epoch)
+                             steps_per_epoch, dp_train)
 
 
 def train_experts_batched(indices: list[int], cfg: BufferConfig, data: RealData, pre_sha: str, device: torch.device,
@@ -218,6 +291,7 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             # A hard kill (SIGKILL, power loss) can leave temporary files; under the lock nobody owns them.
             remove_stale_temps(out)
         # Everything is checked before anything is written: a refused command leaves the folder as it was.
+        _check_dp_mixture(cfg, out)
         data, new_pre = prepare_data(cfg, world, out)
         if resolve_model(cfg.model, data.size) != cfg.model:  # the files record the depth that ran
             cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, data.size))
@@ -226,6 +300,10 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             probe = create_model(cfg.model, data.num_classes, data.channels, data.size)
         except ValueError as e:
             raise DistillError(str(e)) from None
+        plan = record = None
+        if cfg.dp_epsilon is not None:
+            dp.check_model(probe, cfg.model)
+            plan, record = dp_plan(cfg, len(data.train), out)
         requested = cfg  # config.toml keeps what was asked for (0 = auto), the experts record what ran
         cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
         mine = world.shard(list(range(cfg.experts)))
@@ -235,6 +313,9 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             log.info("The expert numbering of %s has a gap (%s missing); those experts are trained now.", out,
                      ", ".join(expert_path(out, i).name for i in gaps))
         if world.main:
+            if record is not None and not dp_path(out).exists():  # first: a DP folder is known as one from the start
+                with atomic_path(dp_path(out)) as tmp:
+                    tmp.write_text(record.to_json(), encoding="utf-8")
             save_toml(requested, out / "config.toml")
             if new_pre is not None:
                 write_buffer_preprocessing(out, new_pre, data.fingerprint(), split_indices=data.split_indices)
@@ -244,6 +325,14 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             log.info("Skipping %d finished expert(s) in %s.", len(mine) - len(todo), out)
         x_train = pre(data.train.images).to(device)
         x_val = pre(data.val.images).to(device)
+        if plan is not None and plan.stats_noise_multiplier is not None and world.main \
+                and not (out / DP_STATS_FILE).exists():
+            means, counts = dp.noised_class_means(x_train, data.train.labels, data.num_classes,
+                                                  plan.stats_noise_multiplier)
+            dp.write_dp_stats(out / DP_STATS_FILE, means, counts, plan)
+        if record is not None and world.main:
+            log.info("DP experts: %s (sigma %.3g, q %.3g, %d steps per expert, %s accountant).", record.sentence(),
+                     plan.noise_multiplier, plan.sample_rate, plan.steps, plan.accountant)
         written = []
         t0 = time.perf_counter()
         with progress(range(len(todo) * cfg.epochs), label=f"experts (rank {world.rank})" if world.size > 1 else "experts",
@@ -255,7 +344,8 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
                                                      x_train, x_val, on_epoch=tick)
             else:
                 for i in todo:
-                    written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick))
+                    written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick,
+                                                plan=plan))
         dt = time.perf_counter() - t0
         if todo:
             n_img = len(todo) * cfg.epochs * len(x_train)

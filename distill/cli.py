@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from .config import (FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS, SNAPSHOT_DTYPES,
+from .config import (DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS, SNAPSHOT_DTYPES,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
@@ -97,6 +97,17 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--nifti-axis", type=click.Choice(["sagittal", "coronal", "axial", "0", "1", "2"]), default=None,
               help="Take one slice of each 3-D NIfTI volume along this axis (recorded with the buffer).")
 @click.option("--nifti-slice", type=int, default=None, help="Index of that slice (default: the middle one).")
+@click.option("--dp-epsilon", type=float, default=None,
+              help="Train the experts with DP-SGD so that the whole buffer is (epsilon, delta)-DP per training image.")
+@click.option("--dp-delta", type=float, default=None, help="The delta of --dp-epsilon; below 1/n. Left out: 1/(10 n) for n training images.")
+@click.option("--dp-clip", type=float, default=None, help=f"Per-image gradient L2 bound {default_text(BufferConfig, 'dp_clip')}.")
+@click.option("--dp-shards", type=int, default=None,
+              help=f"Experts train on S disjoint shards, which compose in parallel {default_text(BufferConfig, 'dp_shards')}.")
+@click.option("--dp-accountant", type=click.Choice(DP_ACCOUNTANTS), default=None,
+              help=f"Opacus accountant {default_text(BufferConfig, 'dp_accountant')}.")
+@click.option("--dp-init", type=click.Choice(DP_INITS), default=None,
+              help="class-means: also release noised per-class mean images for `distill run --init dp-means`, "
+                   f"within the same budget {default_text(BufferConfig, 'dp_init')}.")
 @SEED
 @DEVICE
 @CONFIG
@@ -114,8 +125,11 @@ def buffer(config_file, **flags):
 @click.option("--test", default=None, help="Real data whose test split is scored (MedMNIST name, .npz, folder or .csv; a folder "
                                            "or table without splits is all test data); default: --train.")
 @click.option("--train", default=None, help="Real data whose train split feeds the baselines; default: --test.")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random-real", "full", "none"]),
-              help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["random-real", "full", "dp-sgd", "none"]),
+              help="Baseline(s) under the same protocol; repeatable. Default beside a share: random-real and full. "
+                   "dp-sgd: one network trained on the real data with DP-SGD at --epsilon.")
+@click.option("--epsilon", type=float, default=None, help="--baseline dp-sgd: its privacy budget epsilon.")
+@click.option("--delta", type=float, default=None, help="--baseline dp-sgd: its delta, below 1/n. Left out: 1/(10 n) for n training images.")
 @click.option("--ipc", type=int, default=None, help="Random-real images per class (default: as many as the share has).")
 @click.option("--model", default=None, help=f"Registered model to train (default: the share's recipe, else {BufferConfig.model}).")
 @click.option("--runs", type=int, default=None, help=f"Networks trained per row {default_text(EvalConfig, 'runs')}.")

@@ -53,6 +53,14 @@ class BufferConfig:
     on_bad_file: str = "stop"  # or "skip" unreadable files, with a count
     nifti_axis: str | None = None  # slice 3-D NIfTI volumes along sagittal|coronal|axial
     nifti_slice: int | None = None  # that slice's index; None = the middle one
+    # Differential privacy (distill/dp.py): None = experts trained without DP. With an epsilon the whole
+    # buffer (every expert, and the class means of dp_init) spends at most (dp_epsilon, dp_delta).
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None  # None = 1 / (10 n), below 1/n for the n training images
+    dp_clip: float = 1.0  # per-image gradient L2 bound (dp.DEFAULT_CLIP)
+    dp_shards: int = 1  # experts train on this many disjoint shards of the data (parallel composition)
+    dp_accountant: str = "prv"  # prv | rdp (Opacus)
+    dp_init: str = "none"  # none | class-means: also release per-class mean images (a part of the budget)
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ class EvalConfig:
     device: str = "auto"
     json: str | None = None  # where to write the JSON report
     max_hours: float = MAX_HOURS  # refuse to start when the estimated training time is longer (distill/checks.py)
+    epsilon: float | None = None  # --baseline dp-sgd: the (epsilon, delta) of its DP-SGD training
+    delta: float | None = None  # None = 1 / (10 n) for the n training images
 
 
 # The full-data baseline's epochs: 300 epochs over PneumoniaMNIST's 4,708 images is about 3.5 h per
@@ -207,6 +217,8 @@ class ReportConfig:
 GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
 FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
+DP_ACCOUNTANTS = ("prv", "rdp")  # Opacus' accountants (distill/dp.py)
+DP_INITS = ("none", "class-means")  # DP statistics a DP buffer may release beside its experts
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "size": SIZE, "seed": SEED, "snapshot_every": Allowed(low=0, zero="once per epoch"),
         "snapshot_dtype": Allowed(choices=SNAPSHOT_DTYPES),
         "batch_experts": Allowed(low=0, zero="auto"),
+        "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
+        "dp_shards": AT_LEAST_1, "dp_accountant": Allowed(choices=DP_ACCOUNTANTS), "dp_init": Allowed(choices=DP_INITS),
     },
     RunConfig: {
         "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
@@ -284,8 +298,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY), "seed": SEED,
     },
-    EvalConfig: {"runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE, "ipc": AT_LEAST_1, "size": SIZE, "seed": SEED,
-                 "max_hours": POSITIVE,
+    EvalConfig: {"epsilon": POSITIVE, "delta": POSITIVE, "runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE,
+                 "ipc": AT_LEAST_1, "size": SIZE, "seed": SEED, "max_hours": POSITIVE,
                  "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,

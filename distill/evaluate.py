@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from . import dp
 from .checks import check_eval_budget, check_model_builds, device_flops, estimate_eval, free_memory
 from .config import FULL_EPOCHS, LABEL_PRIORS, SHARE_WEIGHTS, BufferConfig, EvalConfig, check_ranges
 from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_counts, describe_split, draw_random_real,
@@ -41,10 +42,19 @@ log = logging.getLogger(__name__)
 EVAL_FORMAT = "distill-eval"
 EVAL_FORMAT_VERSION = "1.0"
 
-BASELINES = ("random-real", "full")
+BASELINES = ("random-real", "full", "dp-sgd")
+DEFAULT_BASELINES = ("random-real", "full")  # beside a share when none is named; dp-sgd needs an epsilon
 DEFAULT_MODEL = BufferConfig.model  # the experts' network (the reference MTT one), when no share names one
 REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
 REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
+# The dp-sgd baseline's epochs: DP-SGD on one CPU core costs ~30 s per PneumoniaMNIST epoch, and more
+# epochs means more noise per step at a fixed epsilon; 5 is the setting of issue 23's first measurement.
+DP_EPOCHS = 5
+# The dp-sgd baseline's step size. Clipping shrinks each image's gradient to norm 1, and ConvNet-3's are
+# ~19 at initialisation on PneumoniaMNIST (median over 128 images), so REAL_LR would take steps ~19x
+# shorter than the plain recipe's; at REAL_LR, 5 epochs at epsilon 8 still predicted only the majority
+# class (docs/privacy.md). 10x REAL_LR gives back part of the difference; not tuned further.
+DP_LR = 0.1
 DEFAULT_AUGMENT = BufferConfig.augment  # the experts' DSA list: the reference protocol
 
 # Warn before training when the full-data baseline is more than this share of the image passes:
@@ -330,6 +340,7 @@ class Arm:
     # run index -> (images (N,C,H,W) network space, targets, extra per-run record)
     data_for_run: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict]]
     weights: torch.Tensor | None = None  # (N,) per-image loss weights of every run's data; None: all alike
+    train: Callable[..., list[dict]] | None = None  # how to train (train_network's signature); None: train_network
 
 
 def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
@@ -356,7 +367,7 @@ def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int,
             model = create_model(model_name, k, channels, size, **model_kwargs)
         model.to(device)
         t0 = time.perf_counter()
-        history = train_network(model, images.to(device), targets.to(device), arm.recipe,
+        history = (arm.train or train_network)(model, images.to(device), targets.to(device), arm.recipe,
                                 generator(cfg.seed, run, DATA_KEY),
                                 weights=None if arm.weights is None else arm.weights.to(device),
                                 after_epoch=(lambda e, s: tick()) if tick else None)
@@ -383,7 +394,7 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
     check_ranges(cfg)
     if cfg.model is not None and cfg.model not in list_models():
         raise DistillError(f"Unknown model {cfg.model!r}; choose one of {', '.join(list_models())}.")
-    baselines = tuple(cfg.baselines) if cfg.baselines is not None else (BASELINES if shares else ())
+    baselines = tuple(cfg.baselines) if cfg.baselines is not None else (DEFAULT_BASELINES if shares else ())
     if "none" in baselines:
         if len(baselines) > 1:
             raise DistillError("--baseline none cannot be combined with other baselines.")
@@ -391,6 +402,8 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise DistillError(f"Unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)} or none.")
+    if "dp-sgd" in baselines and cfg.epsilon is None:
+        raise DistillError("--baseline dp-sgd needs the privacy budget: add --epsilon E (and optionally --delta D).")
     if not shares and not baselines:
         raise DistillError("Nothing to evaluate: give one or more share files, or --baseline random-real|full.")
     if "random-real" in baselines and not shares and cfg.ipc is None:
@@ -453,8 +466,13 @@ def _setup(cfg: EvalConfig, union: Union | None, train_data: RealData, test_data
     recipe = Recipe(model=cfg.model or DEFAULT_MODEL, model_kwargs={}, lr=REAL_LR, epochs=REAL_EPOCHS,
                     batch_size=EVAL_BATCH, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY,
                     lr_decay="half", augment=DEFAULT_AUGMENT, loss=LOSS_HARD)
-    return _Setup(fit_preprocessing(train_data.train.images, zca=cfg.zca), "fit on the train split",
-                  list(train_data.class_names), recipe, recipe.model, dict(cfg.model_kwargs or {}))
+    if "dp-sgd" in baselines:  # a DP network must not see statistics of the private images either
+        if cfg.zca:
+            raise DistillError("--baseline dp-sgd cannot use --zca: the whitening is fitted on the private images.")
+        pre, source = dp.fixed_preprocessing(train_data.channels, train_data.size), "by fixed constants (DP)"
+    else:
+        pre, source = fit_preprocessing(train_data.train.images, zca=cfg.zca), "fit on the train split"
+    return _Setup(pre, source, list(train_data.class_names), recipe, recipe.model, dict(cfg.model_kwargs or {}))
 
 
 def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, train_data: RealData,
@@ -501,7 +519,31 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
                         recipe_report=rep | {"loss": LOSS_HARD},
                         trained_on={**real, "images": len(y_train), "class_counts": class_counts(y_train, k)},
                         data_for_run=lambda run: (x_train, y_train, {})))
+    if "dp-sgd" in baselines:
+        arms.append(_dp_sgd_arm(cfg, setup, real, real_recipe, x_train, y_train))
     return arms
+
+
+def _dp_sgd_arm(cfg: EvalConfig, setup: _Setup, real: dict, real_recipe: Recipe, x_train: torch.Tensor,
+                y_train: torch.Tensor) -> Arm:
+    """The network a hospital could share instead: trained on all its real images with DP-SGD at (epsilon, delta)."""
+    import opacus
+
+    k, n = len(setup.class_names), len(y_train)
+    recipe, rep = _train_recipe(replace(real_recipe, lr=DP_LR), cfg.epochs or DP_EPOCHS)
+    delta = dp.check_budget(cfg.epsilon, cfg.delta, n)
+    plan = dp.plan_budget(epsilon=cfg.epsilon, delta=delta, n=n, batch_size=recipe.batch_size, epochs=recipe.epochs)
+    record = plan.record(opacus.__version__)
+    try:
+        dp.check_model(create_model(setup.model_name, k, setup.pre.channels, setup.pre.size, **setup.model_kwargs),
+                       setup.model_name)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    return Arm(name=f"DP-SGD on the training split (ε = {record.epsilon:.3g})", kind="dp-sgd", recipe=recipe,
+               recipe_report=rep | {"loss": LOSS_HARD},
+               trained_on={**real, "images": n, "class_counts": class_counts(y_train, k),
+                           "dp": asdict(record)},
+               data_for_run=lambda run: (x_train, y_train, {}), train=dp.dp_trainer(plan))
 
 
 def _source_split(shares: Sequence[tuple[str, Share]], data: RealData) -> dict | None:
@@ -597,7 +639,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
         # A random-real row depends on this, not on the other rows: alone or combined, it is the same.
         log.info("Baselines follow %s.", "the share's recipe and preprocessing, so a `--baseline random-real` run "
                  "without the share (reference recipe, its own preprocessing) gives other numbers" if union else
-                 "the reference recipe, with preprocessing fit on the train split")
+                 f"the reference recipe, with preprocessing {setup.pre_source}")
     x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
     total = sum(cfg.runs * a.recipe.epochs for a in arms)
     results = []

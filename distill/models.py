@@ -100,7 +100,8 @@ class ConvNet(nn.Module):
             )
         layers, ch = [], channels
         for _ in range(depth):
-            layers += [nn.Conv2d(ch, width, 3, padding=1), _norm(norm, width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(ch, width, 3, padding=1), _norm(norm, width), nn.ReLU(), nn.AvgPool2d(2)]
+            # Not in place: Opacus' per-sample hooks (distill/dp.py) need the activations intact; same numbers.
             ch = width
         self.features = nn.Sequential(*layers)
         feat = size
@@ -177,7 +178,7 @@ class VGG11(nn.Module):
                     layers.append(nn.MaxPool2d(2))
                     s //= 2
                 continue
-            layers += [nn.Conv2d(ch, v, 3, padding=1), _norm(norm, v), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(ch, v, 3, padding=1), _norm(norm, v), nn.ReLU()]
             ch = v
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
