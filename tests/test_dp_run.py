@@ -190,7 +190,7 @@ def test_inspect_prints_the_privacy_status_first(dp_share, monkeypatch, capsys):
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == f"privacy: {RECORD.sentence()}"
-    assert lines[1].startswith("  audit missing (export forced)") and "outside the formal guarantee" in lines[1]
+    assert lines[1].startswith("  audit: missing (export forced).") and "outside the formal guarantee" in lines[1]
 
 
 def test_a_v1_0_share_still_loads_and_states_no_guarantee(monkeypatch, capsys):

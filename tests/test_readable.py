@@ -69,7 +69,7 @@ def test_inspect_prints_an_old_shares_audit_figures_as_a_table(tmp_path, monkeyp
     code, _, err = run_cli(monkeypatch, capsys, "export", str(run), "--out", str(tmp_path / "x.h5"))
     assert code == 0, err
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "x.h5"))
-    assert code == 0 and "audit passed" in out.splitlines()[1] and "Membership inference" not in out
+    assert code == 0 and "audit: passed" in out.splitlines()[1] and "Membership inference" not in out
 
 
 def test_the_medmnist_quirk_is_named_only_for_medmnist(caplog):

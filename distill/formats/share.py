@@ -216,11 +216,11 @@ class Share:
             labels = f"soft: logits, temperature {self.label_temperature:g}, train with {r.loss}"
         else:
             labels = f"hard class ids, train with {r.loss}"
-        audit = (f"audit {self.privacy.get(Attr.AUDIT_STATUS, 'missing')}"
+        audit = (f"audit: {self.privacy.get(Attr.AUDIT_STATUS, 'missing')}"
                  + (" (export forced)" if self.privacy.get(Attr.FORCED) else ""))
         lines = [  # the privacy status first: it is what a data-protection officer reads
             f"privacy: {self.guarantee()}",
-            f"  {audit}; {S.AUDIT_OUTSIDE}",
+            f"  {audit}. {S.AUDIT_OUTSIDE}",
             *([f"  private statistics carried: {', '.join(map(str, self.privacy[Attr.PRIVATE_STATISTICS])) or 'none'}"]
               if isinstance(self.privacy.get(Attr.PRIVATE_STATISTICS), list) else []),
             f"distill share v{self.format_version}, created {self.created}",
@@ -237,7 +237,9 @@ class Share:
             "provenance:",
             "  method: " + (", ".join(f"{k}={v}" for k, v in sorted(method.items())) or "not recorded"),
             "  experts: " + (", ".join(f"{k}={v}" for k, v in sorted(experts.items())) or "not recorded"),
-            "  source: " + (f"{data.get('name', '?')}, train counts per class {data.get('counts', {}).get('train', '?')}"
+            "  source: " + (f"{data.get('name', '?')}, " + (f"train counts per class {data['counts']['train']}"
+                                                             if (data.get("counts") or {}).get("train") else
+                                                             "no class counts")
                             if data else "not recorded"),
             "  software: " + ", ".join(f"{k} {v}" for k, v in sorted(self.provenance.get(Attr.SOFTWARE, {}).items())),
             *(["audit (as recorded):", f"  {self.privacy[Attr.STATEMENT]}"] if self.privacy.get(Attr.STATEMENT) else []),
