@@ -531,8 +531,12 @@ def guarantee_block(share: Share, audit: _Audit, public: bool) -> str:
     stats = share.privacy.get("private_statistics")
     if isinstance(stats, list) and stats:
         parts.append(f"<p>Statistics of the private images this share carries: {_e(', '.join(map(str, stats)))}.</p>")
-    where = ("its figures stay inside the hospital and are not in the share" if public else
-             "its figures, further down this page, are computed from the private images and are not in the share")
+    if audit.status in ("missing", "invalid"):
+        where = "no audit figures are available"
+    elif public:
+        where = "its figures stay inside the hospital and are not in the share"
+    else:
+        where = "its figures, further down this page, are computed from the private images and are not in the share"
     parts.append(f'<p class="disclaimer">Empirical privacy audit: {_e(audit.status)}. The audit is outside the '
                  f"formal guarantee; {_e(where)}.</p>")
     return '<div class="guarantee">' + "".join(parts) + "</div>"
