@@ -216,3 +216,16 @@ def test_inspect_escapes_control_characters_from_the_share(tmp_path):
     from distill.formats.share import printable
 
     assert printable("ok\x1b[2Jgone\u202e") == "ok\\u001b[2Jgone\\u202e"
+
+
+def test_the_in_hospital_page_shows_the_audit_figures_the_share_does_not_carry(tmp_path):
+    from test_share import make_run
+
+    audit = json.loads((LEGACY / "run" / "audit.json").read_text())
+    run = make_run(tmp_path / "run", audit=audit)
+    share = export_share(run, tmp_path / "s.h5")
+    assert load_share(share).privacy["summary"] == {}
+    page = write_report(run, tmp_path / "review.html", share=share).read_text(encoding="utf-8")
+    assert "<h3>Membership inference</h3>" in page  # read from the run's audit.json, not from the share
+    assert page.index(NO_GUARANTEE) < page.index("<h3>Membership inference</h3>")
+    assert "The audit is outside the formal guarantee" in page
