@@ -172,7 +172,8 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--max-start-epoch", type=int, default=None,
               help="Latest start snapshot, inclusive (default: auto, later the more images per class; docs/method.md).")
 @click.option("--init", default=None, help=f"Initial images: real (random training images), real-or-noise (real; noise tops up a class with "
-                   f"fewer than --ipc images) or noise {default_text(RunConfig, 'init')}.")
+                   f"fewer than --ipc images), noise, dp-means (a DP buffer's class means) or public:PATH (public images "
+                   f"you name); a DP buffer allows only the last three {default_text(RunConfig, 'init')}.")
 @click.option("--hard-labels/--soft-labels", default=None,
               help="Hard labels: class ids instead of learned soft labels (default: auto, hard below 10 images per class).")
 @click.option("--label-temperature", type=float, default=None,

@@ -86,7 +86,9 @@ class RunConfig:
     # latest legal start that grows with ipc (distiller.auto_max_start; docs/method.md, "the start window").
     max_start_epoch: int | None = None
     trajectories_per_iter: int = 1  # expert segments matched (and averaged) per iteration; ref 1
-    init: str = "real"  # real | real-or-noise | noise; ref default noise (the paper starts from real images)
+    # real | real-or-noise | noise | dp-means | public:PATH; ref default noise (the paper starts from real images).
+    # A DP buffer refuses the real ones (distill/mtt/dpmode.py).
+    init: str = "real"
     # With soft labels, --init real draws only images the labelling expert classifies correctly (as DATM).
     init_correct_only: bool = True
     # True = class ids, as the reference; False = learned soft labels; None = auto by ipc

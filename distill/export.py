@@ -14,7 +14,7 @@ from .errors import DistillError, FormatError
 from .formats.audit import AUDIT_FILE, read_audit
 from .formats.plain import write_plain
 from .formats.share import write_share
-from .formats.share_schema import Attr
+from .formats.share_schema import AUDIT_OUTSIDE, Attr
 from .formats.synset import read_synset
 from .io import output_lock, remove_stale_temps
 from .runshare import (METHOD_HOME_ONLY, METHOD_KEYS, is_plain, scrub, scrub_sentence,  # noqa: F401 (re-exported)
@@ -49,12 +49,19 @@ def _privacy(rundir: Path, force: bool) -> dict:
                            "or pass --force to export without one.")
     if status != "passed":
         log.warning("Exporting with a %s privacy audit because of --force; the share records this.", status)
-    summary = scrub(audit.get("summary", {}), redact=True)
     created = str(audit.get("created", ""))
-    return {Attr.AUDIT_STATUS: status, Attr.FORCED: status != "passed",
-            Attr.SUMMARY: summary if isinstance(summary, dict) else {},
-            Attr.STATEMENT: scrub_sentence(str(audit.get("statement", ""))),
+    # Only that an audit ran and its verdict travel: its figures are computed from the private images,
+    # so they stay in the run folder (and on the in-hospital review page). Share format 1.1.
+    return {Attr.AUDIT_STATUS: status, Attr.FORCED: status != "passed", Attr.SUMMARY: {},
+            Attr.STATEMENT: audit_statement(status),
             Attr.AUDIT_CREATED: created if is_plain(created) else ""}
+
+
+def audit_statement(status: str) -> str:
+    """What a share says about its audit: whether one ran, the verdict, and that the verdict is outside the guarantee."""
+    if status in ("missing", "invalid"):
+        return f"No readable privacy audit was recorded (status: {status}); the share was exported with --force."
+    return f"An empirical privacy audit was run; its verdict: {status}. {AUDIT_OUTSIDE}"
 
 
 def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: str = "CC-BY-4.0",

@@ -103,8 +103,9 @@ def _open_source(source: Path, share_path: str | os.PathLike | None) -> tuple[Sh
 
 
 def _audit_of(share: Share, rundir: Path | None, share_file: Path | None) -> _Audit:
-    """The share's privacy group when there is a share file, else the run folder's audit.json."""
-    if share_file is not None or rundir is None:
+    """The run folder's audit.json when there is a run folder (its figures never travel in a share),
+    else the share's privacy group (a v1.0 share may still carry figures)."""
+    if rundir is None:
         p = share.privacy
         return _Audit(status=str(p.get("audit_status", "missing")), forced=bool(p.get("forced")),
                       summary=p.get("summary") or {}, statement=str(p.get("statement") or STATEMENT),
@@ -511,6 +512,36 @@ footer{margin-top:30px;color:#777;font-size:.8em}
 """
 
 
+def guarantee_block(share: Share, audit: _Audit, public: bool) -> str:
+    """The privacy guarantee in the sentence a data-protection officer signs, and the audit beside it.
+
+    On the in-hospital page the audit's figures are named as what they are: computed from the
+    private images, outside the guarantee, and not part of the share.
+    """
+    dp = share.dp_record()
+    parts = [f'<p class="verdict {"ok" if dp is not None else "bad"}">Privacy guarantee: {_e(share.guarantee())}</p>']
+    if dp is not None:
+        parts.append(_table([("privacy unit", dp.unit), ("ε, δ", f"{dp.epsilon:.4g}, {dp.delta:.3g}"),
+                             ("accountant", dp.accountant), ("noise multiplier σ", f"{dp.noise_multiplier:.4g}"),
+                             ("clip norm", f"{dp.clip:g}"), ("sampling rate q", f"{dp.sample_rate:.4g}"),
+                             ("steps per expert", dp.steps), ("experts, shards", f"{dp.experts}, {dp.shards}"),
+                             ("normalisation", dp.normalisation),
+                             ("DP statistics", f"{dp.stats} (ε {dp.stats_epsilon:.3g})" if dp.stats else "none"),
+                             ("Opacus", dp.opacus_version)]))
+    stats = share.privacy.get("private_statistics")
+    if isinstance(stats, list) and stats:
+        parts.append(f"<p>Statistics of the private images this share carries: {_e(', '.join(map(str, stats)))}.</p>")
+    if audit.status in ("missing", "invalid"):
+        where = "no audit figures are available"
+    elif public:
+        where = "its figures stay inside the hospital and are not in the share"
+    else:
+        where = "its figures, further down this page, are computed from the private images and are not in the share"
+    parts.append(f'<p class="disclaimer">Empirical privacy audit: {_e(audit.status)}. The audit is outside the '
+                 f"formal guarantee; {_e(where)}.</p>")
+    return '<div class="guarantee">' + "".join(parts) + "</div>"
+
+
 def render_report(share: Share, *, title: str, audit: _Audit, rundir: Path | None, share_file: Path | None,
                   pairs: _Pairs | None, pairs_reason: str, eval_doc: dict | None, public: bool) -> str:
     """The page's HTML text (see :func:`write_report`)."""
@@ -536,7 +567,7 @@ def render_report(share: Share, *, title: str, audit: _Audit, rundir: Path | Non
             f'<meta name="distill-report-kind" content="{"public" if public else "hospital"}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)}: distill {_e(kind)}</title><style>{_CSS}</style></head><body>"
-            f"<header><h1>{_e(title)}: {_e(kind)}</h1>{banner}{summary}</header>"
+            f"<header><h1>{_e(title)}: {_e(kind)}</h1>{banner}{guarantee_block(share, audit, public)}{summary}</header>"
             + "".join(sections)
             + f"<footer>{REPORT_FORMAT} {REPORT_VERSION}, made by distill {_e(__version__)}. "
               "Self-contained: no script, nothing loaded from the network.</footer></body></html>\n")

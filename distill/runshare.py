@@ -100,10 +100,13 @@ def _pick(record: dict, keys: tuple[str, ...]) -> dict:
     return out
 
 
-def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
+def dataset_fingerprint(fp: dict, salt: bytes, *, dp: bool = False) -> dict:
     """The source dataset as a share may describe it: a MedMNIST name or "custom", geometry,
     per-class counts per split, how the split came about (:data:`SPLIT_KEYS`), and a salted
     hash in place of the source's SHA-256.
+
+    With ``dp`` (a DP run) the counts and the hash are left out: both are computed from
+    the private images outside the DP record, so a DP share carries neither.
 
     ``source_sha256_salted`` is SHA-256(salt || the 64 lowercase hex characters of the
     source's SHA-256). The salt stops anyone linking two shares of one source by their
@@ -114,20 +117,60 @@ def dataset_fingerprint(fp: dict, salt: bytes) -> dict:
     for k in ("channels", "size"):
         if isinstance(fp.get(k), int):
             out[k] = fp[k]
-    counts = fp.get("counts") or {}
+    counts = {} if dp else fp.get("counts") or {}
     out["counts"] = {s: [int(c) for c in counts[s]] for s in SPLITS if isinstance(counts.get(s), list)}
     split = fp.get("split")
     if isinstance(split, dict):  # how val/test came about, so an audit of the share can redo the carve
         out["split"] = scrub({k: split[k] for k in SPLIT_KEYS if k in split})
     sha = fp.get("sha256")
-    if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+    if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) and not dp:
         out["salt"] = salt.hex()
         out["source_sha256_salted"] = hashlib.sha256(salt + sha.encode("ascii")).hexdigest()
     return out
 
 
+def private_statistics(s: SyntheticSet) -> list[str]:
+    """The statistics of the private images that the share of ``s`` carries beside the synthetic images.
+
+    A DP run's share carries none outside its DP record: its normalisation is fixed, and
+    :func:`dataset_fingerprint` leaves out the counts and the hash.
+    """
+    if s.dp is not None:
+        return []
+    out = ["normalisation mean and std of the training images"]
+    if s.preprocessing.zca:
+        out.append("ZCA whitening transform of the training images")
+    counts = (s.fingerprint or {}).get("counts")
+    if isinstance(counts, dict) and counts:
+        out.append("class counts of the training, validation and test splits")
+    if isinstance((s.fingerprint or {}).get("sha256"), str):
+        out.append("salted SHA-256 of the source data file")
+    return out
+
+
+def guarantee_record(s: SyntheticSet) -> dict:
+    """The privacy group's statement of the guarantee: the DP record (or none) and the private statistics carried."""
+    if s.dp is not None and s.preprocessing.zca:
+        raise DistillError("This run is differentially private but its preprocessing holds a ZCA transform computed "
+                           "from the private images; rebuild the buffer without --zca.")
+    return {Attr.DP: s.dp, Attr.PRIVATE_STATISTICS: private_statistics(s)}
+
+
+def _method_provenance(method: dict, augment: str) -> dict:
+    """The run's settings that travel; a public start travels as "public" and its SHA-256, never its path."""
+    out = _pick(method, METHOD_KEYS) | {"name": METHOD_NAME, "augment": augment}
+    init = str(method.get("init", ""))
+    if ":" in init:
+        out["init"] = init.partition(":")[0]
+    sha = method.get("init_public_sha256")
+    if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+        out["init_public_sha256"] = sha
+    return out
+
+
 def share_from_synset(s: SyntheticSet, privacy: dict, *, license: str, description: str, citation: str) -> Share:
-    """The share of a synthetic set, with scrubbed provenance and the recipient's training recipe."""
+    """The share of a synthetic set, with scrubbed provenance, the recipient's training recipe and the
+    statement of its privacy guarantee (:func:`guarantee_record`) added to ``privacy``."""
     method = s.method or {}
     augment = str(method.get("augment") or "none")
     expert_train = (s.experts or {}).get("train")
@@ -144,13 +187,14 @@ def share_from_synset(s: SyntheticSet, privacy: dict, *, license: str, descripti
     if isinstance(experts.get("train"), dict):
         experts["train"] = _pick(experts["train"], EXPERT_TRAIN_KEYS)
     provenance = {
-        Attr.METHOD: _pick(method, METHOD_KEYS) | {"name": METHOD_NAME, "augment": augment},
+        Attr.METHOD: _method_provenance(method, augment),
         Attr.EXPERTS: experts,
-        Attr.DATASET: dataset_fingerprint(s.fingerprint or {}, secrets.token_bytes(SALT_BYTES)),
+        Attr.DATASET: dataset_fingerprint(s.fingerprint or {}, secrets.token_bytes(SALT_BYTES), dp=s.dp is not None),
         Attr.SOFTWARE: _pick(s.software or {}, SOFTWARE_KEYS),
         Attr.EXPORTED_WITH: _pick(software_versions(), SOFTWARE_KEYS),
     }
     return Share(images=s.images, labels=s.labels, label_logits=s.label_logits,
                  label_temperature=float(s.label_temperature), class_names=list(s.class_names),
-                 preprocessing=s.preprocessing, recipe=recipe, provenance=provenance, privacy=privacy,
+                 preprocessing=s.preprocessing, recipe=recipe, provenance=provenance,
+                 privacy={**privacy, **guarantee_record(s)},
                  license=license, description=description, citation=citation)

@@ -281,7 +281,9 @@ def test_export_refuses_a_failed_audit_and_records_force(planted_run, tmp_path, 
     privacy = load_share(out).privacy
     assert privacy["forced"] is True or privacy["forced"] == np.bool_(True)
     assert privacy["audit_status"] == "failed"
-    assert privacy["summary"]["flagged_synthetic_indices"] == [PLANTED]
+    # The figures stay at home (issue 23, share format 1.1): the share records the verdict only.
+    assert privacy["summary"] == {} and "verdict: failed" in privacy["statement"]
+    assert report.summary["flagged_synthetic_indices"] == [PLANTED]
 
     # The share can be audited too; it only holds a salted hash, so the data is checked by geometry.
     again = run_audit(out, breast_npz, device="cpu", **FAST)

@@ -55,18 +55,21 @@ def test_the_audit_table_is_what_distill_audit_prints_and_survives_a_foreign_sum
     assert summary_lines({"auc": 0.5, "note": "made elsewhere"}) == ['auc: 0.5', 'note: "made elsewhere"']
 
 
-def test_inspect_prints_the_privacy_section_as_a_table(tmp_path, monkeypatch, capsys):
+def test_inspect_prints_an_old_shares_audit_figures_as_a_table(tmp_path, monkeypatch, capsys):
     from test_share import make_run, run_cli
 
-    audit = json.loads(LEGACY_AUDIT.read_text())
-    run = make_run(tmp_path / "run", audit=audit)
+    # A v1.0 share carries the audit's figures; inspect shows them as the table distill audit prints.
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(LEGACY_AUDIT.parents[1] / "share.h5"))
+    assert code == 0, err
+    privacy = out[out.index("audit (as recorded):"):]
+    assert "  Membership inference (" in privacy and "  Verdict: PASS" in privacy
+    assert "{'" not in privacy and '{"' not in privacy  # no raw dicts
+    # From v1.1 on the figures stay at home (issue 23): the share says only that an audit ran, and its verdict.
+    run = make_run(tmp_path / "run", audit=json.loads(LEGACY_AUDIT.read_text()))
     code, _, err = run_cli(monkeypatch, capsys, "export", str(run), "--out", str(tmp_path / "x.h5"))
     assert code == 0, err
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "x.h5"))
-    assert code == 0, err
-    privacy = out[out.index("privacy: audit passed"):]
-    assert "  Membership inference (" in privacy and "  Verdict: PASS" in privacy
-    assert "{'" not in privacy and '{"' not in privacy  # no raw dicts
+    assert code == 0 and "audit: passed" in out.splitlines()[1] and "Membership inference" not in out
 
 
 def test_the_medmnist_quirk_is_named_only_for_medmnist(caplog):

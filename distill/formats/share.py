@@ -38,6 +38,7 @@ from ..train import TrainRecipe
 from . import share_schema as S
 from .audit import summary_lines
 from .common import check_version, utc_now
+from .dp_record import DPRecord
 from .share_schema import Attr, Key
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class Share:
     preprocessing: Preprocessing
     recipe: Recipe
     provenance: dict = field(default_factory=dict)  # method, hyperparameters, experts, dataset fingerprint, software
-    privacy: dict = field(default_factory=dict)  # audit summary (see distill/privacy.py), "forced" flag
+    # audit verdict, "forced" flag, statement; v1.1: guarantee sentence, DP record (or none), private statistics
+    privacy: dict = field(default_factory=dict)
     license: str = "CC-BY-4.0"  # SPDX identifier
     description: str = ""
     citation: str = ""
@@ -104,6 +106,17 @@ class Share:
         if self.label_logits is None:
             return self.labels
         return torch.softmax(self.label_logits / self.label_temperature, dim=1)
+
+    def dp_record(self) -> DPRecord | None:
+        """The differential-privacy record the share carries, or None for a share made without DP."""
+        return dp_from_privacy(self.privacy)
+
+    def guarantee(self) -> str:
+        """The privacy status in one sentence: the DP guarantee, or that there is none."""
+        dp = self.dp_record()
+        if dp is not None:
+            return dp.sentence()
+        return str(self.privacy.get(Attr.GUARANTEE) or S.NO_GUARANTEE)
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
@@ -186,6 +199,7 @@ class Share:
         """A JSON-able description of the share (what ``distill inspect --json`` prints)."""
         pre = self.preprocessing
         return {
+            "guarantee": self.guarantee(),
             "format_version": self.format_version, "created": self.created, "payload_sha256": self.payload_sha256,
             "content_sha256": self.content_sha256, "unverified": list(self.unverified),
             "images": {"count": self.num_images, "shape": list(self.images.shape[1:]), "dtype": "float32",
@@ -209,7 +223,13 @@ class Share:
             labels = f"soft: logits, temperature {self.label_temperature:g}, train with {r.loss}"
         else:
             labels = f"hard class ids, train with {r.loss}"
-        lines = [
+        audit = (f"audit: {self.privacy.get(Attr.AUDIT_STATUS, 'missing')}"
+                 + (" (export forced)" if self.privacy.get(Attr.FORCED) else ""))
+        lines = [  # the privacy status first: it is what a data-protection officer reads
+            f"privacy: {self.guarantee()}",
+            f"  {audit}. {S.AUDIT_OUTSIDE}",
+            *([f"  private statistics carried: {', '.join(map(str, self.privacy[Attr.PRIVATE_STATISTICS])) or 'none'}"]
+              if isinstance(self.privacy.get(Attr.PRIVATE_STATISTICS), list) else []),
             f"distill share v{self.format_version}, created {self.created}",
             *_checksum_lines(self),
             f"images: {self.num_images} x {tuple(self.images.shape[1:])} float32, preprocessed",
@@ -224,12 +244,13 @@ class Share:
             "provenance:",
             "  method: " + (", ".join(f"{k}={v}" for k, v in sorted(method.items())) or "not recorded"),
             "  experts: " + (", ".join(f"{k}={v}" for k, v in sorted(experts.items())) or "not recorded"),
-            "  source: " + (f"{data.get('name', '?')}, train counts per class {data.get('counts', {}).get('train', '?')}"
+            "  source: " + (f"{data.get('name', '?')}, " + (f"train counts per class {data['counts']['train']}"
+                                                             if (data.get("counts") or {}).get("train") else
+                                                             "no class counts")
                             if data else "not recorded"),
             "  software: " + ", ".join(f"{k} {v}" for k, v in sorted(self.provenance.get(Attr.SOFTWARE, {}).items())),
-            f"privacy: audit {self.privacy.get(Attr.AUDIT_STATUS, 'missing')}"
-            + (" (export forced)" if self.privacy.get(Attr.FORCED) else ""),
-            *([f"  {self.privacy[Attr.STATEMENT]}"] if self.privacy.get(Attr.STATEMENT) else []),
+            *(["audit (as recorded):", f"  {self.privacy[Attr.STATEMENT]}"] if self.privacy.get(Attr.STATEMENT) else []),
+            # Only shares from before v1.1 carry the audit's figures.
             *[f"  {line}" for line in (summary_lines(self.privacy[Attr.SUMMARY])
                                        if self.privacy.get(Attr.SUMMARY) else [])],
             f"license: {self.license}",
@@ -304,6 +325,23 @@ def _checksum_lines(share: Share) -> list[str]:
 
 def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character (a terminal escape, a bidi override) shown as ``\\uXXXX``."""
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in str(text))
+
+
+def dp_from_privacy(privacy: dict) -> DPRecord | None:
+    """The DPRecord in a share's privacy group (``dp``), or None; FormatError when it is not a valid record."""
+    dp = privacy.get(Attr.DP)
+    if dp is None:
+        return None
+    if isinstance(dp, DPRecord):
+        return dp
+    if not isinstance(dp, dict):
+        raise FormatError("The share's privacy record 'dp' is not a JSON object.")
+    return DPRecord.from_json(json.dumps(dp), where="The share's privacy record 'dp'")
 
 
 # ----------------------------------------------------------------------------- payload hash
@@ -494,6 +532,10 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
             _set_json(g, Attr.SUMMARY, privacy[Attr.SUMMARY])
             _set_text(g, Attr.STATEMENT, privacy[Attr.STATEMENT])
             _set_text(g, Attr.AUDIT_CREATED, privacy[Attr.AUDIT_CREATED])
+            _set_text(g, Attr.GUARANTEE, privacy[Attr.GUARANTEE])
+            _set_json(g, Attr.PRIVATE_STATISTICS, privacy[Attr.PRIVATE_STATISTICS])
+            if privacy[Attr.DP] is not None:
+                _set_json(g, Attr.DP, privacy[Attr.DP])
             _set_text(f, Attr.CONTENT_SHA256, content_sha256(f, _walk(f, str(path))))  # last: it covers the rest
         load_share(tmp)
     log.info("Share written to %s (%d images, %d classes).", path, len(arrays[Key.IMAGES]), len(names))
@@ -501,9 +543,13 @@ def write_share(path: str | os.PathLike, share: Share) -> Path:
 
 
 def _normalised_privacy(p: dict) -> dict:
+    dp = dp_from_privacy(p)
     return {Attr.AUDIT_STATUS: str(p.get(Attr.AUDIT_STATUS, "missing")), Attr.FORCED: bool(p.get(Attr.FORCED, False)),
             Attr.SUMMARY: dict(p.get(Attr.SUMMARY) or {}), Attr.STATEMENT: str(p.get(Attr.STATEMENT) or ""),
-            Attr.AUDIT_CREATED: str(p.get(Attr.AUDIT_CREATED) or "")}
+            Attr.AUDIT_CREATED: str(p.get(Attr.AUDIT_CREATED) or ""),
+            Attr.GUARANTEE: dp.sentence() if dp is not None else str(p.get(Attr.GUARANTEE) or S.NO_GUARANTEE),
+            Attr.PRIVATE_STATISTICS: [str(x) for x in p.get(Attr.PRIVATE_STATISTICS) or []],
+            Attr.DP: None if dp is None else json.loads(dp.to_json())}
 
 
 # ----------------------------------------------------------------------------- checks shared by writer and reader
@@ -840,6 +886,18 @@ def _read(f: h5py.File, where: str) -> Share:
                Attr.FORCED: _attr(vg, Attr.FORCED, "bool", where), Attr.SUMMARY: _attr(vg, Attr.SUMMARY, "json", where),
                Attr.STATEMENT: _attr(vg, Attr.STATEMENT, "text", where),
                Attr.AUDIT_CREATED: _attr(vg, Attr.AUDIT_CREATED, "text", where)}
+    # v1.1 states the guarantee; a v1.0 share made none (DP did not exist), which is what it reads as.
+    privacy[Attr.DP] = _attr(vg, Attr.DP, "json", where) if Attr.DP in vg.attrs else None
+    try:
+        dp = dp_from_privacy(privacy)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    privacy[Attr.GUARANTEE] = (dp.sentence() if dp is not None else
+                               _attr(vg, Attr.GUARANTEE, "text", where) if Attr.GUARANTEE in vg.attrs else S.NO_GUARANTEE)
+    stats = _attr(vg, Attr.PRIVATE_STATISTICS, "json", where) if Attr.PRIVATE_STATISTICS in vg.attrs else None
+    if stats is not None and not (isinstance(stats, list) and all(isinstance(x, str) for x in stats)):
+        raise FormatError(f"{where}: the privacy attribute {Attr.PRIVATE_STATISTICS!r} must be a JSON list of text.")
+    privacy[Attr.PRIVATE_STATISTICS] = stats  # None: not recorded (a v1.0 share)
     per_class = objs[Key.LABELS].attrs.get(Attr.IMAGES_PER_CLASS)
     if per_class is None or np.shape(per_class) != (k,) or np.asarray(per_class).dtype.kind not in "iu":
         raise FormatError(f"{where}: /{Key.LABELS} needs an images_per_class attribute of {k} integers.")

@@ -7,7 +7,9 @@ people without Python.
 from __future__ import annotations
 
 SHARE_FORMAT = "distill-share"
-VERSION_MAJOR, VERSION_MINOR = 1, 1  # 1.1: content_sha256 over every field
+# 1.1: content_sha256 over every field; the privacy group states the guarantee (guarantee, dp,
+# private_statistics) and no longer carries the audit's figures (summary is written empty); 1.0 files still load.
+VERSION_MAJOR, VERSION_MINOR = 1, 1
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
 
 
@@ -64,6 +66,10 @@ class Attr:
     SUMMARY = "summary"
     STATEMENT = "statement"
     AUDIT_CREATED = "audit_created"
+    # privacy, v1.1 (optional when reading: a v1.0 share lacks them)
+    GUARANTEE = "guarantee"  # the one sentence a data-protection officer signs, or "No formal privacy guarantee: ..."
+    DP = "dp"  # JSON: the buffer's distill.formats.dp_record.DPRecord, every field; absent without DP
+    PRIVATE_STATISTICS = "private_statistics"  # JSON list: statistics of the private images the share carries
 
 
 PRE_ARRAYS = ("mean", "std", "zca_matrix", "zca_inverse", "zca_mean")
@@ -83,6 +89,11 @@ LOSS_HARD = "cross_entropy"  # targets the class ids
 LOSSES = (LOSS_SOFT, LOSS_HARD)
 LR_DECAYS = ("half", "none")
 AUDIT_STATUSES = ("passed", "failed", "missing", "invalid")
+# The privacy group's sentences (v1.1). A DP share's guarantee is DPRecord.sentence() of its ``dp`` record.
+NO_GUARANTEE = ("No formal privacy guarantee: the synthetic images were distilled from the private images without "
+                "differential privacy; an empirical audit is the only evidence.")
+AUDIT_OUTSIDE = ("The audit is an empirical test run inside the hospital; its verdict is outside the formal guarantee, "
+                 "and its figures, computed from the private images, stay there.")
 LOGITS_KIND = "logits"
 IMAGE_SPACE = "preprocessed"
 SOFT_TARGET = "softmax(label_logits / temperature)"

@@ -15,6 +15,9 @@ Schema v1:
   dataset fingerprint from the buffer), ``method`` (JSON: every hyperparameter
   of the run, initialisation included), ``experts`` (JSON: count, epochs,
   snapshot settings and the experts' training recipe), ``software`` (JSON).
+- v1.1: ``dp`` (JSON, optional): the buffer's differential-privacy record
+  (:class:`~.dp_record.DPRecord`, every field), present only when the experts were
+  trained with DP; export copies it into the share.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from ..io import atomic_path, new_h5
 from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
 
 SYNSET_FORMAT = "distill-synthetic"
-VERSION_MAJOR, VERSION_MINOR = 1, 0
+VERSION_MAJOR, VERSION_MINOR = 1, 1
 SYNSET_FILE = "synthetic.h5"
 _JSON_KEYS = ("class_names", "model_kwargs", "fingerprint", "method", "experts", "software")
 
@@ -52,6 +55,7 @@ class SyntheticSet:
     method: dict = field(default_factory=dict)
     experts: dict = field(default_factory=dict)
     software: dict = field(default_factory=dict)
+    dp: dict | None = None  # DPRecord fields (with its format keys) when the buffer is a DP buffer
 
     @property
     def hard_labels(self) -> bool:
@@ -82,6 +86,8 @@ def write_synset(path: str | os.PathLike, s: SyntheticSet) -> None:
             f.attrs["model"] = s.model
             for k in _JSON_KEYS:
                 set_json(f, k, getattr(s, k))
+            if s.dp is not None:
+                set_json(f, "dp", s.dp)
 
 
 def read_synset(path: str | os.PathLike) -> SyntheticSet:
@@ -108,4 +114,4 @@ def read_synset(path: str | os.PathLike) -> SyntheticSet:
         return SyntheticSet(images=images, labels=labels, label_logits=logits, preprocessing=pre,
                             syn_lr=float(get_attr(f, "syn_lr")), label_temperature=float(get_attr(f, "label_temperature")),
                             model=str(get_attr(f, "model")), iteration=int(get_attr(f, "iteration")),
-                            **{k: get_json(f, k) for k in _JSON_KEYS})
+                            dp=get_json(f, "dp", None), **{k: get_json(f, k) for k in _JSON_KEYS})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -35,12 +36,14 @@ from ..data import RealData, load_data
 from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
+from ..formats.dp_record import DPRecord
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
 from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
 from ..progress import progress
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
+from .dpmode import NO_PRIVATE_READ, check_dp_init, dp_buffer, public_record
 from .experts import ExpertPool, Segment
 from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
                      clear_run, restartable, save_checkpoint, save_grid)
@@ -119,7 +122,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.max_start_epoch is None or cfg.min_start_epoch <= cfg.max_start_epoch,
          f"min_start_epoch ({cfg.min_start_epoch}) must not exceed --max-start-epoch ({cfg.max_start_epoch})."),
         (cfg.label_snapshot >= -1, f"label_snapshot must be -1 (the expert's last) or a snapshot index; got {cfg.label_snapshot}."),
-        (cfg.init in list_inits(), f"--init must be one of {', '.join(list_inits())}; got {cfg.init!r}."),
+        (cfg.init.partition(":")[0] in list_inits(),
+         f"--init must be one of {', '.join(list_inits())} (public as public:PATH); got {cfg.init!r}."),
     ]
     for ok, message in checks:
         if not ok:
@@ -208,6 +212,7 @@ class _Run:
     engine: MatchingEngine
     val: tuple[torch.Tensor, torch.Tensor] | None  # preprocessed validation images and labels, on the device
     metrics: MetricsLog
+    dp: DPRecord | None = None  # the buffer's DP record: then nothing here has read a private file
 
 
 @dataclass
@@ -281,7 +286,8 @@ def _fresh_state(run: _Run, real: RealData | None, reason: str) -> _State:
             log.info("The labelling expert (snapshot %d) classifies %.1f %% of the training images correctly; "
                      "--init %s draws from those.", index, 100 * float(prefer.float().mean()), cfg.init)
     images, labels = initial_images(cfg.init, cfg.ipc, pool.num_classes, pool.channels, pool.size,
-                                    generator(cfg.seed, INIT_KEY), train, pool.preprocessing, prefer=prefer)
+                                    generator(cfg.seed, INIT_KEY), train, pool.preprocessing, prefer=prefer,
+                                    buffer=pool.folder)
     images = images.to(run.device)
     logits = None if labeller is None else initial_logits(run.model, run.spec, labeller, images)
     state = _make_state(cfg, images, labels, logits, log_step_size(cfg.syn_lr_init), run.device, pool.num_classes)
@@ -441,6 +447,8 @@ def _evaluate(run: _Run, state: _State) -> None:
     save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc,
               run.pool.fingerprint.get("class_names"))
     record = {"kind": "eval", "iteration": it, "syn_lr": state.syn_lr, "grid": grid_name(it)}
+    if run.dp is not None:  # said in every evaluation record, so the metrics show what the run did not do
+        record |= {"dp": True, "validation": f"skipped: {NO_PRIVATE_READ}"}
     if run.val is not None and cfg.eval_models > 0:
         x_val, y_val = run.val
         images, targets = state.images.detach(), state.targets(cfg.label_temperature)
@@ -475,8 +483,10 @@ def _synthetic_set(run: _Run, state: _State) -> SyntheticSet:
         label_logits=None if state.logits is None else state.logits.detach().cpu(),
         preprocessing=pool.preprocessing, syn_lr=state.syn_lr, label_temperature=run.cfg.label_temperature,
         model=pool.model_name, class_names=list(pool.fingerprint.get("class_names", [])), iteration=state.iteration,
-        model_kwargs=pool.model_kwargs, fingerprint=pool.fingerprint, method=dataclasses.asdict(run.cfg),
+        model_kwargs=pool.model_kwargs, fingerprint=pool.fingerprint,
+        method=dataclasses.asdict(run.cfg) | public_record(run.cfg.init, pool.size),
         experts=pool.summary(), software=software_versions(),
+        dp=None if run.dp is None else json.loads(run.dp.to_json()),
     )
 
 
@@ -515,16 +525,28 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     spec = param_spec(model)
     if spec.total != pool.experts[0].num_params or list(spec.names) != list(pool.experts[0].param_names):
         raise FormatError(f"The experts in {pool.folder} do not fit a {pool.model_name} as this version builds it; rebuild the buffer.")
-    real, reason = load_real_data(cfg, pool)
+    dp = dp_buffer(pool.folder)
+    if dp is not None:
+        # Post-processing only: the run must not read the private data at all (docs/privacy.md).
+        check_dp_init(cfg.init, dp, pool.folder)
+        real, reason = None, NO_PRIVATE_READ
+        if world.main:
+            log.info("%s; the synthetic set is post-processing of the DP experts: %s", NO_PRIVATE_READ.capitalize(),
+                     dp.sentence())
+            if cfg.data:
+                log.warning("--data %s is not read: %s.", cfg.data, NO_PRIVATE_READ)
+    else:
+        real, reason = load_real_data(cfg, pool)
     val = None
     if real is not None and len(real.val):
         val = (pool.preprocessing(real.val.images).to(device), real.val.labels.to(device))
-    elif cfg.eval_models > 0 and world.main:
+    elif cfg.eval_models > 0 and world.main and dp is None:
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     augment = Augment.parse(cfg.augment)
     engine = MatchingEngine(model, spec, augment, gradient=cfg.gradient, temperature=cfg.label_temperature, fast=cfg.fast)
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
-               augment=augment, engine=engine, val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main))
+               augment=augment, engine=engine, val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main),
+               dp=dp)
     if start_over and world.main:  # only once every check has passed
         log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
         clear_run(out)

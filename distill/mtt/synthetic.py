@@ -20,7 +20,8 @@ from ..models import ParamSpec, flat_forward
 
 log = logging.getLogger(__name__)
 
-# name -> fn(ipc, num_classes, channels, size, generator, train, preprocessing, prefer=None) -> (images, labels)
+# name -> fn(ipc, num_classes, channels, size, generator, train, preprocessing, prefer=None, *, buffer, arg)
+# -> (images, labels); buffer is the buffer folder, arg what follows "name:" in --init (e.g. public:PATH).
 Initialiser = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _INITIALISERS: dict[str, Initialiser] = {}
 _NEEDS_REAL: set[str] = set()
@@ -42,7 +43,7 @@ def list_inits() -> list[str]:
 
 def needs_real_data(name: str) -> bool:
     """Whether initialiser ``name`` draws from the real training split."""
-    return name in _NEEDS_REAL
+    return name.partition(":")[0] in _NEEDS_REAL
 
 
 def class_labels(ipc: int, num_classes: int) -> torch.Tensor:
@@ -52,7 +53,7 @@ def class_labels(ipc: int, num_classes: int) -> torch.Tensor:
 
 @register_init("real", needs_real=True)
 def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-              train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+              train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None, **_
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` training images per class, drawn without replacement, preprocessed (CPU float32).
 
@@ -64,7 +65,7 @@ def init_real(ipc: int, num_classes: int, channels: int, size: int, generator: t
 
 @register_init("real-or-noise", needs_real=True)
 def init_real_or_noise(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-                       train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+                       train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None, **_
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``real``; a class with fewer than ``ipc`` training images keeps all of them and starts the rest from noise.
 
@@ -75,8 +76,9 @@ def init_real_or_noise(ipc: int, num_classes: int, channels: int, size: int, gen
 
 
 def _draw_real(ipc: int, num_classes: int, generator: torch.Generator, train: Split | None, preprocessing: Preprocessing,
-               prefer: torch.Tensor | None, scarce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both real initialisers; ``scarce`` says what a class with fewer than ``ipc`` images does: "refuse" or "noise"."""
+               prefer: torch.Tensor | None, scarce: str, source: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both real initialisers (and the public one); ``scarce`` says what a class with fewer than ``ipc`` images
+    does: "refuse" or "noise"; ``source`` names the images in messages."""
     if train is None:
         name = "real" if scarce == "refuse" else "real-or-noise"
         raise DistillError(f"--init {name} needs the buffer's training images, which could not be loaded; use --init noise or --data.")
@@ -85,7 +87,7 @@ def _draw_real(ipc: int, num_classes: int, generator: torch.Generator, train: Sp
         idx = torch.nonzero(train.labels == c).flatten()
         if len(idx) < ipc:
             if scarce == "refuse":
-                raise DistillError(f"Class {c} has only {len(idx)} training images, fewer than --ipc {ipc}; lower --ipc, "
+                raise DistillError(f"Class {c} has only {len(idx)} {source} images, fewer than --ipc {ipc}; lower --ipc, "
                                    "or use --init real-or-noise (the missing images start from noise) or --init noise.")
             short[c] = len(idx)
         order = idx[torch.randperm(len(idx), generator=generator)]
@@ -112,7 +114,7 @@ def _draw_real(ipc: int, num_classes: int, generator: torch.Generator, train: Sp
 
 @register_init("noise")
 def init_noise(ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-               train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
+               train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None, **_
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard normal pixels: the scale of normalised real images (zero mean, unit variance per channel)."""
     n = ipc * num_classes
@@ -120,11 +122,14 @@ def init_noise(ipc: int, num_classes: int, channels: int, size: int, generator: 
 
 
 def initial_images(name: str, ipc: int, num_classes: int, channels: int, size: int, generator: torch.Generator,
-                   train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    if name not in _INITIALISERS:
+                   train: Split | None, preprocessing: Preprocessing, prefer: torch.Tensor | None = None,
+                   buffer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial images and labels of ``--init name`` (``name`` may be ``registered:argument``)."""
+    base, _, arg = name.partition(":")
+    if base not in _INITIALISERS:
         raise DistillError(f"Unknown --init {name!r}; choose one of {', '.join(list_inits())}.")
-    return _INITIALISERS[name](ipc, num_classes, channels, size, generator, train, preprocessing, prefer=prefer)
+    return _INITIALISERS[base](ipc, num_classes, channels, size, generator, train, preprocessing, prefer=prefer,
+                               buffer=buffer, arg=arg)
 
 
 @torch.no_grad()
