@@ -212,12 +212,6 @@ def test_a_forged_dp_record_is_refused_in_one_sentence(dp_share, tmp_path):
         load_share(bad)
 
 
-def test_inspect_escapes_control_characters_from_the_share(tmp_path):
-    from distill.formats.share import printable
-
-    assert printable("ok\x1b[2Jgone\u202e") == "ok\\u001b[2Jgone\\u202e"
-
-
 def test_the_in_hospital_page_shows_the_audit_figures_the_share_does_not_carry(tmp_path):
     from test_share import make_run
 

@@ -327,11 +327,6 @@ def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
 
 
-def printable(text: str) -> str:
-    """``text`` with every control or format character (a terminal escape, a bidi override) shown as ``\\uXXXX``."""
-    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in str(text))
-
-
 def dp_from_privacy(privacy: dict) -> DPRecord | None:
     """The DPRecord in a share's privacy group (``dp``), or None; FormatError when it is not a valid record."""
     dp = privacy.get(Attr.DP)
