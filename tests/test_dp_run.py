@@ -223,3 +223,30 @@ def test_the_in_hospital_page_shows_the_audit_figures_the_share_does_not_carry(t
     assert "<h3>Membership inference</h3>" in page  # read from the run's audit.json, not from the share
     assert page.index(NO_GUARANTEE) < page.index("<h3>Membership inference</h3>")
     assert "The audit is outside the formal guarantee" in page
+
+
+# ----------------------------------------------------------------------------- parts A and B together
+
+
+def test_a_real_dp_buffer_to_a_dp_share_without_the_private_data(tmp_path, monkeypatch, capsys):
+    """`distill buffer --dp-epsilon` (real DP-SGD experts and DP class means), then the data moves away, and
+    run, export, report and inspect still work; the share carries the buffer's record and its sentence."""
+    np.savez(tmp_path / "tiny.npz", **make_tiny_arrays())
+    buf = tmp_path / "buffer"
+    code, _, err = _cli(monkeypatch, capsys, "buffer", "--data", str(tmp_path / "tiny.npz"), "--out", str(buf),
+                        "--experts", "2", "--epochs", "2", "--batch-size", "5", "--snapshot-every", "2",
+                        "--augment", "none", "--dp-epsilon", "4", "--dp-init", "class-means", "--device", "cpu")
+    assert code == 0, err
+    shutil.move(tmp_path / "tiny.npz", tmp_path / "elsewhere.npz")
+    record = DPRecord.from_json(dp_path(buf).read_text(encoding="utf-8"))
+    assert record.epsilon <= 4.0 + 1e-6 and record.stats == "class_means" and record.experts == 2
+    out = distill_run(_cfg(buf, tmp_path / "run", init="dp-means", hard_labels=True))
+    share_path = export_share(out, tmp_path / "share.h5", force=True)
+    write_report(out, tmp_path / "review.html", share=share_path)
+    share = load_share(share_path)
+    assert share.dp_record() == record
+    assert share.provenance["dataset"]["counts"] == {} and share.privacy["private_statistics"] == []
+    code, text, err = _cli(monkeypatch, capsys, "inspect", str(share_path))
+    assert code == 0, err
+    assert text.splitlines()[0] == f"privacy: {record.sentence()}"
+    assert not (tmp_path / "tiny.npz").exists()
