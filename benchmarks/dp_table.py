@@ -63,9 +63,9 @@ class Profile:
 
 PROFILES = {
     # What two shared CPU cores finish in well under an hour per dataset; far from the paper's protocol.
-    "cpu": Profile("cpu", "CPU: 2 experts x 8 epochs, 100 iterations of 20 student steps, 10 images per class",
-                   ipc=10, experts=2, epochs=8, snapshot_every=6, iterations=100, syn_steps=20, expert_epochs=2,
-                   max_start_epoch=10, runs=2, eval_epochs=None, full_epochs=10),
+    "cpu": Profile("cpu", "CPU: 2 experts x 8 epochs, 60 iterations of 10 student steps, 10 images per class, "
+                          "hard labels", ipc=10, experts=2, epochs=8, snapshot_every=6, iterations=60, syn_steps=10,
+                   expert_epochs=2, max_start_epoch=2, runs=3, eval_epochs=None, full_epochs=10),
     # The smallest settings that exercise every step (minutes): a smoke test of the script, not a result.
     "smoke": Profile("smoke", "smoke: every step at toy settings; not a result", ipc=2, experts=1, epochs=1,
                      snapshot_every=2, iterations=3, syn_steps=4, expert_epochs=1, max_start_epoch=0, runs=1,
@@ -130,7 +130,7 @@ def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, wo
         row.commands.append(run(f"{ds}-{tag}-buffer", buf + common, CHUNK)[0])
         r = ["run", "--buffer", str(d / "buffer"), "--out", str(d / "run"), "--ipc", str(p.ipc),
              "--iterations", str(p.iterations), "--syn-steps", str(p.syn_steps), "--expert-epochs", str(p.expert_epochs),
-             "--max-start-epoch", str(p.max_start_epoch), "--eval-every", "0"]
+             "--max-start-epoch", str(p.max_start_epoch), "--eval-every", "0", "--hard-labels"]
         if dp:
             r += ["--init", "dp-means"]
         row.commands.append(run(f"{ds}-{tag}-run", r + common, CHUNK, resumable=d / "run")[0])
