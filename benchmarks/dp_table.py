@@ -99,21 +99,15 @@ def fill(row: Row, result: dict) -> Row:
 
 
 def audit_verdict(path: Path) -> str:
-    """The audit's verdict and its headline figure, from RUNDIR/audit.json (any 1.x layout)."""
+    """The audit's verdict and the loss attack's AUC on the share, from RUNDIR/audit.json."""
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
         return "no audit"
-    summary = report.get("summary", report)
-    verdict = str(summary.get("verdict", summary.get("status", "?"))).upper()
-    auc = None
-    for key in ("membership_auc", "auc"):
-        if isinstance(summary.get(key), (int, float)):
-            auc = summary[key]
-            break
-    if auc is None and isinstance(summary.get("membership"), dict):
-        auc = summary["membership"].get("auc")
-    return f"{verdict}" + (f" (loss-attack AUC {auc:.3f})" if isinstance(auc, (int, float)) else "")
+    verdict = "PASS" if report.get("passed") else "FAIL"
+    share = report.get("summary", {}).get("membership", {}).get("share", {})
+    auc = share.get("loss", {}).get("auc", {}).get("value")
+    return verdict + (f", loss-attack AUC {auc:.3f}" if isinstance(auc, (int, float)) else "")
 
 
 def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, work: Path) -> Row:
