@@ -124,8 +124,11 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
             neighbours: dict[str, NeighbourResult], feature_info: dict, flagged: torch.Tensor, m: Membership,
             passed: bool, reasons: list[str], rmia: dict | None = None) -> AuditReport:
     """The summary (numbers and short strings only; it travels in the share) and the local per-image details."""
+    recorded = dataclasses.asdict(settings)
+    if settings.attack == "loss":  # the quick audit's summary stays as before RMIA; RMIA records its own settings
+        recorded = {k: v for k, v in recorded.items() if k != "attack" and not k.startswith("reference")}
     summary = strict_json({
-        "settings": dataclasses.asdict(settings) | {
+        "settings": recorded | {
             "epochs": m.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),
             "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
             "real_subset_lr": REAL_SUBSET_LR, "ci_level": CI_LEVEL},
