@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -274,12 +275,17 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, refer
     1 for an error.
     """
     from .privacy import run_audit
+    from .reference_pipeline import train_reference
 
     settings = build(AuditSettings, *_layers(config_file, **flags))
     report = run_audit(source, data, json_path=json_path, pairs_png=pairs_png, expert=expert, device=device or "auto",
-                       reference_cache=reference_cache, **dataclasses.asdict(settings))
+                       reference_cache=reference_cache, train_reference=train_reference,
+                       **dataclasses.asdict(settings))
     click.echo(report.text())
     if not report.passed:
+        from .privacy.remedies import remedy_text
+
+        click.echo(remedy_text(Path(source) if Path(source).is_dir() else None))
         sys.exit(AUDIT_FAILED)
 
 

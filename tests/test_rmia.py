@@ -1,6 +1,8 @@
 """The strong audit: offline RMIA's score, its intervals, its reference pipelines and their cache, its verdict."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from distill.data import fit_preprocessing, load_data
 from distill.errors import DistillError
 from distill.formats.audit import read_audit, summary_lines
 from distill.formats.synset import SyntheticSet, write_synset
-from distill.privacy import references as refs_mod
+from distill.reference_pipeline import train_reference
 from distill.privacy import run_audit
 from distill.privacy.references import ReferenceSettings, pool_halves, reference_signals
 from distill.privacy.rmia import (above_baseline, clopper_pearson, offline_prior, out_mean, rate_metrics, rmia_scores)
@@ -119,7 +121,8 @@ def leaky(tiny):
     # 15 of each class's 20 training images, copied: three quarters of the members are in the share.
     pick = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:15] for c in range(2)])
     rundir = _share_of(root, "leaky", data, pre, data.train.images[pick], data.train.labels[pick])
-    return rundir, run_audit(rundir, npz, device="cpu", reference_cache=root / "refs", **FAST, **TINY_REFS)
+    return rundir, run_audit(rundir, npz, device="cpu", reference_cache=root / "refs", train_reference=train_reference,
+                             **FAST, **TINY_REFS)
 
 
 def test_a_leaky_share_is_caught_with_tpr_well_above_fpr(leaky):
@@ -135,18 +138,18 @@ def test_a_leaky_share_is_caught_with_tpr_well_above_fpr(leaky):
     assert any(line.startswith("RMIA") for line in summary_lines(doc["summary"]))
 
 
-def test_a_random_subset_of_nonmembers_scores_near_chance_and_references_are_reused(tiny, leaky, monkeypatch):
+def _no_training(*a, **k):
+    raise AssertionError("a cached reference was retrained")
+
+
+def test_a_random_subset_of_nonmembers_scores_near_chance_and_references_are_reused(tiny, leaky):
     root, npz, data, pre = tiny
     # Images from the test split: in neither the members, the non-members nor any reference's pool.
     # As many per class as the leaky share, from the same pipeline settings: the same references apply.
     pick = torch.cat([torch.nonzero(data.test.labels == c).flatten()[:15] for c in range(2)])
     rundir = _share_of(root, "subset", data, pre, data.test.images[pick], data.test.labels[pick])
-
-    def no_training(*a, **k):
-        raise AssertionError("a cached reference was retrained")
-
-    monkeypatch.setattr(refs_mod, "_train_reference", no_training)
-    report = run_audit(rundir, npz, device="cpu", reference_cache=root / "refs", **FAST, **TINY_REFS)
+    report = run_audit(rundir, npz, device="cpu", reference_cache=root / "refs", train_reference=_no_training,
+                       **FAST, **TINY_REFS)
     rmia = report.summary["membership"]["rmia"]
     assert rmia["references"]["trained_now"] == 0
     assert 0.3 <= rmia["share"]["auc"] <= 0.7
@@ -154,7 +157,7 @@ def test_a_random_subset_of_nonmembers_scores_near_chance_and_references_are_reu
     assert rmia["share"]["tpr_at_5pct_fpr"]["value"] <= 0.25
 
 
-def test_reference_signals_come_back_from_the_cache(tiny, leaky, monkeypatch):
+def test_reference_signals_come_back_from_the_cache(tiny, leaky):
     root, npz, data, pre = tiny
     from distill.privacy.subject import holdout_split
 
@@ -162,7 +165,11 @@ def test_reference_signals_come_back_from_the_cache(tiny, leaky, monkeypatch):
     pool_u8, pool_y = torch.cat([data.train.images, hold]), torch.cat([data.train.labels, hold_y])
     settings = ReferenceSettings(references=2, experts=2, epochs=3, iterations=0, ipc=15, init="real",
                                  hard_labels=True, augment="none")
-    monkeypatch.setattr(refs_mod, "_train_reference", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), settings, root / "refs", "cpu")
+    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), settings, root / "refs", "cpu",
+                            train=_no_training)
     assert sig["trained"] == 0 and sig["probs"].shape == (2, len(pool_y))
     assert ((sig["probs"] > 0) & (sig["probs"] <= 1)).all()
+    # Without a pipeline a missing reference is one sentence, not a traceback.
+    with pytest.raises(DistillError, match="not in the cache"):
+        reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(),
+                          dataclasses.replace(settings, seed=1), root / "refs", "cpu")

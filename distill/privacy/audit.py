@@ -18,6 +18,7 @@ from ..io import strict_json, write_json
 from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inference
 from .neighbours import (NN_QUANTILE, SSIM_CANDIDATES, NeighbourResult, embed, feature_network, neighbour_metric,
                          ssim_window)
+from .references import ReferenceTrainer
 from .strong import reference_settings, rmia_membership, rmia_reasons
 from .report import AUC_MARGIN, PAIRS_FILE, TPR_MARGIN, AuditReport, verdict, write_pairs_png
 from .subject import Subject, holdout_split, load_matching_data, load_subject
@@ -51,14 +52,16 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
               references: int = AuditSettings.references, reference_experts: int = AuditSettings.reference_experts,
               reference_epochs: int = AuditSettings.reference_epochs,
               reference_iterations: int = AuditSettings.reference_iterations,
-              reference_cache: str | os.PathLike = REFERENCE_CACHE) -> AuditReport:
+              reference_cache: str | os.PathLike = REFERENCE_CACHE,
+              train_reference: ReferenceTrainer | None = None) -> AuditReport:
     """Audit a run folder (or its ``synthetic.h5``) or a share against the real data it came from.
 
     Members are the real training split; non-members the ``holdout`` split(s)
     minus (near-)copies of training images. Writes ``RUNDIR/audit.json`` and
     ``RUNDIR/audit_pairs.png`` for a run folder, ``json_path`` (summary plus
     per-image details) and ``pairs_png`` when given. ``attack="rmia"`` adds offline RMIA with
-    ``references`` reference pipelines cached under ``reference_cache`` (:mod:`.references`).
+    ``references`` reference pipelines cached under ``reference_cache`` (:mod:`.references`);
+    those not cached are made by ``train_reference`` (:func:`distill.reference_pipeline.train_reference`).
     """
     settings = AuditSettings(holdout=holdout, networks=networks, epochs=epochs, expert_epochs=expert_epochs,
                              bootstrap=bootstrap, pairs=pairs, seed=seed, attack=attack, references=references,
@@ -83,7 +86,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
         ref = reference_settings(subject, ipc, settings.references, settings.reference_experts,
                                  settings.reference_epochs, settings.reference_iterations, settings.seed)
         rmia = rmia_membership(subject, data, views.x_train, views.x_hold, views.hold_u8, views.hold_y, membership,
-                               ref, reference_cache, dev)
+                               ref, reference_cache, dev, train_reference)
         reasons += rmia_reasons(rmia)
         passed = not reasons
     report = _report(subject, data, settings, checked, views, neighbours, feature_info, flagged, membership, passed,

@@ -1,5 +1,10 @@
 """RMIA's reference models: whole pipelines (buffer, run, a network on the share) on halves of the candidate pool.
 
+This module is the cache and the bookkeeping; the pipeline itself is
+:func:`distill.reference_pipeline.train_reference`, passed in as ``train``, so that the
+audit package still needs neither the buffer nor the distiller (docs/STYLE walls) and an
+audit whose references are all cached needs no pipeline at all.
+
 The attacked share is a network's training data once removed: experts learn the real
 data, the distiller learns images from the experts, a recipient learns from the
 images. A reference model must be made the same way to calibrate the attack, so each
@@ -28,16 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Callable
+
 import numpy as np
 import torch
 
-from ..config import BufferConfig, RunConfig
 from ..errors import DistillError
 from ..io import atomic_path, write_json
-from ..seeding import derive_seed, generator, seeded
-from ..train import train_network
-from ..models import create_model
-from .rmia import true_class_prob
+from ..seeding import generator
 from .streams import REFERENCE
 
 log = logging.getLogger(__name__)
@@ -99,8 +102,13 @@ def cache_folder(root: str | os.PathLike, key: dict) -> Path:
     return Path(root) / digest
 
 
+# train(folder, index, pool_u8, pool_y, half, class_names, settings, device) -> (P,) p(true label) on the pool
+ReferenceTrainer = Callable[..., np.ndarray]
+
+
 def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: list[str], fingerprint: dict,
-                      settings: ReferenceSettings, cache: str | os.PathLike, device: torch.device) -> dict:
+                      settings: ReferenceSettings, cache: str | os.PathLike, device: torch.device,
+                      train: ReferenceTrainer | None = None) -> dict:
     """Every reference's p(true label) on every pool point, training the references not cached yet.
 
     pool_u8: (P, C, H, W) uint8 members then non-members; pool_y: (P,). Returns {"probs": (R, P) float64,
@@ -121,9 +129,12 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
                 if np.array_equal(f["members"], halves[r]):
                     probs.append(f["probs"])
                     continue
+        if train is None:
+            raise DistillError(f"RMIA reference {r} is not in the cache {folder}; 'distill audit --attack rmia' "
+                               "trains it (from Python: pass distill.reference_pipeline.train_reference).")
         log.info("RMIA reference %d of %d: buffer and run on %d pool images (%s).", r + 1, settings.references,
                  int(halves[r].sum()), ref)
-        p = _train_reference(ref, r, pool_u8, pool_y, halves[r], class_names, settings, device)
+        p = train(ref, r, pool_u8, pool_y, halves[r], class_names, settings, device)
         with atomic_path(signals) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, probs=p, members=halves[r])
@@ -131,44 +142,3 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
         trained += 1
     return {"probs": np.stack(probs), "members": halves, "trained": trained,
             "seconds": time.perf_counter() - t0 if trained else 0.0, "folder": folder}
-
-
-def _train_reference(ref: Path, r: int, pool_u8: torch.Tensor, pool_y: torch.Tensor, half: np.ndarray,
-                     class_names: list[str], s: ReferenceSettings, device: torch.device) -> np.ndarray:
-    """One reference pipeline in ``ref``; returns its network's p(true label) on the whole pool, (P,)."""
-    from ..mtt import distill_run  # the audit needs the pipeline only for RMIA
-    from ..buffer import build_buffer
-    from ..mtt.rundir import restartable
-    from .subject import load_subject
-
-    ref.mkdir(parents=True, exist_ok=True)
-    npz = ref / "data.npz"
-    if not npz.exists():
-        inside, outside = torch.from_numpy(half), torch.from_numpy(~half)
-        arrays = {"train_images": pool_u8[inside], "train_labels": pool_y[inside],
-                  # The other half validates the experts: points this reference never trained on.
-                  "val_images": pool_u8[outside], "val_labels": pool_y[outside],
-                  "test_images": pool_u8[outside][:0], "test_labels": pool_y[outside][:0]}
-        with atomic_path(npz) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **{k: (v.permute(0, 2, 3, 1).numpy() if v.ndim == 4 else v[:, None].numpy())
-                                 .astype(np.uint8) for k, v in arrays.items()})
-    seed = derive_seed(s.seed, REFERENCE, 1000 + r) % (2 ** 31)
-    dev = str(device)
-    build_buffer(BufferConfig(data=str(npz), out=str(ref / "buffer"), model=s.model, experts=s.experts,
-                              epochs=s.epochs, augment=s.augment, seed=seed, device=dev))
-    run = ref / "run"
-    if not (run / "synthetic.h5").exists():
-        cfg = RunConfig(buffer=str(ref / "buffer"), out=str(run), ipc=s.ipc, iterations=s.iterations,
-                        syn_steps=s.syn_steps, expert_epochs=s.expert_epochs, init=s.init, hard_labels=s.hard_labels,
-                        eval_models=0, seed=seed, device=dev)
-        distill_run(cfg, resume=run.exists() and not restartable(run))
-    subject = load_subject(run)
-    with seeded(seed, REFERENCE, 2):
-        net = create_model(subject.model, len(class_names), subject.images.shape[1], subject.images.shape[-1],
-                           **subject.model_kwargs)
-    net.to(device)
-    train_network(net, subject.images.to(device), subject.targets.to(device), subject.recipe,
-                  generator(seed, REFERENCE, 3))
-    x = subject.preprocessing(pool_u8).to(device)
-    return true_class_prob([net], x, pool_y).numpy()

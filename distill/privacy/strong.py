@@ -17,7 +17,7 @@ import torch
 
 from ..data import RealData
 from .membership import Membership
-from .references import ReferenceSettings, reference_signals
+from .references import ReferenceSettings, ReferenceTrainer, reference_signals
 from .rmia import (CP_LEVEL, GAMMA, OFFLINE_A, above_baseline, offline_prior, out_mean, rate_metrics, rmia_scores,
                    true_class_prob)
 from .subject import Subject
@@ -43,12 +43,12 @@ def reference_settings(subject: Subject, ipc: int, references: int, experts: int
 
 def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_hold: torch.Tensor,
                     hold_u8: torch.Tensor, hold_y: torch.Tensor, m: Membership, ref: ReferenceSettings,
-                    cache: str | os.PathLike, device: torch.device) -> dict:
+                    cache: str | os.PathLike, device: torch.device, train: ReferenceTrainer | None = None) -> dict:
     """RMIA on the share's networks and the random-real baseline's, with the same references; the summary section."""
     n_mem = len(x_train)
     pool_u8 = torch.cat([data.train.images, hold_u8])
     pool_y = torch.cat([data.train.labels, hold_y])
-    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), ref, cache, device)
+    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), ref, cache, device, train)
     prior = offline_prior(out_mean(sig["probs"], sig["members"]))
     x_pool = torch.cat([x_train, x_hold])
 
