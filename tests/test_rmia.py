@@ -173,3 +173,29 @@ def test_reference_signals_come_back_from_the_cache(tiny, leaky):
     with pytest.raises(DistillError, match="not in the cache"):
         reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(),
                           dataclasses.replace(settings, seed=1), root / "refs", "cpu")
+
+
+# ----------------------------------------------------------------------------- the gate and the page
+
+
+def test_a_failed_audit_names_remedies_and_the_page_opens_with_the_decision(tiny, leaky, tmp_path):
+    from distill.export import export_share
+    from distill.formats.share import load_share
+    from distill.report import write_report
+
+    root, npz, data, pre = tiny
+    rundir, report = leaky
+    assert not report.passed
+    with pytest.raises(DistillError) as e:
+        export_share(rundir, tmp_path / "s.h5")
+    for words in ("--init noise", "--dp-epsilon 8", "--iterations", "--ipc", "--force"):
+        assert words in str(e.value), words
+    page = write_report(rundir, tmp_path / "review.html", data=npz).read_text()
+    decision, first_image = page.index("Privacy audit: FAILED"), page.index("<img")
+    assert decision < first_image
+    for words in ("What to change", "How to read these figures", "Sign-off", "RMIA ROC", "random real subset"):
+        assert words in page[:first_image], words
+    share = export_share(rundir, tmp_path / "s.h5", force=True)
+    assert load_share(share).privacy
+    public = write_report(share, tmp_path / "public.html", public=True).read_text()
+    assert "no real image" not in public and "Sign-off" not in public and "What to change" not in public
