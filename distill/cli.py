@@ -262,6 +262,8 @@ def report_cmd(source, out, config_file, **flags):
 @click.option("--reference-experts", type=int, default=None, help=f"Experts per reference buffer {default_text(AuditSettings, 'reference_experts')}.")
 @click.option("--reference-epochs", type=int, default=None, help=f"Epochs per reference expert {default_text(AuditSettings, 'reference_epochs')}.")
 @click.option("--reference-iterations", type=int, default=None, help=f"Iterations per reference run {default_text(AuditSettings, 'reference_iterations')}.")
+@click.option("--canaries", type=int, default=None,
+              help="With --attack rmia: put N mislabeled held-out images into one more pipeline and report how exposed they are (the worst case).")
 @click.option("--reference-cache", default="references", show_default=True,
               help="Folder of the cached reference pipelines; they hold real images: keep it local.")
 @SEED

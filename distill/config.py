@@ -167,6 +167,7 @@ class AuditSettings:
     reference_experts: int = 2  # experts per reference buffer: fewer than a real run, to keep R pipelines affordable
     reference_epochs: int = 10  # epochs per reference expert
     reference_iterations: int = 100  # distillation iterations per reference run
+    canaries: int = 0  # with rmia: mislabeled held-out images put into one more pipeline, to measure the worst case
 
     def __post_init__(self):
         check_ranges(self)  # the audit is also called from Python, without build()
@@ -275,6 +276,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
         "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "attack": Allowed(choices=ATTACKS), "references": Allowed(low=2),
         "reference_experts": AT_LEAST_1, "reference_epochs": AT_LEAST_1, "reference_iterations": ZERO_OR_MORE,
+        "canaries": ZERO_OR_MORE,
     },
 }
 

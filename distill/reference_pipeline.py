@@ -17,7 +17,7 @@ from .models import create_model
 from .mtt import distill_run
 from .mtt.rundir import restartable
 from .privacy.references import ReferenceSettings
-from .privacy.rmia import true_class_prob
+from .privacy.rmia import class_probs
 from .privacy.streams import REFERENCE
 from .privacy.subject import load_subject
 from .seeding import derive_seed, generator, seeded
@@ -26,7 +26,7 @@ from .train import train_network
 
 def train_reference(ref: Path, r: int, pool_u8: torch.Tensor, pool_y: torch.Tensor, half: np.ndarray,
                      class_names: list[str], s: ReferenceSettings, device: torch.device) -> np.ndarray:
-    """One reference pipeline in ``ref``; returns its network's p(true label) on the whole pool, (P,)."""
+    """One reference pipeline in ``ref``; returns its network's class probabilities on the whole pool, (P, K)."""
     ref.mkdir(parents=True, exist_ok=True)
     npz = ref / "data.npz"
     if not npz.exists():
@@ -57,4 +57,4 @@ def train_reference(ref: Path, r: int, pool_u8: torch.Tensor, pool_y: torch.Tens
     train_network(net, subject.images.to(device), subject.targets.to(device), subject.recipe,
                   generator(seed, REFERENCE, 3))
     x = subject.preprocessing(pool_u8).to(device)
-    return true_class_prob([net], x, pool_y).numpy()
+    return class_probs([net], x).numpy()

@@ -199,3 +199,19 @@ def test_a_failed_audit_names_remedies_and_the_page_opens_with_the_decision(tiny
     assert load_share(share).privacy
     public = write_report(share, tmp_path / "public.html", public=True).read_text()
     assert "no real image" not in public and "Sign-off" not in public and "What to change" not in public
+
+
+def test_canaries_are_scored_against_the_other_nonmembers(tiny, leaky):
+    root, npz, data, pre = tiny
+    rundir, _ = leaky
+    with pytest.raises(DistillError, match="--attack rmia"):
+        run_audit(rundir, npz, device="cpu", canaries=4, **FAST)
+    report = run_audit(rundir, npz, device="cpu", reference_cache=root / "refs", train_reference=train_reference,
+                       canaries=8, **FAST, **TINY_REFS)
+    rmia = report.summary["membership"]["rmia"]
+    c = rmia["canaries"]
+    assert rmia["references"]["trained_now"] == 0  # only the canary pipeline was new
+    assert c["n_canaries"] == c["n_members"] == 8 and c["n_nonmembers"] == 32
+    # Mislabeled images the experts memorised stand out from the non-members.
+    assert c["auc"] > 0.7
+    assert any("canaries" in line for line in report.text().splitlines())

@@ -139,6 +139,13 @@ def rmia_lines(rmia: dict) -> list[str]:
                 v = mm[k]
                 line += f"  {label} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
         lines.append(line)
+    c = rmia.get("canaries")
+    if isinstance(c, dict):
+        line = f"  {c['n_canaries']} canaries ({c.get('kind', '')}) AUC {c['auc']:.3f}"
+        for k, label in (("tpr_at_1pct_fpr", "TPR@1%"), ("tpr_at_5pct_fpr", "TPR@5%")):
+            if k in c:
+                line += f"  {label} {c[k]['value']:.3f} [{c[k]['ci95'][0]:.3f}, {c[k]['ci95'][1]:.3f}]"
+        lines.append(line + " (worst case)")
     lines.append("  significantly above the random subset: " +
                  ("YES" if rmia["significantly_above_random_subset"] else "no"))
     return lines

@@ -12,6 +12,7 @@ from ..checks import check_model_builds
 from ..config import AuditSettings
 from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
+from ..errors import DistillError
 from ..formats.audit import AUDIT_FILE
 from ..formats.common import utc_now
 from ..io import strict_json, write_json
@@ -19,8 +20,8 @@ from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inferen
 from .neighbours import (NN_QUANTILE, SSIM_CANDIDATES, NeighbourResult, embed, feature_network, neighbour_metric,
                          ssim_window)
 from .references import ReferenceTrainer
-from .strong import reference_settings, rmia_membership, rmia_reasons
 from .report import AUC_MARGIN, PAIRS_FILE, TPR_MARGIN, AuditReport, verdict, write_pairs_png
+from .strong import reference_settings, rmia_membership, rmia_reasons
 from .subject import Subject, holdout_split, load_matching_data, load_subject
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
               pairs: int = AuditSettings.pairs, attack: str = AuditSettings.attack,
               references: int = AuditSettings.references, reference_experts: int = AuditSettings.reference_experts,
               reference_epochs: int = AuditSettings.reference_epochs,
-              reference_iterations: int = AuditSettings.reference_iterations,
+              reference_iterations: int = AuditSettings.reference_iterations, canaries: int = AuditSettings.canaries,
               reference_cache: str | os.PathLike = REFERENCE_CACHE,
               train_reference: ReferenceTrainer | None = None) -> AuditReport:
     """Audit a run folder (or its ``synthetic.h5``) or a share against the real data it came from.
@@ -66,7 +67,9 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
     settings = AuditSettings(holdout=holdout, networks=networks, epochs=epochs, expert_epochs=expert_epochs,
                              bootstrap=bootstrap, pairs=pairs, seed=seed, attack=attack, references=references,
                              reference_experts=reference_experts, reference_epochs=reference_epochs,
-                             reference_iterations=reference_iterations)
+                             reference_iterations=reference_iterations, canaries=canaries)
+    if settings.canaries and settings.attack != "rmia":
+        raise DistillError("--canaries needs --attack rmia: canaries are scored by RMIA against its references.")
     dev = resolve_device(device)
     subject = load_subject(source)
     data, checked = load_matching_data(subject, data_spec)
@@ -86,7 +89,7 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
         ref = reference_settings(subject, ipc, settings.references, settings.reference_experts,
                                  settings.reference_epochs, settings.reference_iterations, settings.seed)
         rmia = rmia_membership(subject, data, views.x_train, views.x_hold, views.hold_u8, views.hold_y, membership,
-                               ref, reference_cache, dev, train_reference)
+                               ref, reference_cache, dev, train_reference, settings.canaries)
         reasons += rmia_reasons(rmia)
         passed = not reasons
     report = _report(subject, data, settings, checked, views, neighbours, feature_info, flagged, membership, passed,
@@ -129,7 +132,8 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
     """The summary (numbers and short strings only; it travels in the share) and the local per-image details."""
     recorded = dataclasses.asdict(settings)
     if settings.attack == "loss":  # the quick audit's summary stays as before RMIA; RMIA records its own settings
-        recorded = {k: v for k, v in recorded.items() if k != "attack" and not k.startswith("reference")}
+        recorded = {k: v for k, v in recorded.items()
+                    if k not in ("attack", "canaries") and not k.startswith("reference")}
     summary = strict_json({
         "settings": recorded | {
             "epochs": m.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),

@@ -45,10 +45,10 @@ from .streams import REFERENCE
 
 log = logging.getLogger(__name__)
 
-SIGNALS_FILE = "signals.npz"  # per reference: probs (P,) float64, members (P,) bool
+SIGNALS_FILE = "signals.npz"  # per reference: probs (P, K) float64 class probabilities, members (P,) bool
 KEY_FILE = "key.json"  # per cache folder: what the key hashes, for a person looking at the folder
 CACHE_FORMAT = "distill-rmia-references"
-CACHE_VERSION = "1.0"
+CACHE_VERSION = "1.1"  # 1.1 keeps every class probability (canaries need other labels than the true one)
 
 
 @dataclass(frozen=True)
@@ -102,18 +102,18 @@ def cache_folder(root: str | os.PathLike, key: dict) -> Path:
     return Path(root) / digest
 
 
-# train(folder, index, pool_u8, pool_y, half, class_names, settings, device) -> (P,) p(true label) on the pool
+# train(folder, index, pool_u8, pool_y, half, class_names, settings, device) -> (P, K) class probabilities on the pool
 ReferenceTrainer = Callable[..., np.ndarray]
 
 
 def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: list[str], fingerprint: dict,
                       settings: ReferenceSettings, cache: str | os.PathLike, device: torch.device,
                       train: ReferenceTrainer | None = None) -> dict:
-    """Every reference's p(true label) on every pool point, training the references not cached yet.
+    """Every reference's class probabilities on every pool point, training the references not cached yet.
 
-    pool_u8: (P, C, H, W) uint8 members then non-members; pool_y: (P,). Returns {"probs": (R, P) float64,
-    "members": (R, P) bool, "trained": references trained now, "seconds": time spent training them,
-    "folder": the cache folder}.
+    pool_u8: (P, C, H, W) uint8 members then non-members; pool_y: (P,). Returns {"probs": (R, P) float64
+    p(true label), "probs_all": (R, P, K), "members": (R, P) bool, "trained": references trained now,
+    "seconds": time spent training them, "folder": the cache folder}.
     """
     key = cache_key(fingerprint, pool_u8, pool_y, settings)
     folder = cache_folder(cache, key)
@@ -126,7 +126,7 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
         signals = ref / SIGNALS_FILE
         if signals.exists():
             with np.load(signals) as f:
-                if np.array_equal(f["members"], halves[r]):
+                if f["probs"].ndim == 2 and np.array_equal(f["members"], halves[r]):
                     probs.append(f["probs"])
                     continue
         if train is None:
@@ -140,5 +140,7 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
                 np.savez(fh, probs=p, members=halves[r])
         probs.append(p)
         trained += 1
-    return {"probs": np.stack(probs), "members": halves, "trained": trained,
+    probs_all = np.stack(probs)
+    true = np.take_along_axis(probs_all, pool_y.numpy()[None, :, None], axis=2)[..., 0]
+    return {"probs": true, "probs_all": probs_all, "members": halves, "trained": trained,
             "seconds": time.perf_counter() - t0 if trained else 0.0, "folder": folder}

@@ -40,20 +40,23 @@ ROC_MIN_FPR = 1e-3
 
 
 @torch.no_grad()
-def true_class_prob(nets: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
-                    batch_size: int = 1024) -> torch.Tensor:
-    """p(x | theta): each network's softmax probability of the true label, averaged over ``nets``; (N,) float64, CPU."""
-    total = torch.zeros(len(images), dtype=torch.float64)
+def class_probs(nets: list[nn.Module], images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Softmax probabilities (N, K) float64 on the CPU, averaged over ``nets``, in eval mode."""
+    total = None
     for net in nets:
         was = net.training
         net.eval()
-        parts = []
-        for i in range(0, len(images), batch_size):
-            p = F.softmax(net(images[i:i + batch_size]).double(), dim=1)
-            parts.append(p.gather(1, labels[i:i + batch_size, None].to(p.device))[:, 0].cpu())
+        p = torch.cat([F.softmax(net(images[i:i + batch_size]).double(), dim=1).cpu()
+                       for i in range(0, len(images), batch_size)])
         net.train(was)
-        total += torch.cat(parts)
+        total = p if total is None else total + p
     return total / len(nets)
+
+
+def true_class_prob(nets: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                    batch_size: int = 1024) -> torch.Tensor:
+    """p(x | theta): each network's softmax probability of the true label, averaged over ``nets``; (N,) float64, CPU."""
+    return class_probs(nets, images, batch_size).gather(1, labels.cpu()[:, None])[:, 0]
 
 
 def offline_prior(p_out: np.ndarray, a: float = OFFLINE_A) -> np.ndarray:
