@@ -5,15 +5,12 @@ commands name the user's own folders and settings; placeholders otherwise.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from ..config import load_toml
 from ..errors import DistillError
 
-log = logging.getLogger(__name__)
-
-DP_EPSILON = 8  # a commonly used privacy budget for image models; docs/privacy.md, "The guarantee"
+DP_EPSILON = 8  # the budget issue 24 names for the DP buffer remedy; docs/privacy.md, "The guarantee"
 
 
 def _run_settings(rundir: Path | None) -> dict:

@@ -67,7 +67,7 @@ def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_h
     share, baseline = attack(m.share_nets), attack(m.real_nets)
     extra = {}
     if canaries:
-        extra["canaries"] = canary_exposure(canaries, data, hold_u8, hold_y, sig, ref, cache, device, train)
+        extra["canaries"] = canary_exposure(canaries, data, hold_u8, hold_y, sig, ref, device, train)
     return {**extra, "share": share, "random_subset": baseline,
             "significantly_above_random_subset": above_baseline(share, baseline),
             "rule": RULE, "population": "non-members",
@@ -77,8 +77,7 @@ def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_h
 
 
 def canary_exposure(n: int, data: RealData, hold_u8: torch.Tensor, hold_y: torch.Tensor, sig: dict,
-                    ref: ReferenceSettings, cache: str | os.PathLike, device: torch.device,
-                    train: ReferenceTrainer | None) -> dict:
+                    ref: ReferenceSettings, device: torch.device, train: ReferenceTrainer | None) -> dict:
     """The worst case (Zhao & Zhang, ICLR 2025): ``n`` held-out images, each given a wrong label, are added to the
     training data of one more pipeline like the references; how far does RMIA single them out?
 
