@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -61,9 +62,17 @@ FULL_EPOCHS = 10  # of the full-data network trained here (lr 0.01, as the rando
 LEAKY_IPC = 50  # copies per class in the leaky share: its power is read on these copies
 
 
-def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> float:
-    """Run a command (one thread), log its output; returns seconds. Raises on an exit status not in ``ok``."""
-    t0 = time.perf_counter()
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> dict:
+    """Run a command (one thread), log its output; returns wall and CPU seconds. Raises on an exit status not in ``ok``.
+
+    CPU seconds are the fair cost on a shared machine, where wall time depends on the neighbours.
+    """
+    t0, c0 = time.perf_counter(), _child_cpu()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(log, "a") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
@@ -71,7 +80,7 @@ def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> float:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
     if rc not in ok:
         raise SystemExit(f"{shlex.join(cmd)} failed with exit status {rc}; see {log}.")
-    return time.perf_counter() - t0
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _child_cpu() - c0}
 
 
 def shown(cmd: list[str]) -> str:
@@ -85,12 +94,12 @@ def step(work: Path, name: str, cmd: list[str], times: dict, ok: tuple[int, ...]
     if mark.exists():
         return
     times[name] = sh(cmd, work / "log.txt", ok)
-    mark.write_text(json.dumps({"seconds": times[name]}))
+    mark.write_text(json.dumps(times[name]))
 
 
-def seconds(work: Path, name: str) -> float | None:
+def seconds(work: Path, name: str, key: str = "cpu_seconds") -> float | None:
     mark = work / f".done-{name}"
-    return json.loads(mark.read_text())["seconds"] if mark.exists() else None
+    return json.loads(mark.read_text()).get(key) if mark.exists() else None
 
 
 def accuracy_of(eval_json: Path) -> float | None:
@@ -140,11 +149,13 @@ def dataset_rows(ds: str, work: Path, device: str) -> tuple[list[dict], dict]:
     rows.append(_row(f"{ds}, random real subset, 10/class", None, first["rmia"]["random_subset"],
                      first["real_subset"]["auc"]["value"], "the audit's own baseline (same audit commands)"))
     rows += _direct_rows(ds, work, refs, first["rmia"]["references"], device)
-    costs = {"buffer_s": seconds(work, "buffer"), "run_s": seconds(work, "run-init-real"),
-             "audit_s": seconds(work, "audit-init-real"), "second_audit_s": seconds(work, "audit-init-noise"),
+    costs = {f"{k}_{unit}": seconds(work, step_name, unit) for k, step_name in
+             (("buffer", "buffer"), ("run", "run-init-real"), ("audit", "audit-init-real"),
+              ("second_audit", "audit-init-noise")) for unit in ("cpu_seconds", "seconds")}
+    costs.update({
              "references_trained_in_second_audit":
                  audits.get("init-noise", {}).get("summary", {}).get("membership", {}).get("rmia", {})
-                 .get("references", {}).get("trained_now")}
+                 .get("references", {}).get("trained_now")})
     return rows, costs
 
 
@@ -210,12 +221,15 @@ def render(rows: list[dict], costs: dict[str, dict], machine: str) -> str:
                      f"({r['k']}/{r['n']}) | {r['n_non']} | {_f(r['loss_auc'])} | `{r['command']}` |")
     lines.append("")
     for ds, c in costs.items():
-        pipeline = (c.get("buffer_s") or 0) + (c.get("run_s") or 0)
-        lines.append(f"Cost on {ds}: one pipeline (buffer + run) {pipeline:.0f} s; the first strong audit "
-                     f"(training its references) {_f(c.get('audit_s'), 0)} s = "
-                     f"{(c.get('audit_s') or 0) / pipeline if pipeline else float('nan'):.2f}x one pipeline; "
-                     f"a second audit from the same data {_f(c.get('second_audit_s'), 0)} s "
-                     f"(references trained: {c.get('references_trained_in_second_audit')}).")
+        for unit, word in (("cpu_seconds", "CPU"), ("seconds", "wall")):
+            pipeline = (c.get(f"buffer_{unit}") or 0) + (c.get(f"run_{unit}") or 0)
+            audit = c.get(f"audit_{unit}") or 0
+            lines.append(f"Cost on {ds} ({word} seconds): one pipeline (buffer + run) {pipeline:.0f} s; the first "
+                         f"strong audit (training its references) {audit:.0f} s = "
+                         f"{audit / pipeline if pipeline else float('nan'):.2f}x one pipeline; a second audit from "
+                         f"the same data {_f(c.get(f'second_audit_{unit}'), 0)} s (references trained: "
+                         f"{c.get('references_trained_in_second_audit')}).")
+            lines.append("")
     lines += ["", END]
     return "\n".join(lines)
 
