@@ -19,7 +19,7 @@ from ..io import strict_json, write_json
 from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inference
 from .neighbours import (NN_QUANTILE, SSIM_CANDIDATES, NeighbourResult, embed, feature_network, neighbour_metric,
                          ssim_window)
-from .references import ReferenceTrainer
+from .references import ReferenceSettings, ReferenceTrainer
 from .report import AUC_MARGIN, PAIRS_FILE, TPR_MARGIN, AuditReport, verdict, write_pairs_png
 from .strong import reference_settings, rmia_membership, rmia_reasons
 from .subject import Subject, holdout_split, load_matching_data, load_subject
@@ -70,6 +70,8 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
                              reference_iterations=reference_iterations, canaries=canaries)
     if settings.canaries and settings.attack != "rmia":
         raise DistillError("--canaries needs --attack rmia: canaries are scored by RMIA against its references.")
+    if settings.attack == "rmia":
+        ReferenceSettings(references=settings.references)  # refuses an odd count before anything is trained
     dev = resolve_device(device)
     subject = load_subject(source)
     data, checked = load_matching_data(subject, data_spec)
