@@ -49,6 +49,8 @@ def test_references_are_complementary_pairs():
     assert ((~halves).sum(0) == 2).all()  # every point is OUT for exactly half of the references
     with pytest.raises(DistillError, match="even"):
         ReferenceSettings(references=3)
+    with pytest.raises(DistillError, match="even"):  # before any file is read or network trained
+        run_audit("nowhere", "nowhere", attack="rmia", references=3)
 
 
 # ----------------------------------------------------------------------------- intervals
