@@ -11,10 +11,12 @@ import dataclasses
 import errno
 import logging
 import sys
+from pathlib import Path
 
 import click
 
-from .config import (DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS, SNAPSHOT_DTYPES,
+from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
+                     SNAPSHOT_DTYPES,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
@@ -301,10 +303,20 @@ def report_cmd(source, out, config_file, **flags):
 @click.option("--expert-epochs", type=int, default=None, help=f"Epochs of the feature network trained here {default_text(AuditSettings, 'expert_epochs')}.")
 @click.option("--bootstrap", type=int, default=None, help=f"Bootstrap resamples for the confidence intervals {default_text(AuditSettings, 'bootstrap')}.")
 @click.option("--pairs", type=int, default=None, help=f"Rows in the pairs PNG; 0 for none {default_text(AuditSettings, 'pairs')}.")
+@click.option("--attack", type=click.Choice(ATTACKS), default=None,
+              help=f"loss (quick) or rmia (offline RMIA with reference pipelines; docs/privacy.md) {default_text(AuditSettings, 'attack')}.")
+@click.option("--references", type=int, default=None, help=f"RMIA reference pipelines, an even number {default_text(AuditSettings, 'references')}.")
+@click.option("--reference-experts", type=int, default=None, help=f"Experts per reference buffer {default_text(AuditSettings, 'reference_experts')}.")
+@click.option("--reference-epochs", type=int, default=None, help=f"Epochs per reference expert {default_text(AuditSettings, 'reference_epochs')}.")
+@click.option("--reference-iterations", type=int, default=None, help=f"Iterations per reference run {default_text(AuditSettings, 'reference_iterations')}.")
+@click.option("--canaries", type=int, default=None,
+              help="With --attack rmia: put N mislabeled held-out images into one more pipeline and report how exposed they are (the worst case).")
+@click.option("--reference-cache", default="references", show_default=True,
+              help="Folder of the cached reference pipelines; they hold real images: keep it local.")
 @SEED
 @DEVICE
 @CONFIG
-def audit(source, data, json_path, pairs_png, expert, device, config_file, **flags):
+def audit(source, data, json_path, pairs_png, expert, device, config_file, reference_cache, **flags):
     """Measure whether a run folder's synthetic set (or a share) leaks its patients.
 
     Writes RUNDIR/audit.json, which 'distill export' embeds in the share.
@@ -312,12 +324,17 @@ def audit(source, data, json_path, pairs_png, expert, device, config_file, **fla
     1 for an error.
     """
     from .privacy import run_audit
+    from .reference_pipeline import train_reference
 
     settings = build(AuditSettings, *_layers(config_file, **flags))
     report = run_audit(source, data, json_path=json_path, pairs_png=pairs_png, expert=expert, device=device or "auto",
+                       reference_cache=reference_cache, train_reference=train_reference,
                        **dataclasses.asdict(settings))
     click.echo(report.text())
     if not report.passed:
+        from .privacy.remedies import remedy_text
+
+        click.echo(remedy_text(Path(source) if Path(source).is_dir() else None))
         sys.exit(AUDIT_FAILED)
 
 

@@ -180,6 +180,13 @@ class AuditSettings:
     bootstrap: int = 200  # resamples per confidence interval
     pairs: int = 16  # rows in the side-by-side PNG
     seed: int = 0
+    # loss: the quick loss-threshold attacks; rmia: also offline RMIA with reference pipelines (docs/privacy.md).
+    attack: str = "loss"
+    references: int = 2  # RMIA reference pipelines, in complementary pairs
+    reference_experts: int = 2  # experts per reference buffer: fewer than a real run, to keep R pipelines affordable
+    reference_epochs: int = 10  # epochs per reference expert
+    reference_iterations: int = 100  # distillation iterations per reference run
+    canaries: int = 0  # with rmia: mislabeled held-out images put into one more pipeline, to measure the worst case
 
     def __post_init__(self):
         check_ranges(self)  # the audit is also called from Python, without build()
@@ -218,6 +225,7 @@ class ReportConfig:
 
 GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
 FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
+ATTACKS = ("loss", "rmia")  # distill audit --attack
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
 DP_ACCOUNTANTS = ("prv", "rdp")  # Opacus' accountants (distill/dp.py)
 DP_INITS = ("none", "class-means")  # DP statistics a DP buffer may release beside its experts
@@ -305,7 +313,9 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
                  "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,
-        "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "seed": SEED,
+        "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "seed": SEED, "attack": Allowed(choices=ATTACKS),
+        "references": Allowed(low=2), "reference_experts": AT_LEAST_1, "reference_epochs": EPOCHS,
+        "reference_iterations": ZERO_OR_MORE, "canaries": ZERO_OR_MORE,
     },
 }
 

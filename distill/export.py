@@ -17,6 +17,7 @@ from .formats.share import write_share
 from .formats.share_schema import AUDIT_OUTSIDE, Attr
 from .formats.synset import read_synset
 from .io import output_lock, remove_stale_temps
+from .privacy.remedies import remedy_text
 from .runshare import (METHOD_HOME_ONLY, METHOD_KEYS, is_plain, scrub, scrub_sentence,  # noqa: F401 (re-exported)
                        share_from_synset)
 
@@ -36,6 +37,14 @@ def audit_status(rundir: Path) -> tuple[str, dict]:
     return ("passed" if audit["passed"] else "failed"), audit
 
 
+def failed_audit_message(rundir: Path, audit: dict) -> str:
+    """Why the gate refuses (the audit's own reasons, with interval and baseline) and what to change."""
+    reasons = ((audit.get("summary") or {}).get("verdict") or {}).get("reasons") or []
+    why = "".join(f"\n  - {r}" for r in reasons if isinstance(r, str))
+    return (f"The privacy audit of {rundir} failed, so this set may leak patients:{why}\n{remedy_text(rundir)}\n"
+            "Or pass --force to export it anyway (the share records that).")
+
+
 def _privacy(rundir: Path, force: bool) -> dict:
     status, audit = audit_status(rundir)
     if status != "passed" and not force:
@@ -43,8 +52,7 @@ def _privacy(rundir: Path, force: bool) -> dict:
             raise DistillError(f"{rundir} has no privacy audit; run 'distill audit {rundir}' first, "
                                "or pass --force to export without one.")
         if status == "failed":
-            raise DistillError(f"The privacy audit of {rundir} failed, so this set may leak patients; "
-                               "see 'distill audit', or pass --force to export it anyway.")
+            raise DistillError(failed_audit_message(rundir, audit))
         raise DistillError(f"The privacy audit in {rundir} is not readable; run 'distill audit' again, "
                            "or pass --force to export without one.")
     if status != "passed":

@@ -31,6 +31,7 @@ from . import __version__
 from .errors import DistillError, FormatError
 from .formats import Share, load_share
 from .config import load_toml
+from .audit_page import decision_section, public_note
 from .formats.audit import AUDIT_FILE, read_audit
 from .formats.synset import SYNSET_FILE, read_synset
 from .io import atomic_path, sha256_file
@@ -545,7 +546,7 @@ def guarantee_block(share: Share, audit: _Audit, public: bool) -> str:
 def render_report(share: Share, *, title: str, audit: _Audit, rundir: Path | None, share_file: Path | None,
                   pairs: _Pairs | None, pairs_reason: str, eval_doc: dict | None, public: bool) -> str:
     """The page's HTML text (see :func:`write_report`)."""
-    banner = (f'<p class="banner public">{_e(PUBLIC_NOTE)}</p>' if public
+    banner = (f'<p class="banner public">{_e(public_note(audit.status, audit.summary, PUBLIC_NOTE))}</p>' if public
               else f'<p class="banner hospital">{_e(HOSPITAL_ONLY)}</p>')
     kind = "public page" if public else "in-hospital review page"
     summary = _table([("privacy audit", audit.status + (" (export forced)" if audit.forced else "")),
@@ -553,7 +554,9 @@ def render_report(share: Share, *, title: str, audit: _Audit, rundir: Path | Non
                                  f"({'soft' if share.label_logits is not None else 'hard'} labels)"),
                       ("payload sha256", share.payload_sha256 or "appears once exported"),
                       ("licence", share.license or "set at export")])
-    sections = [_grid_section(share)]
+    # The decision first: verdict, the attack against its baseline, what to change, sign-off (issue 24).
+    sections = [decision_section(audit.status, audit.forced, audit.summary, audit.statement, rundir, public),
+                _grid_section(share)]
     if not public:
         sections.append(_pairs_section(pairs, pairs_reason, share))
     sections += [_audit_section(audit), _eval_section(eval_doc, share), _recipe_section(share, share_file is None)]

@@ -1,8 +1,8 @@
 """The privacy audit's record (``RUNDIR/audit.json``), written by ``distill audit``, read by ``distill export``.
 
-Schema v1 (a JSON object; docs/privacy.md describes every key):
+Schema v1 (a JSON object; docs/privacy.md describes every key; 1.1 adds ``summary.membership.rmia``):
 
-- ``format`` = ``"distill-audit"``, ``format_version`` = ``"1.0"``;
+- ``format`` = ``"distill-audit"``, ``format_version`` = ``"1.1"`` (``"1.0"`` files still load);
 - ``passed``: bool, the verdict;
 - ``summary``: numbers and short strings only (settings, data counts, nearest
   neighbour, membership inference, verdict reasons); it travels in the share;
@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import FormatError
 
 AUDIT_FORMAT = "distill-audit"
-AUDIT_VERSION = "1.0"
+AUDIT_VERSION = "1.1"  # 1.1 adds summary.membership.rmia (distill audit --attack rmia); 1.0 files still load
 AUDIT_FILE = "audit.json"  # in the run folder
 
 
@@ -109,6 +109,8 @@ def _table(s: dict) -> list[str]:
         for key, label in (("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0p1pct_fpr", "TPR@0.1%FPR")):
             line += f"  {label} {_ci(m[key])}" + ("" if m[key]["resolvable"] else " (too few points)")
         lines.append(line)
+    if isinstance(mia.get("rmia"), dict):
+        lines += rmia_lines(mia["rmia"])
     verdict = s["verdict"]
     lines.append(f"Verdict: {'PASS' if verdict['passed'] else 'FAIL'}")
     lines += [f"  - {r}" for r in verdict.get("reasons", [])]
@@ -123,3 +125,29 @@ def _split_words(split: dict) -> str:
 
 def _ci(m: dict) -> str:
     return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+
+
+def rmia_lines(rmia: dict) -> list[str]:
+    """The RMIA rows: the share and the random real subset, attacked alike with the same references."""
+    r = rmia["references"]
+    lines = [f"RMIA (offline, {r['references']} reference pipeline(s) of {r['experts']} expert(s) x {r['epochs']} "
+             f"epochs, {r['iterations']} iterations; {rmia['n_members']} members, {rmia['n_nonmembers']} non-members):"]
+    for name, key in (("share", "share"), ("random real subset", "random_subset")):
+        mm = rmia[key]
+        line = f"  {name:20s} AUC {mm['auc']:.3f}"
+        for k, label in (("tpr_at_1pct_fpr", "TPR@1%"), ("tpr_at_5pct_fpr", "TPR@5%"), ("tpr_at_0p1pct_fpr", "TPR@0.1%")):
+            if k in mm:
+                v = mm[k]
+                line += f"  {label} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+        lines.append(line)
+    c = rmia.get("canaries")
+    if isinstance(c, dict):
+        line = f"  {c['n_canaries']} canaries ({c.get('kind', '')}) AUC {c['auc']:.3f}"
+        for k, label in (("tpr_at_1pct_fpr", "TPR@1%"), ("tpr_at_5pct_fpr", "TPR@5%")):
+            if k in c:
+                line += f"  {label} {c[k]['value']:.3f} [{c[k]['ci95'][0]:.3f}, {c[k]['ci95'][1]:.3f}]"
+        lines.append(line + " (worst case)")
+    lines.append("  significantly above the random subset: " +
+                 ("YES" if rmia["significantly_above_random_subset"] else "no"))
+    return lines
+

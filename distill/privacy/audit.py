@@ -12,17 +12,21 @@ from ..checks import check_model_builds
 from ..config import AuditSettings
 from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
+from ..errors import DistillError
 from ..formats.audit import AUDIT_FILE
 from ..formats.common import utc_now
 from ..io import strict_json, write_json
 from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inference
 from .neighbours import (NN_QUANTILE, SSIM_CANDIDATES, NeighbourResult, embed, feature_network, neighbour_metric,
                          ssim_window)
+from .references import ReferenceSettings, ReferenceTrainer
 from .report import AUC_MARGIN, PAIRS_FILE, TPR_MARGIN, AuditReport, verdict, write_pairs_png
+from .strong import reference_settings, rmia_membership, rmia_reasons
 from .subject import Subject, holdout_split, load_matching_data, load_subject
 
 log = logging.getLogger(__name__)
 
+REFERENCE_CACHE = "references"  # default folder of the cached RMIA reference pipelines (holds real images)
 SUMMARY_DIGITS = 5  # decimals kept in audit.json: enough for every threshold, short enough to read
 
 
@@ -45,16 +49,29 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
               holdout: str = AuditSettings.holdout, networks: int = AuditSettings.networks,
               epochs: int | None = AuditSettings.epochs, expert: str | os.PathLike | None = None,
               expert_epochs: int = AuditSettings.expert_epochs, bootstrap: int = AuditSettings.bootstrap,
-              pairs: int = AuditSettings.pairs) -> AuditReport:
+              pairs: int = AuditSettings.pairs, attack: str = AuditSettings.attack,
+              references: int = AuditSettings.references, reference_experts: int = AuditSettings.reference_experts,
+              reference_epochs: int = AuditSettings.reference_epochs,
+              reference_iterations: int = AuditSettings.reference_iterations, canaries: int = AuditSettings.canaries,
+              reference_cache: str | os.PathLike = REFERENCE_CACHE,
+              train_reference: ReferenceTrainer | None = None) -> AuditReport:
     """Audit a run folder (or its ``synthetic.h5``) or a share against the real data it came from.
 
     Members are the real training split; non-members the ``holdout`` split(s)
     minus (near-)copies of training images. Writes ``RUNDIR/audit.json`` and
     ``RUNDIR/audit_pairs.png`` for a run folder, ``json_path`` (summary plus
-    per-image details) and ``pairs_png`` when given.
+    per-image details) and ``pairs_png`` when given. ``attack="rmia"`` adds offline RMIA with
+    ``references`` reference pipelines cached under ``reference_cache`` (:mod:`.references`);
+    those not cached are made by ``train_reference`` (:func:`distill.reference_pipeline.train_reference`).
     """
     settings = AuditSettings(holdout=holdout, networks=networks, epochs=epochs, expert_epochs=expert_epochs,
-                             bootstrap=bootstrap, pairs=pairs, seed=seed)
+                             bootstrap=bootstrap, pairs=pairs, seed=seed, attack=attack, references=references,
+                             reference_experts=reference_experts, reference_epochs=reference_epochs,
+                             reference_iterations=reference_iterations, canaries=canaries)
+    if settings.canaries and settings.attack != "rmia":
+        raise DistillError("--canaries needs --attack rmia: canaries are scored by RMIA against its references.")
+    if settings.attack == "rmia":
+        ReferenceSettings(references=settings.references)  # refuses an odd count before anything is trained
     dev = resolve_device(device)
     subject = load_subject(source)
     data, checked = load_matching_data(subject, data_spec)
@@ -68,8 +85,17 @@ def run_audit(source: str | os.PathLike, data_spec: str | os.PathLike, *, json_p
         flagged |= r.flagged
     membership = membership_inference(subject, data, views.x_train, views.x_hold, views.hold_y, settings, dev)
     passed, reasons = verdict(int(flagged.sum()), membership.share, membership.real_subset)
+    rmia = None
+    if settings.attack == "rmia":
+        ipc = max(1, round(len(subject.images) / data.num_classes))
+        ref = reference_settings(subject, ipc, settings.references, settings.reference_experts,
+                                 settings.reference_epochs, settings.reference_iterations, settings.seed)
+        rmia = rmia_membership(subject, data, views.x_train, views.x_hold, views.hold_u8, views.hold_y, membership,
+                               ref, reference_cache, dev, train_reference, settings.canaries)
+        reasons += rmia_reasons(rmia)
+        passed = not reasons
     report = _report(subject, data, settings, checked, views, neighbours, feature_info, flagged, membership, passed,
-                     reasons)
+                     reasons, rmia)
     _write(report, subject, data, views, neighbours, settings, json_path, pairs_png)
     return report
 
@@ -104,10 +130,14 @@ def _nearest_neighbours(subject: Subject, data: RealData, v: _Views, expert: str
 
 def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: str, v: _Views,
             neighbours: dict[str, NeighbourResult], feature_info: dict, flagged: torch.Tensor, m: Membership,
-            passed: bool, reasons: list[str]) -> AuditReport:
+            passed: bool, reasons: list[str], rmia: dict | None = None) -> AuditReport:
     """The summary (numbers and short strings only; it travels in the share) and the local per-image details."""
+    recorded = dataclasses.asdict(settings)
+    if settings.attack == "loss":  # the quick audit's summary stays as before RMIA; RMIA records its own settings
+        recorded = {k: v for k, v in recorded.items()
+                    if k not in ("attack", "canaries") and not k.startswith("reference")}
     summary = strict_json({
-        "settings": dataclasses.asdict(settings) | {
+        "settings": recorded | {
             "epochs": m.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),
             "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
             "real_subset_lr": REAL_SUBSET_LR, "ci_level": CI_LEVEL},
@@ -122,7 +152,8 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
         "flagged": int(flagged.sum()),
         "flagged_synthetic_indices": torch.nonzero(flagged).flatten().tolist(),
         "membership": {"n_members": m.n_members, "n_nonmembers": m.n_nonmembers, "share": m.share,
-                       "real_subset": m.real_subset, "real_subset_included": m.real_subset_included},
+                       "real_subset": m.real_subset, "real_subset_included": m.real_subset_included,
+                       **({"rmia": rmia} if rmia is not None else {})},
         "verdict": {"passed": passed, "reasons": reasons},
     }, SUMMARY_DIGITS)
     details = strict_json({"synthetic": [

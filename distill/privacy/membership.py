@@ -106,6 +106,9 @@ class Membership:
     n_members: int
     n_nonmembers: int
     epochs: int  # of every network trained here
+    # The attacked networks themselves, for a stronger attack on the same models (not part of the summary).
+    share_nets: list = dataclasses.field(default_factory=list, repr=False)
+    real_nets: list = dataclasses.field(default_factory=list, repr=False)
 
 
 def membership_inference(subject: Subject, data: RealData, x_train: torch.Tensor, x_hold: torch.Tensor,
@@ -149,7 +152,7 @@ def membership_inference(subject: Subject, data: RealData, x_train: torch.Tensor
     own_non = torch.cat([example_losses(n, x_hold, hold_y) for n in real_nets])
     return Membership(share=share_attacks, real_subset=metric(-real_mem, -real_non),
                       real_subset_included=metric(-own, -own_non), n_members=len(x_mem), n_nonmembers=len(x_hold),
-                      epochs=recipe.epochs)
+                      epochs=recipe.epochs, share_nets=share_nets, real_nets=real_nets)
 
 
 def _mean_loss(nets: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class Subject:
     split: dict | None = None  # the split the experts trained on (RealData.split_record), when the source records it
     # Where it does not (a share, an older run): the experts' seed, which was the carve seed, and per-split counts.
     split_hint: dict | None = None
+    method: dict | None = None  # the run's settings (RunConfig fields), where the source keeps them
 
 
 def load_subject(source: str | os.PathLike) -> Subject:
@@ -111,10 +112,12 @@ def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, wh
     if not torch.isfinite(share.images).all():
         # NaN compares as 'not similar' and would pass the nearest-neighbour check unseen.
         raise FormatError(f"{where} holds NaN or infinite pixels; it cannot be audited or shared.")
+    method = share.provenance.get(Attr.METHOD)
     return Subject(images=share.images.float(), labels=share.labels.long(), targets=share_targets(share, where),
                    preprocessing=share.preprocessing, class_names=tuple(share.class_names), model=share.recipe.model,
                    model_kwargs=dict(share.recipe.model_kwargs or {}), recipe=recipe, data_sha256=data_sha,
-                   file_sha256=file_sha, rundir=rundir, split=split, split_hint=split_hint)
+                   file_sha256=file_sha, rundir=rundir, split=split, split_hint=split_hint,
+                   method=method if isinstance(method, dict) else None)
 
 
 def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[RealData, str]:

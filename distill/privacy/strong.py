@@ -1,0 +1,134 @@
+"""The strong membership attack of ``distill audit --attack rmia``: offline RMIA against the share's networks.
+
+The attacked models are the networks the loss attack trained on the share with its recipe,
+and the baseline the ones it trained on random real subsets of the same size drawn from the
+members. Both are scored with the same reference pipelines (:mod:`.references`), on every
+member (the real training split) and every non-member (the held-out split), against the
+non-members as RMIA's population. The share fails when its TPR at 1 % FPR is significantly
+above the random subset's (:func:`.rmia.above_baseline`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import RealData
+from ..errors import DataError, DistillError
+from ..io import atomic_path
+from ..seeding import generator
+from .membership import Membership
+from .references import SIGNALS_FILE, ReferenceSettings, ReferenceTrainer, reference_signals
+from .rmia import (CP_LEVEL, GAMMA, OFFLINE_A, above_baseline, offline_prior, out_mean, rate_metrics, rmia_scores,
+                   true_class_prob)
+from .streams import CANARY
+from .subject import Subject
+
+log = logging.getLogger(__name__)
+
+RULE = ("fails when the share's TPR at 1% FPR is significantly above the random real subset's: the one-sided "
+        f"{(1 + CP_LEVEL) / 2:.1%} Clopper-Pearson lower bound of the share's rate lies above the one-sided "
+        f"{(1 + CP_LEVEL) / 2:.1%} upper bound of the subset's (non-overlapping {CP_LEVEL:.0%} intervals)")
+
+
+def reference_settings(subject: Subject, ipc: int, references: int, experts: int, epochs: int, iterations: int,
+                       seed: int) -> ReferenceSettings:
+    """Reference pipelines shaped like the one that made the subject, where the subject records it."""
+    method = subject.method or {}
+    init = method.get("init") if isinstance(method.get("init"), str) else ReferenceSettings.init
+    hard = method.get("hard_labels") if isinstance(method.get("hard_labels"), bool) else None
+    # A run records the augmentation it used, which is its buffer's unless it chose another.
+    augment = method.get("augment") if isinstance(method.get("augment"), str) else ReferenceSettings.augment
+    return ReferenceSettings(references=references, experts=experts, epochs=epochs, iterations=iterations,
+                             ipc=ipc, init=init, hard_labels=hard, model=subject.model, augment=augment, seed=seed)
+
+
+def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_hold: torch.Tensor,
+                    hold_u8: torch.Tensor, hold_y: torch.Tensor, m: Membership, ref: ReferenceSettings,
+                    cache: str | os.PathLike, device: torch.device, train: ReferenceTrainer | None = None,
+                    canaries: int = 0) -> dict:
+    """RMIA on the share's networks and the random-real baseline's, with the same references; the summary section."""
+    n_mem = len(x_train)
+    pool_u8 = torch.cat([data.train.images, hold_u8])
+    pool_y = torch.cat([data.train.labels, hold_y])
+    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), ref, cache, device, train)
+    prior = offline_prior(out_mean(sig["probs"], sig["members"]))
+    x_pool = torch.cat([x_train, x_hold])
+
+    def attack(nets: list) -> dict:
+        p = true_class_prob(nets, x_pool, pool_y).numpy()
+        scores = rmia_scores(p, prior, p[n_mem:], prior[n_mem:])
+        return rate_metrics(scores[:n_mem], scores[n_mem:])
+
+    share, baseline = attack(m.share_nets), attack(m.real_nets)
+    extra = {}
+    if canaries:
+        extra["canaries"] = canary_exposure(canaries, data, hold_u8, hold_y, sig, ref, device, train)
+    return {**extra, "share": share, "random_subset": baseline,
+            "significantly_above_random_subset": above_baseline(share, baseline),
+            "rule": RULE, "population": "non-members",
+            "references": {**dataclasses.asdict(ref), "offline_a": OFFLINE_A, "gamma": GAMMA,
+                           "trained_now": sig["trained"], "training_seconds": round(sig["seconds"], 1)},
+            "n_members": n_mem, "n_nonmembers": len(x_hold)}
+
+
+def canary_exposure(n: int, data: RealData, hold_u8: torch.Tensor, hold_y: torch.Tensor, sig: dict,
+                    ref: ReferenceSettings, device: torch.device, train: ReferenceTrainer | None) -> dict:
+    """The worst case (Zhao & Zhang, ICLR 2025): ``n`` held-out images, each given a wrong label, are added to the
+    training data of one more pipeline like the references; how far does RMIA single them out?
+
+    The canaries' scores (at their wrong label) are read against the remaining non-members'. Returns
+    rate_metrics(...) plus the count; the canary pipeline is cached beside the references.
+    """
+    n_train, n_hold, k = len(data.train), len(hold_y), data.num_classes
+    if not 1 <= n <= n_hold // 2:
+        raise DataError(f"--canaries must be between 1 and {n_hold // 2} (half the {n_hold} held-out images, so the "
+                        f"rest can be non-members); got {n}.")
+    g = generator(ref.seed, CANARY)
+    chosen = torch.randperm(n_hold, generator=g)[:n]
+    rest = torch.ones(n_hold, dtype=torch.bool)
+    rest[chosen] = False
+    # A wrong label: the true one shifted by 1..K-1 classes.
+    wrong = (hold_y[chosen] + 1 + torch.randint(0, max(1, k - 1), (n,), generator=g)) % k
+    pool_u8 = torch.cat([data.train.images, hold_u8[chosen], hold_u8[rest]])
+    pool_y = torch.cat([data.train.labels, wrong, hold_y[rest]])
+    half = np.zeros(len(pool_y), dtype=bool)
+    half[:n_train + n] = True
+    folder = Path(sig["folder"]) / f"canaries_{n}"
+    signals = folder / SIGNALS_FILE
+    if signals.exists():
+        with np.load(signals) as f:
+            p_all = f["probs"]
+    else:
+        if train is None:
+            raise DistillError(f"The canary pipeline is not in the cache {folder}; 'distill audit --canaries' trains it.")
+        log.info("Canaries: one more pipeline with %d mislabeled held-out image(s) in its training data.", n)
+        p_all = train(folder, 10_000 + n, pool_u8, pool_y, half, list(data.class_names), ref, device)
+        with atomic_path(signals) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, probs=p_all, members=half)
+    p = p_all[np.arange(len(pool_y)), pool_y.numpy()]
+    # The references' view of the same images: OUT references only, at the canary's (wrong) label.
+    hold_pos = n_train + np.arange(n_hold)
+    out_c = ~sig["members"][:, hold_pos[chosen.numpy()]]
+    probs_c = sig["probs_all"][:, hold_pos[chosen.numpy()], :][:, np.arange(n), wrong.numpy()]
+    prior_c = offline_prior((probs_c * out_c).sum(0) / out_c.sum(0))
+    prior_rest = offline_prior(out_mean(sig["probs"][:, hold_pos[rest.numpy()]], sig["members"][:, hold_pos[rest.numpy()]]))
+    p_c, p_rest = p[n_train:n_train + n], p[n_train + n:]
+    scores_c = rmia_scores(p_c, prior_c, p_rest, prior_rest)
+    scores_rest = rmia_scores(p_rest, prior_rest, p_rest, prior_rest)
+    return {"n_canaries": n, "kind": "mislabeled held-out images", **rate_metrics(scores_c, scores_rest)}
+
+
+def rmia_reasons(rmia: dict) -> list[str]:
+    """One sentence when the share fails the RMIA rule, else none."""
+    if not rmia.get("significantly_above_random_subset"):
+        return []
+    s, b = rmia["share"]["tpr_at_1pct_fpr"], rmia["random_subset"]["tpr_at_1pct_fpr"]
+    return [f"The RMIA attack on the share reaches TPR {s['value']:.3f} at 1% FPR (95% CI {s['ci95'][0]:.3f}-"
+            f"{s['ci95'][1]:.3f}), significantly above a random real subset of the same size "
+            f"({b['value']:.3f}, {b['ci95'][0]:.3f}-{b['ci95'][1]:.3f})."]
