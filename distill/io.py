@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import stat
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +47,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``; rename it into place only on success.
+
+    ``folder`` must be absent or an empty folder (refused in one sentence otherwise), so a crash never
+    leaves half a folder under the final name and nothing the user had is replaced.
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DistillError(f"{folder} already exists and is not an empty folder; choose another one.")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise fs_error(e, folder) from None
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise fs_error(e, folder) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

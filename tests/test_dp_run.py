@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -30,6 +29,7 @@ from distill.mtt import distill_run
 from distill.mtt.dpmode import DP_MEANS_JITTER
 from distill.mtt.rundir import read_metrics
 from distill.report import write_report
+from test_share import run_cli
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_v1"
 RECORD = DPRecord(epsilon=8.0, delta=1e-5, accountant="prv", noise_multiplier=1.1, clip=1.0, sample_rate=0.25,
@@ -64,15 +64,7 @@ def _cfg(buffer: Path, out: Path, **kw) -> RunConfig:
     return RunConfig(**{**base, **kw})
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["distill", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli  # (monkeypatch, capsys, *args) -> (exit code, stdout, stderr)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -21,8 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DistillError
+from ..io import atomic_folder
 from .share import Share
 
 PLAIN_FORMATS = ("h5", "folder", "npz")
@@ -66,9 +65,7 @@ def write_folder(share: Share, folder: str | os.PathLike) -> Path:
     bits = 16 if channels == 1 and (low, high) != (0.0, 1.0) else 8
     top = 2 ** bits - 1
     values = ((x - low) / (high - low) * top).round().clamp(0, top).numpy().astype(np.uint16 if bits == 16 else np.uint8)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / "images").mkdir()
         rows = []
         for i, (arr, y) in enumerate(zip(values, share.labels.tolist())):
@@ -103,12 +100,6 @@ def write_folder(share: Share, folder: str | os.PathLike) -> Path:
                       "license": share.license, "description": share.description, "citation": share.citation},
         }
         (tmp / RECIPE_JSON).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 

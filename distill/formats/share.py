@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from .. import limits as L
 from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
-from ..io import atomic_path, new_h5
+from ..io import atomic_folder, atomic_path, new_h5
 from ..models import check_model_kwargs
 from ..text import control_characters, printable
 from ..train import TrainRecipe
@@ -172,12 +170,7 @@ class Share:
         folder = Path(folder)
         if self.preprocessing.channels not in (1, 3):
             raise DistillError(f"PNG holds 1 or 3 channels, but this share has {self.preprocessing.channels}; use to_npz.")
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise DistillError(f"{folder} already exists and is not an empty folder; choose another one.")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so a crash never leaves half a folder under the final name.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             px = self.pixels()
             width = len(str(self.num_classes - 1))
             dirs = [tmp / f"{k:0{width}d}_{_SAFE_NAME.sub('_', name).strip('._') or 'class'}"
@@ -187,12 +180,6 @@ class Share:
             for i, (img, y) in enumerate(zip(px, self.labels.tolist())):
                 arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
                 Image.fromarray(np.ascontiguousarray(arr)).save(dirs[y] / f"{i:05d}.png", format="PNG")
-            if folder.exists():
-                folder.rmdir()
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return folder
 
     def summary(self) -> dict:
