@@ -16,7 +16,6 @@ import torch
 
 from conftest import TINY_CLASSES, TINY_SIZE, make_tiny_arrays
 from distill.buffer import build_buffer
-from distill.cli import main
 from distill.config import BufferConfig, RunConfig
 from distill.errors import DistillError
 from distill.export import export_share

@@ -62,6 +62,27 @@ def check_version(filename: str, found: str, expected_major: int, current_minor:
                       "unknown fields are ignored.", stacklevel=3)
 
 
+def open_checked(path, fmt: str, major: int, minor: int, kind: str, *, unreadable: str | None = None,
+                 foreign: str | None = None) -> h5py.File:
+    """Open ``path`` read-only and check its ``format`` and major version; the caller closes it (``with``).
+
+    Every exchanged HDF5 file carries ``format`` and ``format_version``; this is the one place that checks
+    them, with one sentence for a file that is not HDF5, is another kind of file, or has another major version.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise FormatError(unreadable or f"{path} is not a readable HDF5 file.") from None
+    try:
+        if get_attr(f, "format", None) != fmt:
+            raise FormatError(foreign or f"{path} is not a {fmt} file.")
+        check_version(str(path), get_attr(f, "format_version", ""), major, minor, kind)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 def write_preprocessing(group: h5py.Group, pre: Preprocessing, **dataset_kw) -> None:
     for k, v in pre.to_arrays().items():
         group.create_dataset(k, data=np.asarray(v, dtype=np.float32), **dataset_kw)

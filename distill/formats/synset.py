@@ -25,13 +25,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import torch
 
 from ..data import Preprocessing
 from ..errors import FormatError
 from ..io import atomic_path, new_h5
-from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
+from .common import get_attr, get_json, open_checked, read_preprocessing, set_json, utc_now, write_preprocessing
 
 SYNSET_FORMAT = "distill-synthetic"
 VERSION_MAJOR, VERSION_MINOR = 1, 1
@@ -96,14 +95,8 @@ def read_synset(path: str | os.PathLike) -> SyntheticSet:
         path = path / SYNSET_FILE
     if not path.exists():
         raise FormatError(f"{path} does not exist; has 'distill run' finished for this folder?")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FormatError(f"{path} is not a readable HDF5 file.") from None
-    with f:
-        if get_attr(f, "format", None) != SYNSET_FORMAT:
-            raise FormatError(f"{path} is not a distill synthetic-set file.")
-        check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "synthetic set")
+    with open_checked(path, SYNSET_FORMAT, VERSION_MAJOR, VERSION_MINOR, "synthetic set",
+                      foreign=f"{path} is not a distill synthetic-set file.") as f:
         try:
             images = torch.from_numpy(f["images"][()])
             labels = torch.from_numpy(f["labels"][()])

@@ -37,7 +37,7 @@ from ..config import SNAPSHOT_DTYPES
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5, sha256_file
-from .common import check_version, get_attr, get_json, read_preprocessing, set_json, utc_now, write_preprocessing
+from .common import check_version, get_attr, get_json, open_checked, read_preprocessing, set_json, utc_now, write_preprocessing
 from .split import write_split_group
 
 TRAJECTORY_FORMAT = "distill-trajectory"
@@ -221,14 +221,9 @@ def shaping_settings(e: ExpertFile) -> dict:
 def read_expert(path: str | os.PathLike, verify: bool = True) -> ExpertFile:
     """Open an expert file and check its schema; with ``verify``, also the checksum of its snapshots."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FormatError(f"{path} is not a readable HDF5 trajectory file.") from None
-    with f:
-        if get_attr(f, "format", None) != TRAJECTORY_FORMAT:
-            raise FormatError(f"{path} is not a distill trajectory file.")
-        check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, VERSION_MINOR, "trajectory")
+    with open_checked(path, TRAJECTORY_FORMAT, VERSION_MAJOR, VERSION_MINOR, "trajectory",
+                      unreadable=f"{path} is not a readable HDF5 trajectory file.",
+                      foreign=f"{path} is not a distill trajectory file.") as f:
         if "snapshots" not in f or "snapshot_steps" not in f:
             raise FormatError(f"{path} lacks its snapshots.")
         attrs = {k: get_attr(f, k) for k in f.attrs if k not in JSON_KEYS}

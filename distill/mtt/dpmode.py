@@ -23,12 +23,11 @@ import logging
 import os
 from pathlib import Path
 
-import h5py
 import torch
 
 from ..data import Preprocessing, RealData, Split, load_data
 from ..errors import DistillError, FormatError
-from ..formats.common import check_version, get_attr
+from ..formats.common import open_checked
 from ..formats.dp_record import (DP_STATS_CLASS_MEANS, DP_STATS_FILE, DP_STATS_FORMAT, DP_STATS_VERSION, DPRecord,
                                  read_dp_record)
 from .synthetic import _draw_real, class_labels, list_inits, needs_real_data, register_init
@@ -76,15 +75,8 @@ def read_dp_class_means(folder: str | os.PathLike) -> torch.Tensor:
     if not path.exists():
         raise DistillError(f"--init dp-means needs DP class means, but {Path(folder)} released none ({DP_STATS_FILE} "
                            "is missing); rebuild the buffer with DP statistics, or use --init noise.")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FormatError(f"{path} is not a readable HDF5 file.") from None
-    with f:
-        if get_attr(f, "format", None) != DP_STATS_FORMAT:
-            raise FormatError(f"{path} is not a {DP_STATS_FORMAT} file.")
-        major, minor = (int(p) for p in DP_STATS_VERSION.split("."))
-        check_version(str(path), get_attr(f, "format_version", ""), major, minor, "DP statistics")
+    major, minor = (int(p) for p in DP_STATS_VERSION.split("."))
+    with open_checked(path, DP_STATS_FORMAT, major, minor, "DP statistics") as f:
         if DP_STATS_CLASS_MEANS not in f:
             raise FormatError(f"{path} holds no {DP_STATS_CLASS_MEANS!r} dataset.")
         means = torch.from_numpy(f[DP_STATS_CLASS_MEANS][()]).float()
