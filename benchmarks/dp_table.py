@@ -175,18 +175,23 @@ def _audit(run: Runner, ds: str, tag: str, d: Path, p: Profile, common: list[str
         raise
 
 
+def eval_row(run: Runner, key: str, row: Row, args: list[str], out: Path) -> Row:
+    """One `distill eval` step whose JSON (``out``) fills ``row``; a step not run leaves it marked so."""
+    try:
+        row.commands.append(run(key, args, CHUNK)[0])
+        fill(row, read_eval(out))
+    except NotRun:
+        row.note = NOT_RUN
+    return row
+
+
 def direct_dp(run: Runner, p: Profile, ds: str, eps: float, device: str, work: Path) -> Row:
     tag = eps_tag(eps)
     out = work / ds / f"dpsgd-{tag}.json"
     row = Row(ds, f"DP-SGD direct (ε = {tag})", eps)
     args = ["eval", "--baseline", "dp-sgd", "--epsilon", f"{eps:g}", "--train", ds, "--test", ds, "--runs",
             str(p.direct_runs), "--json", str(out), "--seed", str(p.seed), "--device", device]
-    try:
-        row.commands.append(run(f"{ds}-dpsgd-{tag}", args, CHUNK)[0])
-        fill(row, read_eval(out))
-    except NotRun:
-        row.note = NOT_RUN
-    return row
+    return eval_row(run, f"{ds}-dpsgd-{tag}", row, args, out)
 
 
 def baseline(run: Runner, p: Profile, ds: str, which: str, device: str, work: Path) -> Row:
@@ -198,12 +203,7 @@ def baseline(run: Runner, p: Profile, ds: str, which: str, device: str, work: Pa
     args += ["--ipc", str(p.ipc)] if which == "random-real" else ["--epochs", str(p.full_epochs)]
     if which == "random-real" and p.eval_epochs:
         args += ["--epochs", str(p.eval_epochs)]
-    try:
-        row.commands.append(run(f"{ds}-{which}", args, CHUNK)[0])
-        fill(row, read_eval(out))
-    except NotRun:
-        row.note = NOT_RUN
-    return row
+    return eval_row(run, f"{ds}-{which}", row, args, out)
 
 
 def render(meta: dict, rows: list[Row], commands: list[str]) -> str:
