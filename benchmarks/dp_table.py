@@ -122,17 +122,21 @@ def snapshot_every(p: Profile, ds: str) -> int:
     return max(1, min(p.snapshot_every, steps // SNAPSHOTS_PER_EPOCH))
 
 
-def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, work: Path) -> Row:
+def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, work: Path,
+                   dp_lr: float | None = None) -> Row:
     tag = eps_tag(eps)
     dp = eps != INF
+    if dp and dp_lr is not None:  # the experts' SGD step size, for DP buffers only (default: BufferConfig.lr)
+        tag = f"{tag}-lr{dp_lr:g}"
     d = work / ds / f"eps-{tag}"
-    label = f"DP share (ε = {tag})" if dp else "share without DP (--init real)"
+    label = f"DP share (ε = {eps_tag(eps)}{f', experts at lr {dp_lr:g}' if dp and dp_lr is not None else ''})" \
+        if dp else "share without DP (--init real)"
     row = Row(ds, label, None if not dp else eps)
     common = ["--seed", str(p.seed), "--device", device]
     buf = ["buffer", "--data", ds, "--out", str(d / "buffer"), "--experts", str(p.experts), "--epochs", str(p.epochs),
            "--snapshot-every", str(snapshot_every(p, ds))]
     if dp:
-        buf += ["--dp-epsilon", f"{eps:g}", "--dp-init", "class-means"]
+        buf += ["--dp-epsilon", f"{eps:g}", "--dp-init", "class-means"] + (["--lr", f"{dp_lr:g}"] if dp_lr else [])
     try:
         row.commands.append(run(f"{ds}-{tag}-buffer", buf + common, CHUNK)[0])
         r = ["run", "--buffer", str(d / "buffer"), "--out", str(d / "run"), "--ipc", str(p.ipc),
@@ -244,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=None, help="default /tmp/distill-dp-PROFILE")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--dp-lr", type=float, default=None,
+                    help="the DP experts' step size (default: distill buffer's); rows and section are named for it")
+    ap.add_argument("--no-baselines", action="store_true", help="only the share and DP-SGD rows")
     args = ap.parse_args(argv)
     p = PROFILES[args.profile]
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -256,11 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for ds in datasets:
         for eps in epsilons:
-            rows.append(share_pipeline(run, p, ds, eps, args.device, work))
+            rows.append(share_pipeline(run, p, ds, eps, args.device, work, args.dp_lr))
             if eps != INF:
                 rows.append(direct_dp(run, p, ds, eps, args.device, work))
-        rows.append(baseline(run, p, ds, "random-real", args.device, work))
-        rows.append(baseline(run, p, ds, "full", args.device, work))
+        if not args.no_baselines:
+            rows.append(baseline(run, p, ds, "random-real", args.device, work))
+            rows.append(baseline(run, p, ds, "full", args.device, work))
     meta = {"profile": dict(p.__dict__), "hardware": hardware(args.device), "software": software(),
             "commit": git_commit(), "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_seconds": run.total_seconds}
@@ -269,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     with atomic_path(out) as tmp:
-        tmp.write_text(merge(out.read_text() if out.exists() else "", p.name, section))
+        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "")
+        tmp.write_text(merge(out.read_text() if out.exists() else "", name, section))
     print(section)
 
 
