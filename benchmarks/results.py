@@ -452,7 +452,8 @@ def git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         # The pages the benchmarks write do not count as changes to the code that produced them.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)docs/results.md", ":(exclude)docs/hospitals.md"],
+                                ":(exclude)docs/results.md", ":(exclude)docs/hospitals.md",
+                                 ":(exclude)docs/privacy.md"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
