@@ -237,6 +237,11 @@ def test_a_real_dp_buffer_to_a_dp_share_without_the_private_data(tmp_path, monke
     share = load_share(share_path)
     assert share.dp_record() == record
     assert share.provenance["dataset"]["counts"] == {} and share.privacy["private_statistics"] == []
+    # Normalisation is the DP mode's constants, not a statistic of the private images (tiny.npz is not 0.5/0.5).
+    from distill.dp import DP_MEAN, DP_STD
+    assert torch.equal(share.preprocessing.mean, torch.full_like(share.preprocessing.mean, DP_MEAN))
+    assert torch.equal(share.preprocessing.std, torch.full_like(share.preprocessing.std, DP_STD))
+    assert not share.preprocessing.zca
     code, text, err = _cli(monkeypatch, capsys, "inspect", str(share_path))
     assert code == 0, err
     assert text.splitlines()[0] == f"privacy: {record.sentence()}"
