@@ -246,3 +246,21 @@ def test_a_real_dp_buffer_to_a_dp_share_without_the_private_data(tmp_path, monke
     assert code == 0, err
     assert text.splitlines()[0] == f"privacy: {record.sentence()}"
     assert not (tmp_path / "tiny.npz").exists()
+
+
+@pytest.mark.parametrize("field,value", [("epsilon", "eight"), ("epsilon", -1), ("delta", 2.0), ("steps", 1.5),
+                                         ("accountant", 7), ("epsilon", float("nan"))])
+def test_a_hostile_dp_record_is_refused_not_printed(dp_share, tmp_path, monkeypatch, capsys, field, value):
+    """A sender could write any JSON there; inspect must refuse it in one sentence, not crash formatting it."""
+    bad = tmp_path / "bad.h5"
+    shutil.copy(dp_share, bad)
+    with h5py.File(bad, "a") as f:
+        record = json.loads(bytes(f["privacy"].attrs["dp"]).decode())
+        record[field] = value
+        text = json.dumps(record).encode()
+        del f["privacy"].attrs["dp"]
+        f["privacy"].attrs.create("dp", data=np.bytes_(text), dtype=h5py.string_dtype("utf-8", len(text)))
+    with pytest.raises(DistillError, match=field):
+        load_share(bad)
+    code, _, err = _cli(monkeypatch, capsys, "inspect", str(bad))
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,37 @@ class DPRecord:
                               f"(this reader reads {DP_VERSION.split('.')[0]}.x).")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            record = cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as e:
             raise FormatError(f"{where} lacks a field: {e}.") from None
+        record.check(where)
+        return record
+
+    def check(self, where: str = "DP record") -> None:
+        """Refuse a record whose values could not have come from ``distill buffer`` (a hostile or damaged share)."""
+        def number(name: str, low: float, high: float = math.inf, integer: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) \
+                    or not math.isfinite(v) or not low <= v <= high:
+                raise FormatError(f"{where}: {name} = {v!r} is not a {'whole ' if integer else ''}number in "
+                                  f"[{low:g}, {high:g}].")
+
+        number("epsilon", 0.0)
+        number("delta", 0.0, 1.0)
+        number("noise_multiplier", 0.0)
+        number("clip", 0.0)
+        number("sample_rate", 0.0, 1.0)
+        number("stats_epsilon", 0.0)
+        number("sgd_epsilon", 0.0)
+        for name in ("steps", "experts", "shards", "train_size"):
+            number(name, 0, integer=True)
+        for name in ("accountant", "opacus_version", "unit", "normalisation"):
+            if not isinstance(getattr(self, name), str):
+                raise FormatError(f"{where}: {name} is not text.")
+        if self.stats is not None and not isinstance(self.stats, str):
+            raise FormatError(f"{where}: stats is not text.")
+        if not isinstance(self.extra, dict):
+            raise FormatError(f"{where}: extra is not a JSON object.")
 
 
 def dp_path(folder: str | os.PathLike) -> Path:
