@@ -21,18 +21,24 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill.augment import Augment, _reference_call
-from distill.models import create_model, flatten_params, param_spec
-from distill.mtt.engine import MatchingEngine
-from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student
-from distill.seeding import generator, seeded
-from distill.train import TrainRecipe, soft_cross_entropy, train_network
+# The reference implementations live with the tests, outside the package (tests/oracles/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from distill.augment import Augment  # noqa: E402
+from distill.models import create_model, flatten_params, param_spec  # noqa: E402
+from distill.mtt.engine import MatchingEngine  # noqa: E402
+from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student  # noqa: E402
+from distill.seeding import generator, seeded  # noqa: E402
+from distill.train import TrainRecipe, soft_cross_entropy, train_network  # noqa: E402
+from oracles.augment_reference import reference_call  # noqa: E402
 
 DSA = "color,crop,cutout,flip,scale,rotate"
 
@@ -64,9 +70,9 @@ def count_ops(fn) -> OpCounter:
 def _old_augment(transforms: tuple[str, ...], x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """distill/augment.py's ``Augment.__call__`` (mode "one") as of 5bd3815: CPU draws, kornia warp.
 
-    augment.py keeps that implementation, unchanged, as ``_reference_call`` for its own tests.
+    tests/oracles/augment_reference.py keeps that implementation, unchanged, as ``reference_call``.
     """
-    return _reference_call(Augment(transforms=transforms), x, g)
+    return reference_call(Augment(transforms=transforms), x, g)
 
 
 class _OldAugment:

@@ -16,7 +16,7 @@ iteration and one expert step (benchmarks/opcount.py), today's path against 5bd3
 
 Every MTT row pairs the full unroll with ``create_graph=True`` (the reference's
 math and the project's correctness oracle, :func:`distill.mtt.unroll.unroll_student`)
-with the constant-memory exact path (:func:`distill.mtt.checkpointed.matching_grads`),
+with the constant-memory exact path (:func:`tests/oracles/checkpointed.matching_grads`),
 on the same random data and the same unroll plan: milliseconds per iteration
 (median of 5 after 2 warm-ups, ``torch.cuda.synchronize()`` around each timer),
 peak memory, and the relative error of the image and step-size gradients
@@ -54,6 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))  # tests/oracles: the reference implementations, outside the package
 
 from distill.augment import Augment  # noqa: E402
 from distill.batched import train_batched  # noqa: E402
@@ -61,11 +62,11 @@ from distill.formats.trajectory import (decode_snapshots, encode_snapshots, list
                                         write_expert)
 from distill.io import atomic_path, software_versions, write_json  # noqa: E402
 from distill.models import CONVNET_WIDTH, create_model, flatten_params, param_spec  # noqa: E402
-from distill.mtt.checkpointed import CudaGraphSteps, matching_grads  # noqa: E402
 from distill.mtt.engine import MatchingEngine  # noqa: E402
 from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student  # noqa: E402
 from distill.seeding import generator, seeded  # noqa: E402
 from distill.train import TrainRecipe, train_network  # noqa: E402
+from oracles.checkpointed import CudaGraphSteps, matching_grads  # noqa: E402
 
 REPORT_VERSION = "1.0"
 DSA = "color,crop,cutout,flip,scale,rotate"  # the reference's strategy
@@ -778,7 +779,7 @@ def render(res: dict) -> str:
               "*Full* is the reference's math: the whole unroll kept as one `create_graph=True` graph, differentiated",
               "once (`distill/mtt/unroll.py`, the project's correctness oracle). *Checkpointed* runs the unroll",
               "forward without a graph, keeping only each step's parameters, then walks back one step at a time with",
-              "a Hessian-vector product (`distill/mtt/checkpointed.py`). *graphs*: each step's network work is one",
+              "a Hessian-vector product (`tests/oracles/checkpointed.py`). *graphs*: each step's network work is one",
               "captured CUDA graph (the augmentation stays eager). *channels_last*: NHWC images into the network.",
               "*TF32*: convolutions and matrix products on TF32 tensor cores; other rows are strict fp32",
               "(`allow_tf32` off for cuDNN and cuBLAS). Same random data, same plan, same augmentation in every row;",
@@ -1163,13 +1164,13 @@ NOTES = [
     "  (the operator-count table). tests/test_checkpointed.py checks it against the full unroll on a CPU to 1e-4 in",
     "  fp32 and 1e-10 in float64, for images, soft-label logits and the log step size, one trajectory or several.",
     "- **Constant-memory exact gradient** (`gradient = \"checkpoint\"`, in the engine and in",
-    "  `distill/mtt/checkpointed.py`): exact, not an approximation. Between its two passes it keeps θ_k, P floats per",
+    "  `tests/oracles/checkpointed.py`): exact, not an approximation. Between its two passes it keeps θ_k, P floats per",
     "  inner step (1.2 MB for convnet3, 2.4 MB for convnet5 at 128x128): small against one step's activations, but",
     "  proportional to syn_steps; `matching_grads(store=\"host\")` keeps them in pinned CPU memory instead (the",
     "  syn_steps table).",
     "- **Cost**: it runs each step's forward and backward twice (once without a graph, once with the double backward),",
     "  so where the network's kernels dominate it does more work than the full unroll; what it buys is memory.",
-    "- **Per-step CUDA graphs** (`CudaGraphSteps` in `distill/mtt/checkpointed.py`, kept for comparison): one graph",
+    "- **Per-step CUDA graphs** (`CudaGraphSteps` in `tests/oracles/checkpointed.py`, kept for comparison): one graph",
     "  for a step's gradient and one for its vector-Jacobian product, the augmentation eager between them.",
     "- **TF32** (a flag, off by default): tensor cores for convolutions and matrix products; the TF32 rows give its",
     "  speed and its error against strict fp32.",

@@ -6,10 +6,10 @@ import torch
 
 from distill.augment import Augment
 from distill.models import create_model, flatten_params, param_spec
-from distill.mtt.checkpointed import CudaGraphSteps, matching_grads
 from distill.mtt.engine import MatchingEngine
 from distill.mtt.unroll import make_plan, matching_loss, stack_plans, unroll_student
 from distill.seeding import generator, seeded
+from oracles.checkpointed import CudaGraphSteps, matching_grads
 
 N, CLASSES, SIZE = 20, 2, 8  # 2 classes x 10 images x 1x8x8
 TOL = 1e-4  # the bound on the relative error against the full unroll in fp32

@@ -11,7 +11,7 @@ in ``torch.func`` form, with no host synchronisation and no random draw inside:
   through the whole unroll (``gradient="full"``, ``torch.func.grad`` of the
   unrolled loss) or by walking back one step at a time (``"checkpoint"``:
   ``torch.func.vjp`` of each step at the kept θ_k; memory independent of the
-  number of steps, the same algebra as :mod:`.checkpointed`);
+  number of steps, the same algebra as tests/oracles/checkpointed.py);
 - :func:`_iteration` runs T trajectories at once through ``torch.func.vmap``
   (starts, targets ``(T, P)``, batch indices ``(T, S, B)``, augmentation
   parameters with leading dims ``(T, S, B)``) and sums them.

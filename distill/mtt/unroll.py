@@ -5,7 +5,7 @@ augmentation of each step) is drawn up front into an :class:`UnrollPlan` of
 tensors on the run's device: the batch indices ``(S, B)`` and the augmentation
 parameters with leading dims ``(S, B)``. Nothing is drawn or copied from the
 host while the unroll runs. The full unroll here, the fast paths in
-:mod:`.engine` and the per-step path in :mod:`.checkpointed` replay the same
+:mod:`.engine` and the per-step path in tests/oracles/checkpointed.py replay the same
 plan, which is what lets the full unroll serve as the correctness oracle.
 
 Shapes: parameters are flat vectors ``(P,)`` in :func:`distill.models.param_spec`

@@ -1,6 +1,6 @@
 """Exact MTT gradients in memory that does not grow with the number of inner steps.
 
-The full unroll (:func:`.unroll.unroll_student`) keeps the double-backward graph
+The full unroll (:func:`distill.mtt.unroll.unroll_student`) keeps the double-backward graph
 of every inner step alive until the matching loss is differentiated, so its
 memory grows linearly with ``syn_steps`` (8.6 GiB for CIFAR-10 IPC 10 in the
 reference, 78 GiB for 128x128 chest X-rays). Here the unroll runs twice:
@@ -24,9 +24,9 @@ augmented batch in both passes and in the oracle.
 
 This module is the per-step path: a Python loop over steps, each step's network
 work optionally one CUDA graph (:class:`CudaGraphSteps`). ``distill run`` uses
-:mod:`.engine`, the same algebra in ``torch.func`` form, vmapped over
+:mod:`distill.mtt.engine`, the same algebra in ``torch.func`` form, vmapped over
 trajectories and captured as one graph per iteration; the benchmarks keep this
-path to compare against.
+path to compare against, so it lives in tests/oracles/, outside the package.
 
 The θ_k kept between the passes cost ``syn_steps x P x 4`` bytes (1.2 MB a step
 for convnet3 at 28x28, 2.4 MB for convnet5 at 128x128), against hundreds of MB
@@ -42,9 +42,9 @@ import logging
 import torch
 from torch import nn
 
-from ..augment import Augment, AugParams
-from ..models import ParamSpec
-from .unroll import UnrollPlan, inner_loss
+from distill.augment import Augment, AugParams
+from distill.models import ParamSpec
+from distill.mtt.unroll import UnrollPlan, inner_loss
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def matching_grads(model: nn.Module, spec: ParamSpec, start: torch.Tensor, targe
     graphs: a :class:`CudaGraphSteps` for ``model``: each step runs as a captured CUDA graph (eagerly off CUDA).
 
     Returns ``(loss, grad_images, grad_targets or None, grad_lr, student_end)``, all detached;
-    the same numbers as differentiating :func:`.unroll.matching_loss` of the full unroll.
+    the same numbers as differentiating :func:`distill.mtt.unroll.matching_loss` of the full unroll.
     """
     if store not in STORES:
         raise ValueError(f"store must be one of {', '.join(STORES)}; got {store!r}.")
