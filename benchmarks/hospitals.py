@@ -186,11 +186,12 @@ def federated(split_dir: Path, shares: list[Path], dataset: str, p: Profile, dev
     from distill.metrics import classification_metrics
     from distill.models import create_model
     from distill.seeding import generator, seeded
-    from distill.sites import SPLIT_JSON, average_predictions, fedavg
+    from distill.formats.sites_split import read_sites_split
+    from distill.sites import average_predictions, fedavg
     from distill.train import TrainRecipe, predict, train_network
 
     dev = resolve_device(device)
-    record = json.loads((split_dir / SPLIT_JSON).read_text())
+    record = read_sites_split(split_dir)
     sites = [load_data(split_dir / s["path"]) for s in record["site_files"]]
     whole = load_data(dataset)
     common = fit_preprocessing(whole.train.images)
@@ -203,7 +204,7 @@ def federated(split_dir: Path, shares: list[Path], dataset: str, p: Profile, dev
     # row and the union's differ only in the labels.
     union = join_shares(load_shares([str(s) for s in shares]), share_weights=EvalConfig.share_weights)
     weights = None if union.weights is None else union.weights.to(dev)
-    student_recipe = union.recipe.to_train_recipe()
+    student_recipe = TrainRecipe.following(union.recipe)
     x_union_share = union.images.to(dev)  # the first share's input space: the student's
     x_union_common = renormalise(union.images, union.preprocessing, common).to(dev)  # the site networks'
     x_test_share = union.preprocessing(whole.test.images).to(dev)
@@ -322,7 +323,9 @@ def run_split(run: Runner, budget: Budget, p: Profile, dataset: str, n: int, alp
                                                           "--min-per-class", str(p.min_per_class),
                                                           "--seed", str(p.seed), "--out", str(d / "split")],
                         CHUNK)[0]
-        record = json.loads((d / "split" / "split.json").read_text())
+        from distill.formats.sites_split import read_sites_split
+
+        record = read_sites_split(d / "split")
         shares, refs = [], [ref_split]
         for s in record["site_files"]:
             share, r = site_pipeline(run, budget, p, f"{dataset}-{n}-{alpha}-site{s['site']}",

@@ -48,7 +48,7 @@ def score(shares: list[str], data: str, runs: int, seed: int, device: str) -> tu
     from distill.metrics import classification_metrics
     from distill.models import create_model
     from distill.seeding import generator, seeded
-    from distill.train import predict, train_network
+    from distill.train import TrainRecipe, predict, train_network
 
     dev = resolve_device(device)
     loaded = load_shares(shares)
@@ -58,7 +58,7 @@ def score(shares: list[str], data: str, runs: int, seed: int, device: str) -> tu
         union = join_shares(loaded, label_prior="shared" if choice == HARD else choice, share_weights=how)
         weights = None if union.weights is None else union.weights.to(dev)
         targets = union.labels if choice == HARD else union.targets
-        recipe = union.recipe.to_train_recipe()
+        recipe = TrainRecipe.following(union.recipe)
         k, c, size = len(union.class_names), union.images.shape[1], union.images.shape[-1]
         x = union.images.to(dev)
         split_x = {s: union.preprocessing(real.split(s).images).to(dev) for s in ("val", "test")}

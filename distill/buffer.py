@@ -19,11 +19,12 @@ import torch
 from . import dp
 from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
-from .config import BufferConfig, check_ranges, save_toml
+from .config import BufferConfig, check_ranges
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
 from .errors import DistillError, FormatError
+from .formats.buffer_config import write_buffer_config
 from .formats.dp_record import DP_STATS_FILE, DPRecord, dp_path, read_dp_record
 from .formats.trajectory import (PREPROCESSING_FILE, SHAPING_SETTINGS, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, shaping_settings, write_buffer_preprocessing,
@@ -316,7 +317,7 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             if record is not None and not dp_path(out).exists():  # first: a DP folder is known as one from the start
                 with atomic_path(dp_path(out)) as tmp:
                     tmp.write_text(record.to_json(), encoding="utf-8")
-            save_toml(requested, out / "config.toml")
+            write_buffer_config(requested, out)
             if new_pre is not None:
                 write_buffer_preprocessing(out, new_pre, data.fingerprint(), split_indices=data.split_indices)
         world.barrier()

@@ -132,7 +132,8 @@ def buffer(config_file, **flags):
                    "dp-sgd: one network trained on the real data with DP-SGD at --epsilon.")
 @click.option("--epsilon", type=float, default=None, help="--baseline dp-sgd: its privacy budget epsilon.")
 @click.option("--delta", type=float, default=None, help="--baseline dp-sgd: its delta, below 1/n. Left out: 1/(10 n) for n training images.")
-@click.option("--ipc", type=int, default=None, help="Random-real images per class (default: as many as the share has).")
+@click.option("--ipc", "--real-per-class", "real_per_class", type=int, default=None,
+              help="Random-real images per class (default: as many as the share has).")
 @click.option("--model", default=None, help=f"Registered model to train (default: the share's recipe, else {BufferConfig.model}).")
 @click.option("--runs", type=int, default=None, help=f"Networks trained per row {default_text(EvalConfig, 'runs')}.")
 @click.option("--epochs", type=int, default=None, help=f"Override the epochs of every row (default: the recipe's; full data {FULL_EPOCHS}).")
@@ -200,11 +201,12 @@ def eval_(config_file, shares, baselines, **flags):
 @CONFIG
 def run(config_file, resume, **flags):
     """Learn a small synthetic set by matching the buffer's expert trajectories (MTT)."""
+    from .formats.synset import SYNSET_FILE
     from .mtt import distill_run
 
     cfg = build(RunConfig, *_layers(config_file, **flags))
     out = distill_run(cfg, resume=resume)
-    click.echo(f"Synthetic set written to {out / 'synthetic.h5'}")
+    click.echo(f"Synthetic set written to {out / SYNSET_FILE}")
 
 
 @cli.command("export")

@@ -135,7 +135,7 @@ class EvalConfig:
     test: str | None = None  # real data whose test split is scored; defaults to ``train``
     train: str | None = None  # real data whose train split feeds the baselines; defaults to ``test``
     baselines: tuple[str, ...] | None = None  # subset of evaluate.BASELINES; ("none",) for none
-    ipc: int | None = None  # random-real images per class; default: the share's largest class
+    real_per_class: int | None = None  # random-real images per class (--ipc); default: the share's largest class
     model: str | None = None  # default: the shares' recipe model, else evaluate.DEFAULT_MODEL
     model_kwargs: dict | None = None  # arguments of --model (TOML config only); default: the share's, else none
     runs: int = 5
@@ -309,7 +309,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY), "seed": SEED,
     },
     EvalConfig: {"epsilon": POSITIVE, "delta": POSITIVE, "runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE,
-                 "ipc": AT_LEAST_1, "size": SIZE, "seed": SEED, "max_hours": POSITIVE,
+                 "real_per_class": AT_LEAST_1, "size": SIZE, "seed": SEED, "max_hours": POSITIVE,
                  "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,
@@ -320,13 +320,20 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
 }
 
 
+# Settings known by another name on the command line and in TOML files (that name -> the field). EvalConfig's
+# random real images per class are --ipc, as in the reference baselines, but ipc elsewhere is synthetic images.
+ALIASES: dict[type, dict[str, str]] = {EvalConfig: {"ipc": "real_per_class"}}
+
+
 def check_ranges(cfg: Any) -> None:
     """Refuse the first setting of ``cfg`` outside what :data:`ALLOWED` says, in one sentence; None means unset."""
+    shown_as = {field: alias for alias, field in ALIASES.get(type(cfg), {}).items()}
     for name, allowed in ALLOWED.get(type(cfg), {}).items():
         v = getattr(cfg, name)
         if v is None or allowed.ok(v):
             continue
-        who = f"--{name.replace('_', '-')}" if allowed.flag else name
+        flag = shown_as.get(name, name)
+        who = f"--{flag.replace('_', '-')}" if allowed.flag else flag
         shown = repr(v) if isinstance(v, str) else v
         raise DistillError(f"{who} must be {allowed.phrase(v)}; got {shown}.")
 
@@ -368,6 +375,7 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
             if k in FILE_KEYS:
                 continue  # what file this is, not a setting
             k = k.replace("-", "_")
+            k = ALIASES.get(cls, {}).get(k, k)
             if k not in names:
                 raise DistillError(f"Unknown setting {k!r} for {cls.__name__}; valid: {', '.join(names)}.")
             if v is not None:

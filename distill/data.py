@@ -126,18 +126,18 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels, minlength=num_classes).tolist()
 
 
-def draw_random_real(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator,
+def draw_random_real(labels: torch.Tensor, num_classes: int, per_class: int, generator: torch.Generator,
                      class_names: Sequence[str] | None = None) -> torch.Tensor:
-    """Indices of exactly ``ipc`` images per class, drawn without replacement; (num_classes * ipc,) int64, class-major."""
-    if ipc < 1:
-        raise DataError(f"--ipc must be at least 1; got {ipc}.")
+    """Indices of exactly ``per_class`` images per class, drawn without replacement; (num_classes * per_class,) int64, class-major."""
+    if per_class < 1:
+        raise DataError(f"--ipc must be at least 1; got {per_class}.")
     out = []
     for c in range(num_classes):
         pool = torch.nonzero(labels == c).flatten()
-        if len(pool) < ipc:
+        if len(pool) < per_class:
             name = class_names[c] if class_names else str(c)
-            raise DataError(f"Class {name!r} has only {len(pool)} training images, fewer than --ipc {ipc}.")
-        out.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
+            raise DataError(f"Class {name!r} has only {len(pool)} training images, fewer than --ipc {per_class}.")
+        out.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
     return torch.cat(out)
 
 

@@ -34,6 +34,7 @@ from .config import DP_ACCOUNTANTS as ACCOUNTANTS
 from .data import Preprocessing
 from .errors import DistillError
 from .io import atomic_path, new_h5
+from .formats.common import FORMAT_KEY, VERSION_KEY
 from .formats.dp_record import (DP_STATS_CLASS_MEANS, DP_STATS_FORMAT, DP_STATS_VERSION, NORMALISATION_FIXED,
                                 DPRecord)
 from .seeding import generator as seeded_generator
@@ -346,8 +347,8 @@ def write_dp_stats(path, means: torch.Tensor, noisy_counts: torch.Tensor, plan: 
     """dp_stats.h5, atomically: the class means (K, 1, C, H, W) with the format, version and what they cost."""
     with atomic_path(path) as tmp:
         with new_h5(tmp) as f:
-            f.attrs["format"] = DP_STATS_FORMAT
-            f.attrs["format_version"] = DP_STATS_VERSION
+            f.attrs[FORMAT_KEY] = DP_STATS_FORMAT
+            f.attrs[VERSION_KEY] = DP_STATS_VERSION
             f.attrs["normalisation"] = NORMALISATION_FIXED
             f.attrs["noise_multiplier"] = float(plan.stats_noise_multiplier)
             f.attrs["epsilon"] = epsilon_spent(plan.history()[1:], plan.delta, plan.accountant)

@@ -27,6 +27,8 @@ from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_coun
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
+from .formats.eval_report import RESULTS, eval_header
+from .formats.provenance import SALT, SALTED_SHA256
 from .formats.share import Recipe, Share, load_share, share_targets
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
 from .io import check_writable_file, software_versions, strict_json, write_json
@@ -39,8 +41,6 @@ from .testdata import align_test_classes, baselines_for_whole_test
 
 log = logging.getLogger(__name__)
 
-EVAL_FORMAT = "distill-eval"
-EVAL_FORMAT_VERSION = "1.0"
 
 BASELINES = ("random-real", "full", "dp-sgd")
 DEFAULT_BASELINES = ("random-real", "full")  # beside a share when none is named; dp-sgd needs an epsilon
@@ -125,7 +125,7 @@ class Union:
 
 def site_counts(share: Share) -> list[int] | None:
     """The training images per class behind a share (its provenance), or None when it does not say."""
-    counts = share.provenance.get("dataset")
+    counts = share.provenance.get(Attr.DATASET)
     for key in ("counts", "train"):
         counts = counts.get(key) if isinstance(counts, dict) else None
     ok = (isinstance(counts, list) and len(counts) == share.num_classes
@@ -348,7 +348,7 @@ def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
     if r.lr_decay not in LR_DECAYS:
         raise FormatError(f"The recipe's lr_decay {r.lr_decay!r} is unknown; expected one of {', '.join(LR_DECAYS)}.")
     try:
-        recipe = replace(r.to_train_recipe(), epochs=epochs or r.epochs)
+        recipe = replace(TrainRecipe.following(r), epochs=epochs or r.epochs)
     except ValueError as e:
         raise DistillError(str(e)) from None
     report = {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size, "momentum": recipe.momentum,
@@ -406,7 +406,7 @@ def _validate(cfg: EvalConfig, shares: Sequence) -> tuple[str, ...]:
         raise DistillError("--baseline dp-sgd needs the privacy budget: add --epsilon E (and optionally --delta D).")
     if not shares and not baselines:
         raise DistillError("Nothing to evaluate: give one or more share files, or --baseline random-real|full.")
-    if "random-real" in baselines and not shares and cfg.ipc is None:
+    if "random-real" in baselines and not shares and cfg.real_per_class is None:
         raise DistillError("--baseline random-real needs --ipc K (images per class) when no share is given.")
     if not (cfg.test or cfg.train):
         raise DistillError("Give the real data to test on with --test DATA (and --train DATA for baselines).")
@@ -500,18 +500,19 @@ def _arms(cfg: EvalConfig, union: Union | None, setup: _Setup, train_spec: str, 
     real = {"data": train_spec, "name": train_data.name, "split": "train"}
     real_recipe = replace(setup.base_recipe, lr=REAL_LR)
     if "random-real" in baselines:
-        ipc = cfg.ipc or max(class_counts(union.labels, k))
+        per_class = cfg.real_per_class or max(class_counts(union.labels, k))
         recipe, rep = _train_recipe(real_recipe, cfg.epochs)
 
         def random_real(run: int):
-            idx = draw_random_real(y_train, k, ipc, generator(cfg.seed, run, SUBSET_KEY), setup.class_names)
+            idx = draw_random_real(y_train, k, per_class, generator(cfg.seed, run, SUBSET_KEY), setup.class_names)
             return x_train[idx.to(device)], y_train[idx], {"subset_seed": derive_seed(cfg.seed, run, SUBSET_KEY),
                                                            "indices": idx.tolist()}
 
         random_real(0)  # refuse a too-small class before any training
-        arms.append(Arm(name=f"random real ({ipc}/class)", kind="random-real", recipe=recipe,
+        # The report's key stays "ipc" (eval format 1.0): random real images per class.
+        arms.append(Arm(name=f"random real ({per_class}/class)", kind="random-real", recipe=recipe,
                         recipe_report=rep | {"loss": LOSS_HARD},
-                        trained_on={**real, "ipc": ipc, "images": ipc * k, "class_counts": [ipc] * k},
+                        trained_on={**real, "ipc": per_class, "images": per_class * k, "class_counts": [per_class] * k},
                         data_for_run=random_real))
     if "full" in baselines:
         recipe, rep = _train_recipe(real_recipe, cfg.epochs or FULL_EPOCHS)
@@ -554,7 +555,7 @@ def _source_split(shares: Sequence[tuple[str, Share]], data: RealData) -> dict |
     """
     for name, share in shares:
         ds = share.provenance.get(Attr.DATASET) or {}
-        split, salt, salted = ds.get("split"), ds.get("salt"), ds.get("source_sha256_salted")
+        split, salt, salted = ds.get("split"), ds.get(SALT), ds.get(SALTED_SHA256)
         if not (isinstance(split, dict) and split.get("method") == SPLIT_CARVED and isinstance(salt, str)):
             continue
         try:
@@ -650,7 +651,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
                                     device, tick))
 
     report = strict_json({
-        "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION, "created": utc_now(),
+        **eval_header(), "created": utc_now(),
         "software": software_versions(), "device": str(device), "seed": cfg.seed, "runs": cfg.runs,
         "model": setup.model_name, "model_kwargs": setup.model_kwargs,
         "preprocessing": {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
@@ -658,7 +659,7 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
         "test": {"data": test_spec, "name": test_data.name, "split": "test", "images": len(y_test),
                  "class_names": setup.class_names, "class_counts": class_counts(y_test, k),
                  "missing_classes": missing_classes},
-        "results": results,
+        RESULTS: results,
     })
     if cfg.json:
         write_json(cfg.json, report)

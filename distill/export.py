@@ -11,36 +11,35 @@ import os
 from pathlib import Path
 
 from .errors import DistillError, FormatError
-from .formats.audit import AUDIT_FILE, read_audit
+from .formats.audit import AUDIT_FILE, AuditDocument, read_audit
 from .formats.plain import write_plain
 from .formats.share import write_share
 from .formats.share_schema import AUDIT_OUTSIDE, Attr
 from .formats.synset import read_synset
 from .io import output_lock, remove_stale_temps
 from .privacy.remedies import remedy_text
-from .runshare import (METHOD_HOME_ONLY, METHOD_KEYS, is_plain, scrub, scrub_sentence,  # noqa: F401 (re-exported)
-                       share_from_synset)
+from .formats.provenance import METHOD_HOME_ONLY, METHOD_KEYS  # noqa: F401 (re-exported)
+from .runshare import is_plain, scrub, scrub_sentence, share_from_synset  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-def audit_status(rundir: Path) -> tuple[str, dict]:
-    """(status, audit document) with status passed | failed | missing | invalid."""
+def audit_status(rundir: Path) -> tuple[str, AuditDocument | None]:
+    """(status, audit document or None) with status passed | failed | missing | invalid."""
     if not (rundir / AUDIT_FILE).exists():
-        return "missing", {}
+        return "missing", None
     try:
         audit = read_audit(rundir)
     except (FormatError, OSError):
-        return "invalid", {}
-    if not isinstance(audit.get("passed"), bool):
-        return "invalid", {}
-    return ("passed" if audit["passed"] else "failed"), audit
+        return "invalid", None
+    if not isinstance(audit.passed, bool):
+        return "invalid", None
+    return ("passed" if audit.passed else "failed"), audit
 
 
-def failed_audit_message(rundir: Path, audit: dict) -> str:
+def failed_audit_message(rundir: Path, audit: AuditDocument) -> str:
     """Why the gate refuses (the audit's own reasons, with interval and baseline) and what to change."""
-    reasons = ((audit.get("summary") or {}).get("verdict") or {}).get("reasons") or []
-    why = "".join(f"\n  - {r}" for r in reasons if isinstance(r, str))
+    why = "".join(f"\n  - {r}" for r in audit.sections().reasons())
     return (f"The privacy audit of {rundir} failed, so this set may leak patients:{why}\n{remedy_text(rundir)}\n"
             "Or pass --force to export it anyway (the share records that).")
 
@@ -57,7 +56,7 @@ def _privacy(rundir: Path, force: bool) -> dict:
                            "or pass --force to export without one.")
     if status != "passed":
         log.warning("Exporting with a %s privacy audit because of --force; the share records this.", status)
-    created = str(audit.get("created", ""))
+    created = str(audit.created) if audit is not None else ""
     # Only that an audit ran and its verdict travel: its figures are computed from the private images,
     # so they stay in the run folder (and on the in-hospital review page). Share format 1.1.
     return {Attr.AUDIT_STATUS: status, Attr.FORCED: status != "passed", Attr.SUMMARY: {},

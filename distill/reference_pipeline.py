@@ -12,6 +12,7 @@ import torch
 
 from .buffer import build_buffer
 from .config import BufferConfig, RunConfig
+from .formats.synset import SYNSET_FILE
 from .io import atomic_path
 from .models import create_model
 from .mtt import distill_run
@@ -44,7 +45,7 @@ def train_reference(ref: Path, r: int, pool_u8: torch.Tensor, pool_y: torch.Tens
     build_buffer(BufferConfig(data=str(npz), out=str(ref / "buffer"), model=s.model, experts=s.experts,
                               epochs=s.epochs, augment=s.augment, seed=seed, device=dev))
     run = ref / "run"
-    if not (run / "synthetic.h5").exists():
+    if not (run / SYNSET_FILE).exists():
         cfg = RunConfig(buffer=str(ref / "buffer"), out=str(run), ipc=s.ipc, iterations=s.iterations,
                         syn_steps=s.syn_steps, expert_epochs=s.expert_epochs, init=s.init, hard_labels=s.hard_labels,
                         eval_models=0, seed=seed, device=dev)

@@ -30,12 +30,15 @@ import torch
 from . import __version__
 from .errors import DistillError, FormatError
 from .formats import Share, load_share
-from .config import load_toml
 from .audit_page import decision_section, public_note
-from .formats.audit import AUDIT_FILE, read_audit
+from .formats.audit import AUDIT_FILE, AuditSummary, read_audit
+from .formats.buffer_config import buffer_data_spec
+from .formats.eval_report import read_eval_report
+from .formats.provenance import SALT, SALTED_SHA256
+from .formats.run import EVAL, ITERATION, KIND, METRICS_FILE, read_curves, read_run_config
+from .formats.share_schema import Attr
 from .formats.synset import SYNSET_FILE, read_synset
 from .io import atomic_path, sha256_file
-from .mtt.rundir import CONFIG_FILE, METRICS_FILE
 from .privacy import STATEMENT, holdout_split, load_matching_data, load_subject, neighbour_metric
 from .runshare import share_from_synset
 
@@ -46,7 +49,6 @@ REPORT_VERSION = "1.0"
 PAIR_MEASURES = ("pixel_correlation", "ssim")  # the audit's pixel-space measures; the feature one needs a trained network
 MEASURE_NAMES = {"pixel_correlation": "pixel correlation", "ssim": "SSIM", "feature_cosine": "feature cosine"}
 THUMB_PX = 56  # displayed size of one image; a 28 px MedMNIST image at 2x stays sharp with pixelated scaling
-EVAL_FORMAT = "distill-eval"  # the JSON `distill eval --json` writes (docs/evaluation.md)
 HOSPITAL_ONLY = ("For viewing inside the hospital only. This page shows real patient images; "
                  "it must not leave the hospital, and it is never part of the share.")
 PUBLIC_NOTE = "Public page: it holds only the share's own content and no real image."
@@ -108,29 +110,28 @@ def _audit_of(share: Share, rundir: Path | None, share_file: Path | None) -> _Au
     else the share's privacy group (a v1.0 share may still carry figures)."""
     if rundir is None:
         p = share.privacy
-        return _Audit(status=str(p.get("audit_status", "missing")), forced=bool(p.get("forced")),
-                      summary=p.get("summary") or {}, statement=str(p.get("statement") or STATEMENT),
-                      created=str(p.get("audit_created", "")))
+        return _Audit(status=str(p.get(Attr.AUDIT_STATUS, "missing")), forced=bool(p.get(Attr.FORCED)),
+                      summary=p.get(Attr.SUMMARY) or {}, statement=str(p.get(Attr.STATEMENT) or STATEMENT),
+                      created=str(p.get(Attr.AUDIT_CREATED, "")))
     if not (rundir / AUDIT_FILE).exists():
         return _Audit(status="missing", statement=STATEMENT)
     try:
         doc = read_audit(rundir)
     except (FormatError, OSError):
         return _Audit(status="invalid", statement=STATEMENT)
-    stale = doc.get("subject_sha256") not in (None, sha256_file(rundir / SYNSET_FILE))
-    return _Audit(status="passed" if doc.get("passed") is True else "failed", summary=doc.get("summary") or {},
-                  statement=str(doc.get("statement") or STATEMENT), created=str(doc.get("created", "")), stale=stale)
+    stale = doc.subject_sha256 not in (None, sha256_file(rundir / SYNSET_FILE))
+    return _Audit(status="passed" if doc.passed is True else "failed", summary=doc.summary or {},
+                  statement=str(doc.statement or STATEMENT), created=str(doc.created), stale=stale)
 
 
 def _run_data_spec(rundir: Path) -> str | None:
     """The real data named by the run's config.toml, or by its buffer's; None when neither says."""
     try:
-        cfg = load_toml(rundir / CONFIG_FILE) if (rundir / CONFIG_FILE).exists() else {}
+        cfg = read_run_config(rundir)
         if cfg.get("data"):
             return str(cfg["data"])
-        buffer_cfg = Path(str(cfg.get("buffer", ""))) / CONFIG_FILE
-        if cfg.get("buffer") and buffer_cfg.exists():
-            return str(load_toml(buffer_cfg).get("data", "")) or None
+        if cfg.get("buffer"):
+            return buffer_data_spec(Path(str(cfg["buffer"])))
     except (DistillError, OSError, ValueError):
         return None
     return None
@@ -140,49 +141,22 @@ def _pairs(source: Path, data_spec: str, audit: _Audit) -> _Pairs:
     """Nearest training image of every synthetic image, with the audit's own search and held-out thresholds."""
     subject = load_subject(source)
     data, _ = load_matching_data(subject, data_spec)
-    holdout = str(audit.summary.get("settings", {}).get("holdout", "val"))
+    audited = AuditSummary.from_json(audit.summary)
+    holdout = str(audited.settings.get("holdout", "val"))
     hold_u8, _, _ = holdout_split(data, holdout)
     syn01 = subject.preprocessing.invert(subject.images)
     train01, hold01 = data.train.images.float() / 255, hold_u8.float() / 255
     results = {k: neighbour_metric(syn01, hold01, train01, kind=k) for k in PAIR_MEASURES}
-    audited = audit.summary.get("nearest_neighbour", {})
     thresholds, from_audit = {}, True
     for k, r in results.items():
-        t = audited.get(k, {}).get("threshold")
+        t = audited.nearest_neighbour.get(k, {}).get("threshold")
         from_audit &= isinstance(t, (int, float))
         thresholds[k] = float(t) if isinstance(t, (int, float)) else r.threshold
     return _Pairs(syn=_to_u8(syn01), nearest={k: data.train.images[r.synthetic_index].numpy() for k, r in results.items()},
                   scores={k: r.synthetic.numpy() for k, r in results.items()}, thresholds=thresholds,
                   threshold_source="the audit" if from_audit else f"the {holdout} split, computed here",
                   holdout=holdout, n_train=len(data.train.images), n_holdout=len(hold_u8),
-                  audit_flagged={int(i) for i in audit.summary.get("flagged_synthetic_indices") or []})
-
-
-def _read_eval(path: str | os.PathLike) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise DistillError(f"{path} is not a readable JSON file; pass the file `distill eval --json` wrote.") from None
-    if not isinstance(doc, dict) or doc.get("format") != EVAL_FORMAT or not isinstance(doc.get("results"), list):
-        raise DistillError(f"{path} is not a `distill eval --json` report.")
-    if str(doc.get("format_version", "")).split(".")[0] != "1":
-        raise DistillError(f"{path} has eval format {doc.get('format_version')!r}; this page reads version 1.")
-    return doc
-
-
-def _read_curves(rundir: Path) -> list[dict]:
-    path = rundir / METRICS_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut by a crash; the rest of the log still draws
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
+                  audit_flagged={int(i) for i in audited.flagged_synthetic_indices})
 
 
 # ----------------------------------------------------------------------------- pieces of HTML
@@ -397,15 +371,15 @@ def _recipe_section(share: Share, from_run: bool) -> str:
     prep = _table([("input", f"{pre.channels} x {pre.size} x {pre.size}"), ("mean", ", ".join(f"{v:.4g}" for v in pre.mean.tolist())),
                    ("std", ", ".join(f"{v:.4g}" for v in pre.std.tolist())), ("ZCA", f"yes (eps {pre.zca_eps:g})" if pre.zca else "no")])
     prov = dict(share.provenance)
-    dataset = dict(prov.get("dataset") or {})
+    dataset = dict(prov.get(Attr.DATASET) or {})
     if from_run:  # the salt is drawn at export; a value shown now would not be the share's
-        dataset.pop("salt", None)
-        dataset.pop("source_sha256_salted", None)
+        dataset.pop(SALT, None)
+        dataset.pop(SALTED_SHA256, None)
     text = _table([("licence", share.license or "set at export"), ("description", share.description or "none"),
                    ("citation", share.citation or "none"), ("created", share.created or "not yet exported")])
     boxes = [("Training recipe for the recipient", recipe), ("Preprocessing", prep),
-             ("Method", _kv(prov.get("method") or {})), ("Expert trajectories", _kv(prov.get("experts") or {})),
-             ("Source data", _kv(dataset)), ("Software", _kv(prov.get("software") or {}))]
+             ("Method", _kv(prov.get(Attr.METHOD) or {})), ("Expert trajectories", _kv(prov.get(Attr.EXPERTS) or {})),
+             ("Source data", _kv(dataset)), ("Software", _kv(prov.get(Attr.SOFTWARE) or {}))]
     return _section("recipe", "Recipe and provenance", f"<h3>Text from the sender</h3>{text}" + _boxes(boxes))
 
 
@@ -462,18 +436,18 @@ def _bars(bars: list[tuple[str, float]], width: int = 600) -> str:
 
 def _curves_section(records: list[dict], from_run: bool) -> str:
     if not from_run:
-        return _section("curves", "Learning curves", "<p>A share does not carry its run's metrics.jsonl; make the page "
+        return _section("curves", "Learning curves", f"<p>A share does not carry its run's {METRICS_FILE}; make the page "
                         "from the run folder to see the learning curves.</p>")
-    its = [r for r in records if r.get("kind") == "iteration"]
-    evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("val_acc_mean"), (int, float))]
+    its = [r for r in records if r.get(KIND) == ITERATION]
+    evals = [r for r in records if r.get(KIND) == EVAL and isinstance(r.get("val_acc_mean"), (int, float))]
     if not its and not evals:
-        return _section("curves", "Learning curves", "<p>The run folder has no metrics.jsonl entries.</p>")
+        return _section("curves", "Learning curves", f"<p>The run folder has no {METRICS_FILE} entries.</p>")
     majority = next((r.get("val_majority") for r in reversed(evals) if isinstance(r.get("val_majority"), (int, float))), None)
-    plots = [_svg_plot([(r.get("iteration"), r.get("loss")) for r in its], "Trajectory-matching loss"),
-             _svg_plot([(r.get("iteration"), r.get("syn_lr")) for r in its], "Learned step size", log_y=True),
-             _svg_plot([(r.get("iteration"), r["val_acc_mean"]) for r in evals], "Validation accuracy",
+    plots = [_svg_plot([(r.get(ITERATION), r.get("loss")) for r in its], "Trajectory-matching loss"),
+             _svg_plot([(r.get(ITERATION), r.get("syn_lr")) for r in its], "Learned step size", log_y=True),
+             _svg_plot([(r.get(ITERATION), r["val_acc_mean"]) for r in evals], "Validation accuracy",
                        reference=(majority, "majority class") if majority is not None else None)]
-    return _section("curves", "Learning curves", f"<p>From metrics.jsonl: {len(its)} iterations, {len(evals)} "
+    return _section("curves", "Learning curves", f"<p>From {METRICS_FILE}: {len(its)} iterations, {len(evals)} "
                     f"validation points on real held-out data.</p><div class=\"plots\">{''.join(plots)}</div>")
 
 
@@ -561,7 +535,7 @@ def render_report(share: Share, *, title: str, audit: _Audit, rundir: Path | Non
         sections.append(_pairs_section(pairs, pairs_reason, share))
     sections += [_audit_section(audit), _eval_section(eval_doc, share), _recipe_section(share, share_file is None)]
     if not public:
-        sections.append(_curves_section(_read_curves(rundir) if rundir else [], rundir is not None))
+        sections.append(_curves_section(read_curves(rundir) if rundir else [], rundir is not None))
     sections.append(_checksum_section(share, share_file))
     return ("<!DOCTYPE html>\n"
             f'<html lang="en"><head><meta charset="utf-8">'
@@ -596,7 +570,7 @@ def write_report(source: str | os.PathLike, out: str | os.PathLike, *, eval_json
         raise DistillError("--public describes a share file; export the run first and give the share.")
     content, rundir, share_file = _open_source(source, share)
     audit = _audit_of(content, rundir, share_file)
-    eval_doc = _read_eval(eval_json) if eval_json is not None else None
+    eval_doc = read_eval_report(eval_json) if eval_json is not None else None
     pairs, reason = None, ""
     if not public:
         spec = str(data) if data is not None else (_run_data_spec(rundir) if rundir else None)

@@ -3,9 +3,8 @@
 Both ``distill export`` (which writes it) and ``distill audit`` (which trains on
 exactly the recipe a recipient will get) build the share here.
 
-Provenance goes through whitelists, not blacklists: a field the run record
-gains later (a path, a host name) stays home until someone reviews it and adds
-it here. Strings that survive the whitelist are still dropped when they look
+Provenance goes through whitelists, not blacklists (:mod:`distill.formats.provenance`): a field the
+run record gains later (a path, a host name) stays home until someone reviews it and adds it there. Strings that survive the whitelist are still dropped when they look
 like a path or a file name.
 """
 from __future__ import annotations
@@ -21,28 +20,14 @@ from .config import RunConfig
 from .data import MEDMNIST, SPLITS
 from .errors import DistillError
 from .formats.share import Recipe, Share
+from .formats.provenance import (EXPERT_KEYS, EXPERT_TRAIN_KEYS, METHOD_KEYS, METHOD_NAME, SALT, SALT_BYTES, SALTED_SHA256,
+                                 SOFTWARE_KEYS, SPLIT_KEYS)
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, Attr
 from .formats.synset import SyntheticSet
 from .io import software_versions
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY
 
 log = logging.getLogger(__name__)
-
-METHOD_NAME = "mtt"  # Matching Training Trajectories (Cazenavette et al. 2022)
-# The run settings that travel. Every RunConfig field is in exactly one of these two lists
-# (a test checks it), so a new field stays home until someone decides where it belongs.
-METHOD_KEYS = ("ipc", "iterations", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch",
-               "trajectories_per_iter", "init", "init_correct_only", "hard_labels", "label_temperature",
-               "label_snapshot", "lr_img", "lr_lr", "lr_label", "syn_lr_init", "max_log_lr_step", "min_syn_lr_fraction", "momentum", "batch_syn", "augment", "gradient", "eval_every",
-               "eval_models", "eval_epochs", "checkpoint_every", "seed")
-METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast")  # paths, the hospital's data name, its hardware and how it ran there
-EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per_epoch", "snapshots", "model",
-               "model_kwargs", "seed", "zca", "train")
-EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")
-SOFTWARE_KEYS = ("distill", "python", "torch", "numpy", "h5py", "kornia", "torchvision", "scipy", "cuda", "cudnn")
-# The split's description, not its members: hashes of the members would link shares of one buffer.
-SPLIT_KEYS = ("method", "pool", "seed", "carved", "val_fraction", "test_fraction", "patient_grouped", "read")
-SALT_BYTES = 16  # 128 bits: no two shares ever share a salt, so their hashes cannot be matched up
 
 _MAX_TEXT = 200  # a provenance value longer than this is not a setting
 _MAX_DEPTH = 8  # nesting of the audit summary (summary > membership > share > attack > metric > ...)
@@ -124,8 +109,8 @@ def dataset_fingerprint(fp: dict, salt: bytes, *, dp: bool = False) -> dict:
         out["split"] = scrub({k: split[k] for k in SPLIT_KEYS if k in split})
     sha = fp.get("sha256")
     if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) and not dp:
-        out["salt"] = salt.hex()
-        out["source_sha256_salted"] = hashlib.sha256(salt + sha.encode("ascii")).hexdigest()
+        out[SALT] = salt.hex()
+        out[SALTED_SHA256] = hashlib.sha256(salt + sha.encode("ascii")).hexdigest()
     return out
 
 

@@ -25,12 +25,10 @@ from .config import RunConfig, SplitConfig, check_ranges
 from .data import SPLITS, RealData, class_counts, load_data
 from .errors import DistillError
 from .formats.common import utc_now
+from .formats.sites_split import SITE_FILES, SPLIT_JSON, split_header
 from .io import atomic_path, output_lock, remove_stale_temps, sha256_file, software_versions, write_json
 from .train import predict
 
-SPLIT_FORMAT = "distill-split"
-SPLIT_FORMAT_VERSION = "1.0"
-SPLIT_JSON = "split.json"
 IID = "iid"
 
 
@@ -176,14 +174,14 @@ def _write_split(cfg: SplitConfig, data, alpha, out: Path, scarce_below: int) ->
                         "lacks": summary.lacks, "scarce": summary.scarce, "sha256": sha256_file(path),
                         "train_indices": idx.tolist()})
     report = {
-        "format": SPLIT_FORMAT, "format_version": SPLIT_FORMAT_VERSION, "created": utc_now(),
+        **split_header(), "created": utc_now(),
         "software": software_versions(),
         "source": {"data": cfg.data, "name": data.name, "sha256": data.source_sha256, "class_names": names,
                    "class_counts": {s: class_counts(data.split(s).labels, k) for s in SPLITS}},
         "sites": cfg.sites, "alpha": IID if alpha is None else alpha, "min_per_class": cfg.min_per_class,
         "seed": cfg.seed, "scarce_below": scarce_below, "patient_grouped": groups is not None,
         "val": "the source's val split, the same at every site", "test": "the source's test split, the same at every site",
-        "site_files": records,
+        SITE_FILES: records,
     }
     write_json(out / SPLIT_JSON, report)  # written last: its presence means every site file is complete
     return SplitResult(out / SPLIT_JSON, names, summaries)

@@ -50,6 +50,14 @@ class TrainRecipe:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive; got {self.batch_size}.")
 
+    @classmethod
+    def following(cls, recipe) -> "TrainRecipe":
+        """The recipe that a share's :class:`distill.formats.share.Recipe` (data) describes; ``ValueError`` for an
+        unknown augmentation. The share's schema holds the recipe; the trainer interprets it here."""
+        return cls(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, momentum=recipe.momentum,
+                   weight_decay=recipe.weight_decay, decay_at_half=recipe.lr_decay == "half",
+                   augment=Augment.parse(recipe.augment))
+
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy against a target that is either class ids (N,) or probabilities (N, K).

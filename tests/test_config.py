@@ -187,3 +187,14 @@ def test_a_written_config_names_its_format_and_reads_back(tmp_path):
         build(RunConfig, {**raw, "format_version": "2.0"})
     with pytest.raises(DistillError, match="is a distill-run-config, not a distill-buffer-config"):
         build(BufferConfig, raw)
+
+
+def test_random_real_per_class_keeps_its_flag_and_toml_name(tmp_path, monkeypatch, capsys):
+    """EvalConfig.real_per_class (random real images per class) is still --ipc and `ipc` in TOML."""
+    assert build(EvalConfig, {"ipc": 3}) == EvalConfig(real_per_class=3) == build(EvalConfig, {"real_per_class": 3})
+    with pytest.raises(DistillError, match=r"^--ipc must be"):
+        build(EvalConfig, {"ipc": 0})
+    for flag in ("--ipc", "--real-per-class"):
+        code, _, err = run_main(["eval", "--baseline", "random-real", "--test", str(tmp_path / "none.npz"), flag, "0"],
+                                monkeypatch, capsys)
+        assert_one_sentence(code, err, "--ipc must be at least 1")

@@ -26,7 +26,7 @@ from distill.formats.share_schema import NO_GUARANTEE
 from distill.formats.synset import read_synset
 from distill.mtt import distill_run
 from distill.mtt.dpmode import DP_MEANS_JITTER
-from distill.mtt.rundir import read_metrics
+from distill.formats.run import read_metrics
 from distill.report import write_report
 from test_share import run_cli
 

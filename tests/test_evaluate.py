@@ -100,7 +100,7 @@ def test_random_real_draws_exactly_k_per_class_with_the_seed():
 
 
 def test_random_real_baseline_records_its_subset_per_run(tiny_npz, tmp_path):
-    c = cfg(tiny_npz, baselines=("random-real",), ipc=3, epochs=2, model_kwargs=TINY_MODEL, json=str(tmp_path / "r.json"))
+    c = cfg(tiny_npz, baselines=("random-real",), real_per_class=3, epochs=2, model_kwargs=TINY_MODEL, json=str(tmp_path / "r.json"))
     report = evaluate(c)
     (arm,) = report["results"]
     y = load_data(tiny_npz).train.labels

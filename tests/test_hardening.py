@@ -95,7 +95,7 @@ def test_appends_and_truncations_follow_no_link(tmp_path):
 
 
 def test_metrics_log_follows_no_link(tmp_path):
-    from distill.mtt.rundir import MetricsLog
+    from distill.formats.run import MetricsLog
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")

@@ -130,6 +130,15 @@ def test_the_walls_of_docs_style_hold():
     top, _ = _graph()
     method = {m for m in top if m == "distill.buffer" or m.startswith("distill.mtt")}
     readers = [m for m in top if m.startswith(("distill.formats", "distill.privacy"))]
-    readers += ["distill.evaluate", "distill.export", "distill.runshare", "distill.metrics"]
+    # The review page reads a run folder and a share through formats/ only (issue 26).
+    readers += ["distill.evaluate", "distill.export", "distill.runshare", "distill.metrics", "distill.report"]
     for m in readers:
         assert not (_reachable(top, m) & method), f"{m} reaches {sorted(_reachable(top, m) & method)}"
+
+
+def test_the_share_schema_imports_no_training_code():
+    """The recipe in a share is data; distill.train interprets it (TrainRecipe.following)."""
+    top, _ = _graph()
+    training = {"distill.train", "distill.augment", "distill.batched", "distill.dp"}
+    for m in [m for m in top if m.startswith("distill.formats")]:
+        assert not (_reachable(top, m) & training), f"{m} reaches {sorted(_reachable(top, m) & training)}"

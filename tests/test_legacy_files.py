@@ -59,7 +59,7 @@ def test_the_old_run_folder_loads_and_its_audit_reads():
     s = read_synset(LEGACY / "run")
     assert s.images.shape == (2, 1, 8, 8) and s.label_logits is not None
     audit = read_audit(LEGACY / "run")
-    assert audit["passed"] is True and "membership" in audit["summary"]
+    assert audit.passed is True and "membership" in audit.summary
     subject = load_subject(LEGACY / "run")
     assert subject.recipe.epochs == 300 and np.isclose(subject.recipe.lr, s.syn_lr)
 

@@ -24,7 +24,7 @@ from distill.formats.synset import read_synset
 from distill.models import create_model, flatten_params, param_spec
 from distill.mtt import compute_grads, distill_run, matching_objective
 from distill.mtt.experts import ExpertPool, Segment
-from distill.mtt.rundir import CHECKPOINT_FILE, read_metrics
+from distill.formats.run import CHECKPOINT_FILE, read_metrics
 from distill.mtt.synthetic import bound_log_step
 from distill.mtt.unroll import make_plan
 from distill.seeding import generator, seeded

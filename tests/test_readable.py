@@ -11,7 +11,7 @@ from PIL import Image
 
 from distill.data import fit_preprocessing
 from distill.formats.audit import summary_lines
-from distill.formats.share import labelled_grid
+from distill.grid import labelled_grid
 from distill.mtt.rundir import save_grid
 from distill.privacy import AuditReport
 

@@ -29,7 +29,7 @@ from distill.export import METHOD_HOME_ONLY, METHOD_KEYS, export_share
 from distill.formats import Recipe, load_share, write_share
 from distill.formats import share_schema as S
 from distill.formats.synset import SyntheticSet, write_synset
-from distill.train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY
+from distill.train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, TrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 N_PER_CLASS, SIZE = 3, 8
@@ -115,7 +115,7 @@ def test_recipe_comes_from_the_run(tmp_path):
     assert share.recipe == Recipe(model="convnet3", model_kwargs={}, lr=0.0123, epochs=7, batch_size=EVAL_BATCH,
                                   momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY, lr_decay="half",
                                   augment="color,crop", loss="soft_cross_entropy")
-    assert share.recipe.to_train_recipe().augment.transforms == ("color", "crop")
+    assert TrainRecipe.following(share.recipe).augment.transforms == ("color", "crop")
 
 
 def test_expert_augmentation_is_resolved(tmp_path):
@@ -532,3 +532,15 @@ def test_to_folder_writes_pngs_per_class(templates, tmp_path):
         assert np.array_equal(np.asarray(im), share.pixels()[N_PER_CLASS, 0].numpy())
     with pytest.raises(DistillError, match="not an empty folder"):
         share.to_folder(folder)
+
+
+def test_the_recipe_vocabulary_is_what_the_trainer_interprets():
+    """formats/ holds the augmentation names as data (it imports no training code); they must stay augment's."""
+    from distill.augment import TRANSFORMS, Augment
+    from distill.formats.share_schema import AUGMENT_TRANSFORMS, augment_transforms
+
+    assert AUGMENT_TRANSFORMS == TRANSFORMS
+    assert augment_transforms("color_crop") == ("color", "crop") == Augment.parse("color_crop").transforms
+    assert augment_transforms("none") is None is Augment.parse("none")
+    with pytest.raises(ValueError, match="Unknown augmentation"):
+        augment_transforms("color,blur")

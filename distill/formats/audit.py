@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import FormatError
+from .common import FORMAT_KEY, VERSION_KEY
 
 AUDIT_FORMAT = "distill-audit"
 AUDIT_VERSION = "1.1"  # 1.1 adds summary.membership.rmia (distill audit --attack rmia); 1.0 files still load
 AUDIT_FILE = "audit.json"  # in the run folder
+PAIRS_FILE = "audit_pairs.png"  # in the run folder: each synthetic image beside its nearest real ones; for the local reviewer only
 
 
 class AuditKey:
     """Top-level keys of the document."""
 
-    FORMAT = "format"
-    FORMAT_VERSION = "format_version"
+    FORMAT = FORMAT_KEY
+    FORMAT_VERSION = VERSION_KEY
     PASSED = "passed"
     SUMMARY = "summary"
     STATEMENT = "statement"
@@ -38,23 +42,83 @@ class AuditKey:
 
 
 REQUIRED = (AuditKey.PASSED, AuditKey.SUMMARY, AuditKey.STATEMENT)
+
+
+@dataclass
+class AuditSummary:
+    """``summary``: the audit's numbers and short strings, one field per section, in the order the audit writes
+    them. docs/privacy.md describes each; the nested records are plain JSON (dicts of numbers and strings).
+
+    Adding a measure: add it to the section that holds it where :mod:`distill.privacy.audit` builds this, and
+    to :func:`summary_lines` if the terminal should show it.
+    """
+
+    settings: dict = field(default_factory=dict)  # the audit's settings and margins
+    data: dict = field(default_factory=dict)  # members, non-members, counts, the split it assumed
+    n_synthetic: int | None = None
+    nearest_neighbour: dict = field(default_factory=dict)  # measure -> synthetic/holdout stats, threshold, flagged
+    feature_network: dict = field(default_factory=dict)  # the network whose features the cosine measure uses
+    flagged: int | None = None  # synthetic images flagged under any measure
+    flagged_synthetic_indices: list = field(default_factory=list)
+    membership: dict = field(default_factory=dict)  # the loss attack (and rmia, 1.1) on the share and random real
+    verdict: dict = field(default_factory=dict)  # passed, reasons
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, doc) -> "AuditSummary":
+        """A summary as found in a file or a share; missing or mistyped sections read as empty."""
+        doc = doc if isinstance(doc, dict) else {}
+        out = cls()
+        for f in fields(cls):
+            value = doc.get(f.name)
+            default = getattr(out, f.name)
+            if value is not None and (default is None or isinstance(value, type(default))):
+                setattr(out, f.name, value)
+        return out
+
+    def reasons(self) -> list[str]:
+        """The verdict's reasons that are text."""
+        return [r for r in self.verdict.get("reasons") or [] if isinstance(r, str)]
+
+
 # The summary's sections, in the order the audit writes them.
-SUMMARY_KEYS = ("settings", "data", "n_synthetic", "nearest_neighbour", "feature_network", "flagged",
-                "flagged_synthetic_indices", "membership", "verdict")
+SUMMARY_KEYS = tuple(f.name for f in fields(AuditSummary))
 
 
-def audit_document(*, passed: bool, summary: dict, statement: str, created: str, subject_sha256: str,
-                   details: dict | None = None) -> dict:
-    """The JSON document; ``details`` only for the local copy."""
-    doc = {AuditKey.FORMAT: AUDIT_FORMAT, AuditKey.FORMAT_VERSION: AUDIT_VERSION, AuditKey.PASSED: passed,
-           AuditKey.SUMMARY: summary, AuditKey.STATEMENT: statement, AuditKey.CREATED: created,
-           AuditKey.SUBJECT_SHA256: subject_sha256}
-    if details is not None:
-        doc[AuditKey.DETAILS] = details
-    return doc
+@dataclass
+class AuditDocument:
+    """``audit.json``. ``passed`` is kept as read: a file whose verdict is not a boolean is invalid to its reader."""
+
+    passed: Any
+    summary: dict
+    statement: str
+    created: str = ""
+    subject_sha256: str | None = None
+    details: dict | None = None  # only in the local --json copy
+    format_version: str = AUDIT_VERSION
+
+    def to_json(self, *, details: bool = False) -> dict:
+        """The JSON document; ``details`` only for the local copy."""
+        doc = {AuditKey.FORMAT: AUDIT_FORMAT, AuditKey.FORMAT_VERSION: self.format_version,
+               AuditKey.PASSED: self.passed, AuditKey.SUMMARY: self.summary, AuditKey.STATEMENT: self.statement,
+               AuditKey.CREATED: self.created, AuditKey.SUBJECT_SHA256: self.subject_sha256}
+        if details and self.details is not None:
+            doc[AuditKey.DETAILS] = self.details
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "AuditDocument":
+        return cls(passed=doc.get(AuditKey.PASSED), summary=doc.get(AuditKey.SUMMARY), statement=doc.get(AuditKey.STATEMENT),
+                   created=doc.get(AuditKey.CREATED, ""), subject_sha256=doc.get(AuditKey.SUBJECT_SHA256),
+                   details=doc.get(AuditKey.DETAILS), format_version=str(doc.get(AuditKey.FORMAT_VERSION)))
+
+    def sections(self) -> AuditSummary:
+        return AuditSummary.from_json(self.summary)
 
 
-def read_audit(rundir: str | os.PathLike) -> dict:
+def read_audit(rundir: str | os.PathLike) -> AuditDocument:
     """Read and check ``RUNDIR/audit.json``; raises :class:`FormatError` if it is missing or malformed."""
     path = Path(rundir) / AUDIT_FILE
     if not path.exists():
@@ -71,7 +135,7 @@ def read_audit(rundir: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED if k not in doc]
     if missing:
         raise FormatError(f"{path} lacks {', '.join(missing)}; run 'distill audit' again.")
-    return doc
+    return AuditDocument.from_json(doc)
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -22,13 +22,12 @@ from pathlib import Path
 import h5py
 import torch
 
-from ..config import FILE_KEYS, BufferConfig, build, load_toml
+from ..config import FILE_KEYS, BufferConfig, build, load_toml, save_toml
+from .common import CONFIG_FILE
 from .split import read_split_group
 from .trajectory import PREPROCESSING_FILE, read_buffer_preprocessing
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.toml"
 
 
 def read_buffer_split(folder: str | os.PathLike) -> tuple[dict | None, dict[str, torch.Tensor] | None]:
@@ -57,3 +56,20 @@ def read_buffer_config(folder: str | os.PathLike) -> BufferConfig | None:
     if unknown:
         log.debug("%s: ignoring keys this version does not know: %s", path, ", ".join(unknown))
     return build(BufferConfig, {k: v for k, v in raw.items() if k in known})
+
+
+def write_buffer_config(cfg: BufferConfig, folder: str | os.PathLike) -> None:
+    """Write ``folder/config.toml`` (atomically, with its format name and version) from ``cfg``."""
+    save_toml(cfg, Path(folder) / CONFIG_FILE)
+
+
+def buffer_data_spec(folder: str | os.PathLike) -> str | None:
+    """The real data the buffer's config.toml names, as written; None when it names none or there is no file.
+
+    Raw, not built: a reader that only wants the data still finds it in a file whose other settings this
+    version would refuse. :class:`~distill.errors.DistillError` when the file is unreadable.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return str(load_toml(path).get("data", "")) or None

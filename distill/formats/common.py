@@ -13,6 +13,19 @@ from ..data import Preprocessing
 from ..errors import FormatError
 
 
+# Every file distill writes names its format and version under these two keys (HDF5 attributes, JSON and
+# TOML keys, torch.save dicts alike).
+FORMAT_KEY = "format"
+VERSION_KEY = "format_version"
+# Each stage writes its fully resolved settings beside its outputs under this name (the buffer's and the run's).
+CONFIG_FILE = "config.toml"
+
+
+def format_header(fmt: str, version: str) -> dict[str, str]:
+    """The two keys a JSON document (or a dict written otherwise) starts with: its format and version."""
+    return {FORMAT_KEY: fmt, VERSION_KEY: version}
+
+
 def set_json(obj: h5py.HLObject, key: str, value: Any) -> None:
     obj.attrs[key] = json.dumps(value, sort_keys=True)
 
@@ -74,9 +87,9 @@ def open_checked(path, fmt: str, major: int, minor: int, kind: str, *, unreadabl
     except OSError:
         raise FormatError(unreadable or f"{path} is not a readable HDF5 file.") from None
     try:
-        if get_attr(f, "format", None) != fmt:
+        if get_attr(f, FORMAT_KEY, None) != fmt:
             raise FormatError(foreign or f"{path} is not a {fmt} file.")
-        check_version(str(path), get_attr(f, "format_version", ""), major, minor, kind)
+        check_version(str(path), get_attr(f, VERSION_KEY, ""), major, minor, kind)
     except BaseException:
         f.close()
         raise

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from .. import limits as L
-from ..augment import Augment
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
+from ..grid import labelled_grid
 from ..io import atomic_folder, atomic_path, new_h5
 from ..models import check_model_kwargs
 from ..text import control_characters, printable
-from ..train import TrainRecipe
 from . import share_schema as S
 from .audit import summary_lines
 from .common import check_version, utc_now
@@ -63,11 +62,7 @@ class Recipe:
     augment: str  # distill.augment.Augment.parse syntax, or "none"
     loss: str  # "soft_cross_entropy" (targets softmax(logits / T)) or "cross_entropy"
 
-    def to_train_recipe(self):
-        """The :class:`distill.train.TrainRecipe` that follows this recipe (``ValueError`` for an unknown augmentation)."""
-        return TrainRecipe(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=self.momentum,
-                           weight_decay=self.weight_decay, decay_at_half=self.lr_decay == "half",
-                           augment=Augment.parse(self.augment))
+    # The recipe is data: distill.train.TrainRecipe.following(recipe) is how a trainer reads it.
 
 
 @dataclass
@@ -267,40 +262,6 @@ class Share:
         with atomic_path(path) as tmp:
             labelled_grid(torch.cat(rows), cols, self.class_names, pad_value=1.0).save(tmp, format="PNG")
         return path
-
-
-GRID_LABEL_CHARS = 24  # a class name longer than this is cut in the grid's label strip
-
-
-def labelled_grid(images01: torch.Tensor, per_row: int, class_names: list[str] | None, *, padding: int = 2,
-                  pad_value: float = 0.0):
-    """A PIL image of ``images01`` (N, C, H, W) in [0, 1], ``per_row`` per row, row k being class k.
-
-    With ``class_names``, a white strip on the left names each row's class (PIL's built-in
-    font, so no font file is needed).
-    """
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images01.float().clamp(0, 1), nrow=per_row, padding=padding, pad_value=pad_value)
-    img = Image.fromarray(np.ascontiguousarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()))
-    if not class_names:
-        return img
-    font = ImageFont.load_default()
-    names = [n if len(n) <= GRID_LABEL_CHARS else n[:GRID_LABEL_CHARS - 3] + "..." for n in map(str, class_names)]
-    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType: a Latin-1 bitmap font
-        names = [n.encode("latin-1", "replace").decode("latin-1") for n in names]
-    measure = ImageDraw.Draw(img)
-    boxes = [measure.textbbox((0, 0), n, font=font) for n in names]
-    strip = max(b[2] - b[0] for b in boxes) + 2 * padding + 2
-    canvas = Image.new("RGB", (strip + img.width, img.height), "white")
-    canvas.paste(img, (strip, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_h = images01.shape[-2] + padding
-    for r, (name, box) in enumerate(zip(names, boxes)):
-        y = padding + r * row_h + (images01.shape[-2] - (box[3] - box[1])) // 2 - box[1]
-        draw.text((padding, y), name, fill="black", font=font)
-    return canvas
 
 
 def _checksum_lines(share: Share) -> list[str]:
@@ -568,7 +529,7 @@ def _check_recipe(where: str, r: Recipe, has_logits: bool) -> None:
             bad = str(e)
     if bad is None:
         try:
-            Augment.parse(r.augment)
+            S.augment_transforms(r.augment)
         except (ValueError, AttributeError):
             bad = f"has augmentation {r.augment!r}, which distill.augment cannot parse"
     if bad:

@@ -88,6 +88,21 @@ LOSS_SOFT = "soft_cross_entropy"  # targets softmax(label_logits / temperature)
 LOSS_HARD = "cross_entropy"  # targets the class ids
 LOSSES = (LOSS_SOFT, LOSS_HARD)
 LR_DECAYS = ("half", "none")
+# The recipe's augmentation: a comma- (or underscore-) joined list of these names, or none/off/empty for none.
+# They are the transforms distill.augment interprets (tests/test_share.py checks the two lists agree).
+AUGMENT_TRANSFORMS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+NO_AUGMENT = ("", "none", "off")
+
+
+def augment_transforms(text: str | None) -> tuple[str, ...] | None:
+    """The transforms a recipe's ``augment`` names, or None for none; ``ValueError`` for an unknown name."""
+    if text is None or text.strip().lower() in NO_AUGMENT:
+        return None
+    parts = tuple(p.strip() for p in text.replace("_", ",").split(",") if p.strip())
+    bad = [t for t in parts if t not in AUGMENT_TRANSFORMS]
+    if bad:
+        raise ValueError(f"Unknown augmentation {', '.join(bad)}; choose from {', '.join(AUGMENT_TRANSFORMS)}.")
+    return parts
 AUDIT_STATUSES = ("passed", "failed", "missing", "invalid")
 # The privacy group's sentences (v1.1). A DP share's guarantee is DPRecord.sentence() of its ``dp`` record.
 NO_GUARANTEE = ("No formal privacy guarantee: the synthetic images were distilled from the private images without "

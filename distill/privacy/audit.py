@@ -13,7 +13,7 @@ from ..config import AuditSettings
 from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
 from ..errors import DistillError
-from ..formats.audit import AUDIT_FILE
+from ..formats.audit import AUDIT_FILE, AuditSummary
 from ..formats.common import utc_now
 from ..io import strict_json, write_json
 from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inference
@@ -136,26 +136,26 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
     if settings.attack == "loss":  # the quick audit's summary stays as before RMIA; RMIA records its own settings
         recorded = {k: v for k, v in recorded.items()
                     if k not in ("attack", "canaries") and not k.startswith("reference")}
-    summary = strict_json({
-        "settings": recorded | {
+    summary = strict_json(AuditSummary(
+        settings=recorded | {
             "epochs": m.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),
             "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
             "real_subset_lr": REAL_SUBSET_LR, "ci_level": CI_LEVEL},
-        "data": {"members": "train", "nonmembers": settings.holdout, "n_train": len(v.x_train),
-                 "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked,
-                 # Which train/val/test split: the one recorded with the experts, or one assumed (see subject.py).
-                 "split": {"recorded": subject.split is not None,
-                           **{k: data.split_record[k] for k in ("method", "seed", "carved", "patient_grouped") if k in data.split_record}}},
-        "n_synthetic": len(subject.images),
-        "nearest_neighbour": {k: r.summary() for k, r in neighbours.items()},
-        "feature_network": feature_info,
-        "flagged": int(flagged.sum()),
-        "flagged_synthetic_indices": torch.nonzero(flagged).flatten().tolist(),
-        "membership": {"n_members": m.n_members, "n_nonmembers": m.n_nonmembers, "share": m.share,
-                       "real_subset": m.real_subset, "real_subset_included": m.real_subset_included,
-                       **({"rmia": rmia} if rmia is not None else {})},
-        "verdict": {"passed": passed, "reasons": reasons},
-    }, SUMMARY_DIGITS)
+        data={"members": "train", "nonmembers": settings.holdout, "n_train": len(v.x_train),
+              "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked,
+              # Which train/val/test split: the one recorded with the experts, or one assumed (see subject.py).
+              "split": {"recorded": subject.split is not None,
+                        **{k: data.split_record[k] for k in ("method", "seed", "carved", "patient_grouped") if k in data.split_record}}},
+        n_synthetic=len(subject.images),
+        nearest_neighbour={k: r.summary() for k, r in neighbours.items()},
+        feature_network=feature_info,
+        flagged=int(flagged.sum()),
+        flagged_synthetic_indices=torch.nonzero(flagged).flatten().tolist(),
+        membership={"n_members": m.n_members, "n_nonmembers": m.n_nonmembers, "share": m.share,
+                    "real_subset": m.real_subset, "real_subset_included": m.real_subset_included,
+                    **({"rmia": rmia} if rmia is not None else {})},
+        verdict={"passed": passed, "reasons": reasons},
+    ).to_json(), SUMMARY_DIGITS)
     details = strict_json({"synthetic": [
         {"index": i, "label": int(subject.labels[i]), "flagged": bool(flagged[i]),
          **{k: {"similarity": float(r.synthetic[i]), "train_index": int(r.synthetic_index[i])}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import DistillError
+from ..formats.common import format_header
 from ..io import atomic_path, write_json
 from ..seeding import generator
 from .streams import REFERENCE
@@ -92,7 +93,7 @@ def cache_key(fingerprint: dict, pool_u8: torch.Tensor, pool_y: torch.Tensor, se
     h.update(pool_y.contiguous().numpy().tobytes())
     settings_d = dataclasses.asdict(settings)
     settings_d.pop("references")  # more references reuse the first ones
-    return {"format": CACHE_FORMAT, "format_version": CACHE_VERSION, "data_sha256": fingerprint.get("sha256"),
+    return {**format_header(CACHE_FORMAT, CACHE_VERSION), "data_sha256": fingerprint.get("sha256"),
             "split": fingerprint.get("split"), "pool_sha256": h.hexdigest(), "pool_size": len(pool_y),
             "settings": settings_d}
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import load_toml
 from ..errors import DistillError
+from ..formats.buffer_config import buffer_data_spec
+from ..formats.run import read_run_config
 
 DP_EPSILON = 8  # the budget issue 24 names for the DP buffer remedy; docs/privacy.md, "The guarantee"
 
@@ -20,7 +21,7 @@ def _run_settings(rundir: Path | None) -> dict:
         return found
     found["out"] = str(rundir)
     try:
-        run = load_toml(rundir / "config.toml")
+        run = read_run_config(rundir, missing_ok=False)
     except (DistillError, OSError, ValueError):
         return found
     for k in ("buffer", "ipc", "iterations", "init", "data"):
@@ -28,8 +29,7 @@ def _run_settings(rundir: Path | None) -> dict:
             found[k] = run[k]
     if found["data"] == "DATA":
         try:
-            buf = load_toml(Path(str(found["buffer"])) / "config.toml")
-            found["data"] = buf.get("data") or "DATA"
+            found["data"] = buffer_data_spec(Path(str(found["buffer"]))) or "DATA"
         except (DistillError, OSError, ValueError):
             pass
     return found

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.audit import audit_document, summary_lines
+from ..formats.audit import PAIRS_FILE, AuditDocument, summary_lines  # noqa: F401 (PAIRS_FILE re-exported)
 from ..io import atomic_path
 from .membership import FPRS
 from .neighbours import NN_QUANTILE, NeighbourResult
 
 STATEMENT = "An empirical audit is not a proof of privacy."
-PAIRS_FILE = "audit_pairs.png"  # in the run folder; for the local reviewer only
 # Verdict: the share's attack may exceed the stronger of chance and the random-real
 # baseline by this much (and must exceed it with its whole 95 % interval to fail).
 # 0.05 AUC is about 3 standard errors with 500 points per side.
@@ -65,9 +64,8 @@ class AuditReport:
 
     def document(self, *, details: bool = False) -> dict:
         """The ``audit.json`` document (``details=True`` adds the local per-image results)."""
-        return audit_document(passed=self.passed, summary=self.summary, statement=self.statement,
-                              created=self.created, subject_sha256=self.subject_sha256,
-                              details=self.details if details else None)
+        return AuditDocument(passed=self.passed, summary=self.summary, statement=self.statement, created=self.created,
+                             subject_sha256=self.subject_sha256, details=self.details).to_json(details=details)
 
     def text(self) -> str:
         """A short human-readable report for the terminal."""

@@ -17,6 +17,7 @@ import torch
 from ..data import SPLIT_CARVED, Preprocessing, RealData, describe_split, load_data
 from ..errors import DataError, DistillError, FormatError
 from ..formats.buffer_config import read_buffer_config
+from ..formats.common import FORMAT_KEY
 from ..formats.share import load_share, share_targets
 from ..formats.share_schema import Attr
 from ..formats.synset import SYNSET_FILE, SYNSET_FORMAT, read_synset
@@ -65,7 +66,7 @@ def load_subject(source: str | os.PathLike) -> Subject:
         return _from_synset(path / SYNSET_FILE, path)
     try:
         with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format")
+            fmt = f.attrs.get(FORMAT_KEY)
     except OSError:
         raise FormatError(f"{path} is not a readable HDF5 file.") from None
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
@@ -106,7 +107,7 @@ def _from_share(path: Path) -> Subject:
 def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str, split: dict | None = None,
              split_hint: dict | None = None) -> Subject:
     try:
-        recipe = share.recipe.to_train_recipe()
+        recipe = TrainRecipe.following(share.recipe)
     except ValueError as e:
         raise FormatError(f"{where}: its training recipe is not usable ({str(e).rstrip('.')}).") from None
     if not torch.isfinite(share.images).all():

@@ -14,7 +14,8 @@ from distill.errors import DistillError
 from distill.evaluate import evaluate
 from distill.formats import load_share
 from distill.models import create_model
-from distill.sites import SPLIT_FORMAT, SPLIT_FORMAT_VERSION, average_predictions, fedavg, split_dataset, split_indices
+from distill.formats.sites_split import SPLIT_FORMAT, SPLIT_FORMAT_VERSION
+from distill.sites import average_predictions, fedavg, split_dataset, split_indices
 from distill.train import predict
 from test_cli_errors import assert_one_sentence, run_main
 from test_evaluate import TINY_MODEL, make_share
