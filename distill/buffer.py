@@ -8,7 +8,6 @@ across torchrun processes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -22,14 +21,15 @@ from .batched import StackedModels, predict_batched, train_batched
 from .config import BufferConfig, check_ranges
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .medical import ReadOptions
-from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
+from .distributed import World
 from .errors import DistillError, FormatError
 from .formats.buffer_config import write_buffer_config
 from .formats.dp_record import DP_STATS_FILE, DPRecord, dp_path, read_dp_record
 from .formats.trajectory import (PREPROCESSING_FILE, SHAPING_SETTINGS, TrajectoryMeta, expert_path, numbering_gaps,
                                  read_buffer_preprocessing, read_expert, shaping_settings, write_buffer_preprocessing,
                                  write_expert)
-from .io import atomic_path, check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
+from .io import atomic_path, check_writable_dir, output_lock, remove_stale_temps, software_versions
+from .lifecycle import stage
 from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
 from .seeding import generator, seeded
@@ -278,14 +278,8 @@ def train_experts_batched(indices: list[int], cfg: BufferConfig, data: RealData,
 
 def build_buffer(cfg: BufferConfig) -> list[Path]:
     """Train the experts of ``cfg`` that are not on disk yet (this rank's share under torchrun)."""
-    validate(cfg)
-    world = world_from_env()
-    device = resolve_device(cfg.device, world)
-    init_process_group(world, device)
-    lock = contextlib.ExitStack()
-    made = not Path(cfg.out).exists()
-    done = False
-    try:
+    with stage(check=lambda: validate(cfg), device=cfg.device, tidy=cfg.out) as st:
+        world, device, lock = st.world, st.device, st.locks
         out = check_writable_dir(cfg.out)
         if world.main:
             lock.enter_context(output_lock(out))  # one writer per buffer folder
@@ -352,11 +346,5 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
             n_img = len(todo) * cfg.epochs * len(x_train)
             log.info("Trained %d expert(s) in %.1f s (%.0f images/s).", len(todo), dt, n_img / max(dt, 1e-9))
         world.barrier()
-        done = True
         return written
-    finally:
-        lock.close()
-        if made and not done and world.main:
-            remove_if_empty(cfg.out)  # made only to hold the lock of a refused command
-        destroy_process_group(world)
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from .errors import DistillError
 from .io import atomic_path
 from .limits import INT_LIMIT, MAX_EPOCHS, MAX_HOURS, MAX_SIZE, SEED_LIMIT
+from .reference_defaults import BATCH, NETWORK_LR, SMALL_SET_EPOCHS
 
 T = TypeVar("T")
 
@@ -31,10 +32,10 @@ class BufferConfig:
     model: str = "convnet"  # a ConvNet whose depth follows the image size: convnet3 at 28 px (models.convnet_depth_for)
     experts: int = 10
     epochs: int = 50  # reference train_epochs
-    lr: float = 0.01  # reference lr_teacher
+    lr: float = NETWORK_LR  # reference lr_teacher
     momentum: float = 0.0  # reference mom
     weight_decay: float = 0.0  # reference l2
-    batch_size: int = 256  # reference batch_train
+    batch_size: int = BATCH  # reference batch_train
     augment: str = "color,crop,cutout,flip,scale,rotate"  # reference DSA strategy; "none" turns it off
     zca: bool = False
     size: int | None = None
@@ -106,7 +107,7 @@ class RunConfig:
     # Soft-label MTT (Li et al. 2022) uses 2 to 10; on BreastMNIST (K = 2) at 1 image per class
     # 2 drove the matching loss from 1.1 up to 5 in 30 iterations, 0.2 brought it down.
     lr_label: float = 0.2
-    syn_lr_init: float = 0.01  # initial student step size; ref lr_teacher 0.01
+    syn_lr_init: float = NETWORK_LR  # initial student step size; ref lr_teacher
     max_log_lr_step: float = 0.1  # bound on |change of log step size| per iteration (~10 %)
     # Floor on the step size, as a fraction of syn_lr_init; 0 = none. At 1 image per class the step
     # size fell from 0.01 to 0.0007 (0.07) on PneumoniaMNIST and to 3e-5 on BreastMNIST, where the
@@ -121,7 +122,7 @@ class RunConfig:
     fast: str = "auto"
     eval_every: int = 100  # iterations between evaluations (0 = only at the end); ref 100
     eval_models: int = 2  # fresh networks trained per evaluation (0 = no evaluation); ref 5
-    eval_epochs: int = 300  # epochs each; ref 1000 (fewer keeps the periodic check cheap)
+    eval_epochs: int = SMALL_SET_EPOCHS  # epochs each (MTT's distill.py: 1000; fewer keeps the periodic check cheap)
     checkpoint_every: int = 50  # iterations between checkpoints
     seed: int = 0
     device: str = "auto"

@@ -35,6 +35,7 @@ from .io import check_writable_file, software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
 from .progress import progress
+from .reference_defaults import NETWORK_LR, SMALL_SET_EPOCHS
 from .seeding import derive_seed, generator, seeded
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, TrainRecipe, predict, train_network
 from .testdata import align_test_classes, baselines_for_whole_test
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 BASELINES = ("random-real", "full", "dp-sgd")
 DEFAULT_BASELINES = ("random-real", "full")  # beside a share when none is named; dp-sgd needs an epsilon
 DEFAULT_MODEL = BufferConfig.model  # the experts' network (the reference MTT one), when no share names one
-REAL_LR = 0.01  # the reference MTT's step size for networks trained on real images (lr_teacher)
-REAL_EPOCHS = 300  # the reference's epoch_eval_train, for random-real without a share to copy it from
+REAL_LR = NETWORK_LR  # step size of networks trained on real images
+REAL_EPOCHS = SMALL_SET_EPOCHS  # random-real without a share to copy the recipe from
 # The dp-sgd baseline's epochs: DP-SGD on one CPU core costs ~30 s per PneumoniaMNIST epoch, and more
 # epochs means more noise per step at a fixed epsilon; 5 is the setting of issue 23's first measurement.
 DP_EPOCHS = 5

@@ -17,6 +17,7 @@ from .formats.share import write_share
 from .formats.share_schema import AUDIT_OUTSIDE, Attr
 from .formats.synset import read_synset
 from .io import output_lock, remove_stale_temps
+from .lifecycle import stage
 from .privacy.remedies import remedy_text
 from .formats.provenance import METHOD_HOME_ONLY, METHOD_KEYS  # noqa: F401 (re-exported)
 from .runshare import is_plain, scrub, scrub_sentence, share_from_synset  # noqa: F401 (re-exported)
@@ -97,7 +98,7 @@ def export_share(rundir: str | os.PathLike, out: str | os.PathLike, *, license: 
     synset = read_synset(rundir)
     privacy = _privacy(rundir, force)
     share = share_from_synset(synset, privacy, license=license, description=description, citation=citation)
-    with output_lock(out.parent, f".{out.name}.lock"):
+    with stage(lock=output_lock(out.parent, f".{out.name}.lock")):  # one export at a time writes out
         remove_stale_temps(out.parent, out.name)
         if out.exists() and not overwrite:  # another export finished while this one was reading
             raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")

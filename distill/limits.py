@@ -8,7 +8,7 @@ share"). This module holds numbers only, so the command line can import it witho
 from __future__ import annotations
 
 # Recipe of a share (and --epochs of eval/buffer). The MTT reference trains its recipients for
-# 1000 epochs (epoch_eval_train); ten times that is still a plausible recipe, 1e12 is not.
+# 1000 epochs (distill.py's epoch_eval_train; reference_defaults.py); ten times that is still a plausible recipe, 1e12 is not.
 MAX_EPOCHS = 10_000
 # Mini-batch size. The reference uses 256; batches are index slices of tensors held whole, so a
 # larger batch only costs activation memory, which the cost check bounds as well.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 import secrets
 from typing import Any
@@ -24,7 +23,7 @@ from .formats.provenance import (EXPERT_KEYS, EXPERT_TRAIN_KEYS, METHOD_KEYS, ME
                                  SOFTWARE_KEYS, SPLIT_KEYS)
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, Attr
 from .formats.synset import SyntheticSet
-from .io import software_versions
+from .io import software_versions, strict_json
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def scrub(value: Any, *, redact: bool = False, depth: int = 0) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return value if math.isfinite(value) else None  # strict JSON has no NaN; other languages must read it
+        return strict_json(value)  # strict JSON has no NaN; other languages must read it
     if isinstance(value, str):
         return scrub_sentence(value) if redact else value if is_plain(value) else DROP
     if depth >= _MAX_DEPTH:

@@ -27,6 +27,7 @@ from .errors import DistillError
 from .formats.common import utc_now
 from .formats.sites_split import SITE_FILES, SPLIT_JSON, split_header
 from .io import atomic_path, output_lock, remove_stale_temps, sha256_file, software_versions, write_json
+from .lifecycle import stage
 from .train import predict
 
 IID = "iid"
@@ -146,11 +147,11 @@ def split_dataset(cfg: SplitConfig, scarce_below: int = RunConfig.ipc) -> SplitR
     its class names. ``scarce_below``: classes with fewer images are listed as scarce (by default
     ``distill run``'s images per class, below which ``--init real`` cannot start).
     """
-    check_ranges(cfg)
-    alpha = parse_alpha(cfg.alpha)
-    data = load_data(cfg.data)  # checked before anything is written
-    out = Path(cfg.out)
-    with output_lock(out):  # one writer per output folder, as buffer, run and export
+    with stage(check=lambda: check_ranges(cfg)) as st:
+        alpha = parse_alpha(cfg.alpha)
+        data = load_data(cfg.data)  # checked before anything is written
+        out = Path(cfg.out)
+        st.locks.enter_context(output_lock(out))  # one writer per output folder, as buffer, run and export
         for folder in [out, *out.glob("site-*")]:
             remove_stale_temps(folder)
         if (out / SPLIT_JSON).exists():

@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import Augment, AugParams, device_generator, select
+from .reference_defaults import BATCH
 
 log = logging.getLogger(__name__)
 
 # Recipient protocol of the MTT reference (evaluate_synset): SGD, momentum 0.9,
-# weight decay 5e-4, learning rate divided by 10 half-way, batch 256, DSA on.
+# weight decay 5e-4, learning rate divided by 10 half-way, batch 256 (reference_defaults.BATCH), DSA on.
 EVAL_MOMENTUM = 0.9
 EVAL_WEIGHT_DECAY = 5e-4
-EVAL_BATCH = 256
+EVAL_BATCH = BATCH
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,12 @@ import logging
 import os
 from pathlib import Path
 
-import h5py
 import torch
 
 from ..config import FILE_KEYS, BufferConfig, build, load_toml, save_toml
-from .common import CONFIG_FILE
+from .common import CONFIG_FILE, get_json, read_preprocessing
 from .split import read_split_group
-from .trajectory import PREPROCESSING_FILE, read_buffer_preprocessing
+from .trajectory import open_buffer_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,9 @@ def read_buffer_split(folder: str | os.PathLike) -> tuple[dict | None, dict[str,
 
     (None, None) for a buffer written before splits were recorded.
     """
-    _, fingerprint, _ = read_buffer_preprocessing(folder)
-    path = Path(folder) / PREPROCESSING_FILE
-    with h5py.File(path, "r") as f:
-        return fingerprint.get("split"), read_split_group(f, str(path))
+    with open_buffer_preprocessing(folder) as (path, f):
+        read_preprocessing(f["preprocessing"])  # checked as read_buffer_preprocessing checks it
+        return get_json(f, "fingerprint").get("split"), read_split_group(f, str(path))
 
 
 def read_buffer_config(folder: str | os.PathLike) -> BufferConfig | None:

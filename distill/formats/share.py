@@ -593,6 +593,8 @@ def load_share(path: str | os.PathLike) -> Share:
         raise FormatError(f"{path} does not exist.")
     if not path.is_file():
         raise FormatError(f"{path} is not a file.")
+    # Not common.open_checked: a share may come from anyone, so _read bounds the format attributes before it
+    # reads them (a hostile file can declare a huge one), then checks them as open_checked does.
     try:
         f = h5py.File(path, "r")
     except Exception:  # h5py raises OSError for most damage, other types for some; all mean the same here

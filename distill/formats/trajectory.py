@@ -23,11 +23,13 @@ every later stage applies, with the split the experts trained on (format 1.1,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -37,7 +39,7 @@ from ..config import SNAPSHOT_DTYPES
 from ..data import Preprocessing
 from ..errors import DistillError, FormatError
 from ..io import atomic_path, new_h5, sha256_file
-from .common import check_version, get_attr, get_json, open_checked, read_preprocessing, set_json, utc_now, write_preprocessing
+from .common import FORMAT_KEY, VERSION_KEY, get_attr, get_json, open_checked, read_preprocessing, set_json, utc_now, write_preprocessing
 from .split import write_split_group
 
 TRAJECTORY_FORMAT = "distill-trajectory"
@@ -190,7 +192,10 @@ class ExpertFile:
 
 
 def _open(path: Path) -> h5py.File:
-    """An expert file opened again during a run; one sentence when it was deleted or moved meanwhile."""
+    """An expert file opened again during a run; one sentence when it was deleted or moved meanwhile.
+
+    Its format and version were checked when it was listed (:func:`read_expert`, through open_checked).
+    """
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -246,25 +251,30 @@ def write_buffer_preprocessing(folder: str | os.PathLike, pre: Preprocessing, fi
     path = Path(folder) / PREPROCESSING_FILE
     with atomic_path(path) as tmp:
         with new_h5(tmp) as f:
-            f.attrs["format"] = PREPROCESSING_FORMAT
-            f.attrs["format_version"] = PREPROCESSING_VERSION
+            f.attrs[FORMAT_KEY] = PREPROCESSING_FORMAT
+            f.attrs[VERSION_KEY] = PREPROCESSING_VERSION
             set_json(f, "fingerprint", fingerprint)
             write_preprocessing(f.create_group("preprocessing"), pre)
             write_split_group(f, split_indices)
     return path
 
 
-def read_buffer_preprocessing(folder: str | os.PathLike) -> tuple[Preprocessing, dict, str]:
-    """Return (preprocessing, dataset fingerprint, sha256 of the file)."""
+@contextlib.contextmanager
+def open_buffer_preprocessing(folder: str | os.PathLike) -> Iterator[tuple[Path, h5py.File]]:
+    """(path, open file) of the buffer's checked ``preprocessing.h5``; one sentence for a missing, foreign,
+    unreadable or newer-major file."""
     path = Path(folder) / PREPROCESSING_FILE
     if not path.exists():
         raise FormatError(f"{folder} has no {PREPROCESSING_FILE}; is it a buffer folder made by 'distill buffer'?")
     try:
-        with h5py.File(path, "r") as f:
-            if get_attr(f, "format", None) != PREPROCESSING_FORMAT:
-                raise FormatError(f"{path} is not a distill preprocessing file.")
-            check_version(str(path), get_attr(f, "format_version"), VERSION_MAJOR, PREPROCESSING_VERSION_MINOR,
-                          "preprocessing")
-            return read_preprocessing(f["preprocessing"]), get_json(f, "fingerprint"), sha256_file(path)
+        with open_checked(path, PREPROCESSING_FORMAT, VERSION_MAJOR, PREPROCESSING_VERSION_MINOR, "preprocessing",
+                          foreign=f"{path} is not a distill preprocessing file.") as f:
+            yield path, f
     except OSError:
         raise FormatError(f"{path} is not a readable HDF5 file.") from None
+
+
+def read_buffer_preprocessing(folder: str | os.PathLike) -> tuple[Preprocessing, dict, str]:
+    """Return (preprocessing, dataset fingerprint, sha256 of the file)."""
+    with open_buffer_preprocessing(folder) as (path, f):
+        return read_preprocessing(f["preprocessing"]), get_json(f, "fingerprint"), sha256_file(path)

@@ -33,12 +33,13 @@ from torch import nn
 from ..augment import Augment
 from ..config import FILE_KEYS, GRADIENTS, RunConfig, build, check_ranges, load_toml, save_toml
 from ..data import RealData, load_data
-from ..distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
+from ..distributed import World
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
-from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
+from ..io import check_writable_dir, output_lock, remove_stale_temps, software_versions
+from ..lifecycle import stage
 from ..models import ParamSpec, param_spec
 from ..progress import progress
 from ..seeding import generator, seeded
@@ -600,15 +601,9 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     With ``resume`` the run continues from ``RUNDIR/checkpoint.pt`` exactly where it stopped.
     Under torchrun every rank matches its share of each iteration's trajectories.
     """
-    validate(cfg)
-    world = world_from_env()
-    device = resolve_device(cfg.device, world)
-    init_process_group(world, device)
-    lock = contextlib.ExitStack()
-    made = not Path(cfg.out).exists()
-    done = False
-    try:
-        run, real, reason = _setup(cfg, world, device, resume, lock)
+    with stage(check=lambda: validate(cfg), device=cfg.device, tidy=cfg.out) as st:
+        world, device = st.world, st.device
+        run, real, reason = _setup(cfg, world, device, resume, st.locks)
         state = _resumed_state(run) if resume else _fresh_state(run, real, reason)
         del real  # only the initialisation needed the training split
         if world.main:
@@ -624,10 +619,4 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
             write_synset(run.out / SYNSET_FILE, _synthetic_set(run, state))
             _evaluate(run, state)
         world.barrier()
-        done = True
         return run.out
-    finally:
-        lock.close()
-        if made and not done and world.main:
-            remove_if_empty(cfg.out)  # made only to hold the lock of a refused command
-        destroy_process_group(world)

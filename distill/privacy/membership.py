@@ -21,6 +21,7 @@ from ..data import RealData, draw_random_real
 from ..errors import DataError, DivergenceError
 from ..metrics import auc, tpr_at_fpr
 from ..models import create_model
+from ..reference_defaults import NETWORK_LR
 from ..seeding import derive_seed, generator, seeded
 from ..train import TrainRecipe, train_network
 from .streams import BOOT, MEMBERS, NET_INIT, REAL_TRAIN, SHARE_TRAIN, SUBSET
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}  # Carlini et al. 2022 ask for low-FPR figures
 BOOTSTRAP = AuditSettings.bootstrap
 CI_LEVEL = 0.95
-REAL_SUBSET_LR = 0.01  # the MTT reference trains its random-real baselines at lr_net 0.01
+REAL_SUBSET_LR = NETWORK_LR  # random-real baselines train as the reference's networks do (lr_net)
 
 
 @torch.no_grad()
