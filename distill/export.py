@@ -13,13 +13,13 @@ from pathlib import Path
 from .errors import DistillError, FormatError
 from .formats.audit import AUDIT_FILE, AuditDocument, read_audit
 from .formats.plain import write_plain
+from .formats.provenance import METHOD_HOME_ONLY, METHOD_KEYS  # noqa: F401 (re-exported)
 from .formats.share import write_share
 from .formats.share_schema import AUDIT_OUTSIDE, Attr
 from .formats.synset import read_synset
 from .io import output_lock, remove_stale_temps
 from .lifecycle import stage
 from .privacy.remedies import remedy_text
-from .formats.provenance import METHOD_HOME_ONLY, METHOD_KEYS  # noqa: F401 (re-exported)
 from .runshare import is_plain, scrub, scrub_sentence, share_from_synset  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
