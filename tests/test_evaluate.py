@@ -223,7 +223,7 @@ def _keys(obj) -> set[str]:
 
 def test_eval_json_has_the_documented_keys(tiny_npz, tmp_path):
     out = tmp_path / "eval.json"
-    report = evaluate(cfg(tiny_npz, ipc=2, epochs=2, json=str(out)), shares=[("s.h5", make_share(tiny_npz, soft=True))])
+    report = evaluate(cfg(tiny_npz, real_per_class=2, epochs=2, json=str(out)), shares=[("s.h5", make_share(tiny_npz, soft=True))])
     on_disk = json.loads(out.read_text())  # strict JSON: NaN would have been written as null
     assert on_disk == json.loads(json.dumps(report))
     assert [r["kind"] for r in on_disk["results"]] == ["distilled", "random-real", "full"]
