@@ -259,7 +259,7 @@ def test_cross_architecture_model_override(tiny_npz):
     (dict(baselines=("random-real",)), "needs --ipc"),
     (dict(baselines=("full",), runs=0), "--runs"),
     (dict(baselines=("full",), model="resnet99"), "Unknown model"),
-    (dict(baselines=("random-real",), ipc=11), "fewer than --ipc 11"),
+    (dict(baselines=("random-real",), real_per_class=11), "fewer than --ipc 11"),
 ])
 def test_bad_requests_get_one_sentence(tiny_npz, kw, message):
     with pytest.raises(DistillError, match=message):
