@@ -10,6 +10,7 @@ import html
 import math
 from pathlib import Path
 
+from .formats.audit import AuditSummary, MembershipKey, RateKey, ReferenceKey, RmiaKey, VerdictKey
 from .privacy.remedies import remedies
 
 KEY = (
@@ -31,13 +32,13 @@ def _e(v) -> str:
 
 
 def _rate(m) -> str:
-    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
+    if not isinstance(m, dict) or not isinstance(m.get(RateKey.VALUE), (int, float)):
         return "n/a"
-    lo, hi = (m.get("ci95") or [None, None])[:2]
-    text = f"{m['value']:.3f}"
+    lo, hi = (m.get(RateKey.CI95) or [None, None])[:2]
+    text = f"{m[RateKey.VALUE]:.3f}"
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
         text += f" [{lo:.3f}, {hi:.3f}]"
-    return text + ("" if m.get("resolvable", True) else " (too few non-members)")
+    return text + ("" if m.get(RateKey.RESOLVABLE, True) else " (too few non-members)")
 
 
 def _auc(v) -> str:
@@ -78,34 +79,34 @@ def roc_svg(curves: dict[str, list], width: int = 320, height: int = 240) -> str
 
 def _figures(mia: dict) -> str:
     """The attack's figures beside the baseline's: RMIA when it ran, else the quick loss attack."""
-    rmia = mia.get("rmia")
+    rmia = mia.get(MembershipKey.RMIA)
     if isinstance(rmia, dict):
-        rows = [("share", rmia.get("share") or {}), ("random real subset", rmia.get("random_subset") or {})]
-        keys = [k for k in ("tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "tpr_at_0p1pct_fpr")
-                if any(k in m for _, m in rows)]
-        labels = {"tpr_at_1pct_fpr": "TPR at 1 % FPR", "tpr_at_5pct_fpr": "TPR at 5 % FPR",
-                  "tpr_at_0p1pct_fpr": "TPR at 0.1 % FPR"}
+        rows = [("share", rmia.get(RmiaKey.SHARE) or {}), ("random real subset", rmia.get(RmiaKey.RANDOM_SUBSET) or {})]
+        labels = {RateKey.TPR_AT_1PCT_FPR: "TPR at 1 % FPR", RateKey.TPR_AT_5PCT_FPR: "TPR at 5 % FPR",
+                  RateKey.TPR_AT_0P1PCT_FPR: "TPR at 0.1 % FPR"}
+        keys = [k for k in labels if any(k in m for _, m in rows)]
         head = "".join(f"<th>{_e(labels[k])}</th>" for k in keys)
-        body = "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get('auc'))}</td>"
+        body = "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get(RateKey.AUC))}</td>"
                        + "".join(f"<td>{_e(_rate(m.get(k)))}</td>" for k in keys) + "</tr>" for n, m in rows)
-        ref = rmia.get("references") or {}
-        above = rmia.get("significantly_above_random_subset")
-        text = (f"<p>Offline RMIA (Zarifzadeh et al. 2024) with {_e(ref.get('references', '?'))} reference "
-                f"pipelines; {_e(rmia.get('n_members', '?'))} members (training patients), "
-                f"{_e(rmia.get('n_nonmembers', '?'))} non-members. The share is "
+        ref = rmia.get(RmiaKey.REFERENCES) or {}
+        above = rmia.get(RmiaKey.SIGNIFICANTLY_ABOVE)
+        text = (f"<p>Offline RMIA (Zarifzadeh et al. 2024) with {_e(ref.get(ReferenceKey.REFERENCES, '?'))} reference "
+                f"pipelines; {_e(rmia.get(RmiaKey.N_MEMBERS, '?'))} members (training patients), "
+                f"{_e(rmia.get(RmiaKey.N_NONMEMBERS, '?'))} non-members. The share is "
                 f"<b>{'significantly above' if above else 'not significantly above'}</b> the random real subset "
-                f"at 1 % FPR. Each reference pipeline used {_e(ref.get('experts', '?'))} experts of "
-                f"{_e(ref.get('epochs', '?'))} epochs and {_e(ref.get('iterations', '?'))} iterations, fewer than "
-                "a full run.</p>")
+                f"at 1 % FPR. Each reference pipeline used {_e(ref.get(ReferenceKey.EXPERTS, '?'))} experts of "
+                f"{_e(ref.get(ReferenceKey.EPOCHS, '?'))} epochs and {_e(ref.get(ReferenceKey.ITERATIONS, '?'))} "
+                "iterations, fewer than a full run.</p>")
         table = f"<table><tr><th>attacked network</th><th>AUC</th>{head}</tr>{body}</table>"
-        roc = roc_svg({"share": (rows[0][1] or {}).get("roc"), "random real subset": (rows[1][1] or {}).get("roc")})
+        roc = roc_svg({"share": (rows[0][1] or {}).get(RateKey.ROC),
+                       "random real subset": (rows[1][1] or {}).get(RateKey.ROC)})
         return text + table + roc
-    share, real = (mia.get("share") or {}).get("loss"), mia.get("real_subset")
+    share, real = (mia.get(MembershipKey.SHARE) or {}).get(MembershipKey.LOSS), mia.get(MembershipKey.REAL_SUBSET)
     if not isinstance(share, dict):
         return ""
     rows = [("share", share), ("random real subset", real or {})]
-    body = "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get('auc'))}</td><td>{_e(_rate(m.get('tpr_at_1pct_fpr')))}"
-                   "</td></tr>" for n, m in rows)
+    body = "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get(RateKey.AUC))}</td>"
+                   f"<td>{_e(_rate(m.get(RateKey.TPR_AT_1PCT_FPR)))}</td></tr>" for n, m in rows)
     return ("<p>Quick loss-threshold attack only (95 % bootstrap intervals). The strong attack is "
             "<code>distill audit RUNDIR --data DATA --attack rmia</code>.</p>"
             f"<table><tr><th>attacked network</th><th>AUC</th><th>TPR at 1 % FPR</th></tr>{body}</table>")
@@ -119,12 +120,12 @@ def decision_section(status: str, forced: bool, summary: dict, statement: str, r
     parts = [f'<p class="verdict {"ok" if status == "passed" else "bad"}">Privacy audit: {_e(word)}'
              + (" (export forced despite this)" if forced else "") + "</p>",
              f'<p class="disclaimer">{_e(statement)}</p>']
-    reasons = (summary.get("verdict") or {}).get("reasons") or []
+    s = AuditSummary.from_json(summary)
+    reasons = s.verdict.get(VerdictKey.REASONS) or []
     if reasons:
         parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
-    mia = summary.get("membership")
-    if isinstance(mia, dict):
-        parts.append(_figures(mia))
+    if s.membership:
+        parts.append(_figures(s.membership))
     if status != "passed" and not public:
         parts.append("<h3>What to change</h3><ol>" + "".join(
             f"<li>{_e(what)}:<br><code>{_e(cmd)}</code></li>" for what, cmd in remedies(rundir)) + "</ol>"
@@ -141,7 +142,7 @@ def decision_section(status: str, forced: bool, summary: dict, statement: str, r
 
 def public_note(status: str, summary: dict, default: str) -> str:
     """The public page's banner: it says 'no real image' only when the audit passed and flagged nothing."""
-    flagged = summary.get("flagged") if isinstance(summary, dict) else None
+    flagged = AuditSummary.from_json(summary).flagged
     if status == "passed" and not flagged:
         return default
     states = {"failed": "its privacy audit FAILED", "missing": "it was exported without a privacy audit",

@@ -27,7 +27,7 @@ from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_coun
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
-from .formats.eval_report import RESULTS, eval_header
+from .formats.eval_report import DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, TestKey, TrainedOnKey, eval_header
 from .formats.provenance import SALT, SALTED_SHA256
 from .formats.share import Recipe, Share, load_share, share_targets
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
@@ -384,8 +384,9 @@ def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int,
         log.info("%s, run %d: accuracy %.2f %%, AUC %.3f (%.1f s)", arm.name, run, 100 * metrics["accuracy"],
                  metrics["auc"], seconds)
     mean, std = summarize(runs)
-    return {"name": arm.name, "kind": arm.kind, "trained_on": arm.trained_on, "recipe": arm.recipe_report,
-            "runs": runs, "mean": mean, "std": std, "wall_seconds": time.perf_counter() - t_arm}
+    return {RowKey.NAME: arm.name, RowKey.KIND: arm.kind, RowKey.TRAINED_ON: arm.trained_on,
+            RowKey.RECIPE: arm.recipe_report, RowKey.RUNS: runs, RowKey.MEAN: mean, RowKey.STD: std,
+            RowKey.WALL_SECONDS: time.perf_counter() - t_arm}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -652,15 +653,15 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
                                     device, tick))
 
     report = strict_json({
-        **eval_header(), "created": utc_now(),
-        "software": software_versions(), "device": str(device), "seed": cfg.seed, "runs": cfg.runs,
-        "model": setup.model_name, "model_kwargs": setup.model_kwargs,
-        "preprocessing": {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
-                          "channels": setup.pre.channels},
-        "test": {"data": test_spec, "name": test_data.name, "split": "test", "images": len(y_test),
-                 "class_names": setup.class_names, "class_counts": class_counts(y_test, k),
-                 "missing_classes": missing_classes},
-        RESULTS: results,
+        **eval_header(), EvalKey.CREATED: utc_now(),
+        EvalKey.SOFTWARE: software_versions(), EvalKey.DEVICE: str(device), EvalKey.SEED: cfg.seed,
+        EvalKey.RUNS: cfg.runs, EvalKey.MODEL: setup.model_name, EvalKey.MODEL_KWARGS: setup.model_kwargs,
+        EvalKey.PREPROCESSING: {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
+                                "channels": setup.pre.channels},
+        EvalKey.TEST: {TestKey.DATA: test_spec, TestKey.NAME: test_data.name, TestKey.SPLIT: "test",
+                       TestKey.IMAGES: len(y_test), TestKey.CLASS_NAMES: setup.class_names,
+                       TestKey.CLASS_COUNTS: class_counts(y_test, k), TestKey.MISSING_CLASSES: missing_classes},
+        EvalKey.RESULTS: results,
     })
     if cfg.json:
         write_json(cfg.json, report)
@@ -678,39 +679,43 @@ def _pm(mean, std, scale: float, digits: int) -> str:
 
 def format_report(report: dict) -> str:
     """A short plain-text table: one row per arm (mean ± std over runs), per-class accuracy, pooled confusion."""
-    t = report["test"]
-    lines = [f"Test: {t['name']} {t['split']} split, {t['images']} images; model {report['model']}; "
-             f"{report['runs']} run(s) per row, seed {report['seed']}; mean ± std (n-1)."]
-    if t.get("missing_classes"):  # whole test data without some of the share's classes
-        lines.append(f"The accuracy covers only the classes with test images; none of {', '.join(t['missing_classes'])}.")
+    t, results = report[EvalKey.TEST], report[EvalKey.RESULTS]
+    lines = [f"Test: {t[TestKey.NAME]} {t[TestKey.SPLIT]} split, {t[TestKey.IMAGES]} images; model "
+             f"{report[EvalKey.MODEL]}; {report[EvalKey.RUNS]} run(s) per row, seed {report[EvalKey.SEED]}; "
+             "mean ± std (n-1)."]
+    if t.get(TestKey.MISSING_CLASSES):  # whole test data without some of the share's classes
+        lines.append("The accuracy covers only the classes with test images; none of "
+                     f"{', '.join(t[TestKey.MISSING_CLASSES])}.")
     rows = [("trained on", "images", "epochs", "lr", "accuracy %", "AUC")]
-    for r in report["results"]:
-        rows.append((r["name"], str(r["trained_on"]["images"]), str(r["recipe"]["epochs"]), f"{r['recipe']['lr']:.3g}",
-                     _pm(r["mean"]["accuracy"], r["std"]["accuracy"], 100, 1), _pm(r["mean"]["auc"], r["std"]["auc"], 1, 3)))
+    for r in results:
+        mean, std, recipe = r[RowKey.MEAN], r[RowKey.STD], r[RowKey.RECIPE]
+        rows.append((r[RowKey.NAME], str(r[RowKey.TRAINED_ON][TrainedOnKey.IMAGES]), str(recipe[RecipeKey.EPOCHS]),
+                     f"{recipe[RecipeKey.LR]:.3g}", _pm(mean[MetricKey.ACCURACY], std[MetricKey.ACCURACY], 100, 1),
+                     _pm(mean[MetricKey.AUC], std[MetricKey.AUC], 1, 3)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    for r in report["results"]:
-        moved = r["trained_on"].get("label_prior", {}).get("prior", "shared")
-        weighed = r["trained_on"].get("share_weights", {}).get("weights", "equal")
-        if r["kind"] == "distilled" and (moved != "shared" or weighed != "equal"):
+    for r in results:
+        trained_on = r[RowKey.TRAINED_ON]
+        moved = trained_on.get(TrainedOnKey.LABEL_PRIOR, {}).get(TrainedOnKey.PRIOR, "shared")
+        weighed = trained_on.get(TrainedOnKey.SHARE_WEIGHTS, {}).get(TrainedOnKey.WEIGHTS, "equal")
+        if r[RowKey.KIND] == DISTILLED and (moved != "shared" or weighed != "equal"):
             lines.append(f"Union: soft labels moved to the {moved} class mix (--label-prior), images weighed "
                          f"{'by the real images behind them' if weighed == 'real-images' else 'alike'} "
                          "(--share-weights).")
-    if not any(r["kind"] != "distilled" for r in report["results"]):
+    if not any(r[RowKey.KIND] != DISTILLED for r in results):
         lines.append("No baseline was run: compare with `distill eval --baseline random-real --ipc K` and "
                      "`--baseline full` under the same protocol.")
-    names = t["class_names"]
-    name_w = max(len(r["name"]) for r in report["results"])
+    names = t[TestKey.CLASS_NAMES]
+    name_w = max(len(r[RowKey.NAME]) for r in results)
     col_w = [max(len(n), 5) for n in names]
     lines.append("Per-class accuracy %, mean over runs:")
     lines.append(f"  {''.ljust(name_w)}  " + "  ".join(n.rjust(w) for n, w in zip(names, col_w)))
-    for r in report["results"]:
-        vals = ["n/a" if v is None else f"{100 * v:.1f}" for v in r["mean"]["per_class_accuracy"]]
-        lines.append(f"  {r['name'].ljust(name_w)}  " + "  ".join(v.rjust(w) for v, w in zip(vals, col_w)))
+    for r in results:
+        vals = ["n/a" if v is None else f"{100 * v:.1f}" for v in r[RowKey.MEAN][MetricKey.PER_CLASS_ACCURACY]]
+        lines.append(f"  {r[RowKey.NAME].ljust(name_w)}  " + "  ".join(v.rjust(w) for v, w in zip(vals, col_w)))
     lines.append("Confusion matrix summed over runs (rows true, columns predicted):")
-    for r in report["results"]:
-        pooled = np.sum([run["confusion"] for run in r["runs"]], axis=0).tolist()
-        lines.append(f"  {r['name'].ljust(name_w)}  " + " | ".join(" ".join(str(v) for v in row) for row in pooled))
+    for r in results:
+        pooled = np.sum([run[MetricKey.CONFUSION] for run in r[RowKey.RUNS]], axis=0).tolist()
+        lines.append(f"  {r[RowKey.NAME].ljust(name_w)}  " + " | ".join(" ".join(str(v) for v in row) for row in pooled))
     return "\n".join(lines)
-

@@ -31,9 +31,11 @@ from . import __version__
 from .errors import DistillError, FormatError
 from .formats import Share, load_share
 from .audit_page import decision_section, public_note
-from .formats.audit import AUDIT_FILE, AuditSummary, read_audit
+from .formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, MembershipKey,
+                            NeighbourKey, QuantileKey, RateKey, SettingKey, VerdictKey, read_audit)
 from .formats.buffer_config import buffer_data_spec
-from .formats.eval_report import read_eval_report
+from .formats.eval_report import (DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, ShareKey, TestKey, TrainedOnKey,
+                                   read_eval_report)
 from .formats.provenance import SALT, SALTED_SHA256
 from .formats.run import EVAL, ITERATION, KIND, METRICS_FILE, read_curves, read_run_config
 from .formats.share_schema import Attr
@@ -46,8 +48,8 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "distill-report"
 REPORT_VERSION = "1.0"
-PAIR_MEASURES = ("pixel_correlation", "ssim")  # the audit's pixel-space measures; the feature one needs a trained network
-MEASURE_NAMES = {"pixel_correlation": "pixel correlation", "ssim": "SSIM", "feature_cosine": "feature cosine"}
+PAIR_MEASURES = (PIXEL_CORRELATION, SSIM)  # the audit's pixel-space measures; the feature one needs a trained network
+MEASURE_NAMES = {PIXEL_CORRELATION: "pixel correlation", SSIM: "SSIM", FEATURE_COSINE: "feature cosine"}
 THUMB_PX = 56  # displayed size of one image; a 28 px MedMNIST image at 2x stays sharp with pixelated scaling
 HOSPITAL_ONLY = ("For viewing inside the hospital only. This page shows real patient images; "
                  "it must not leave the hospital, and it is never part of the share.")
@@ -142,14 +144,14 @@ def _pairs(source: Path, data_spec: str, audit: _Audit) -> _Pairs:
     subject = load_subject(source)
     data, _ = load_matching_data(subject, data_spec)
     audited = AuditSummary.from_json(audit.summary)
-    holdout = str(audited.settings.get("holdout", "val"))
+    holdout = str(audited.settings.get(SettingKey.HOLDOUT, "val"))
     hold_u8, _, _ = holdout_split(data, holdout)
     syn01 = subject.preprocessing.invert(subject.images)
     train01, hold01 = data.train.images.float() / 255, hold_u8.float() / 255
     results = {k: neighbour_metric(syn01, hold01, train01, kind=k) for k in PAIR_MEASURES}
     thresholds, from_audit = {}, True
     for k, r in results.items():
-        t = audited.nearest_neighbour.get(k, {}).get("threshold")
+        t = audited.nearest_neighbour.get(k, {}).get(NeighbourKey.THRESHOLD)
         from_audit &= isinstance(t, (int, float))
         thresholds[k] = float(t) if isinstance(t, (int, float)) else r.threshold
     return _Pairs(syn=_to_u8(syn01), nearest={k: data.train.images[r.synthetic_index].numpy() for k, r in results.items()},
@@ -314,15 +316,15 @@ def _pairs_section(pairs: _Pairs | None, reason: str, share: Share) -> str:
 
 
 def _ci(m: dict) -> str:
-    if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)):
+    if not isinstance(m, dict) or not isinstance(m.get(RateKey.VALUE), (int, float)):
         return "n/a"
-    lo, hi = (m.get("ci95") or [None, None])[:2]
-    text = f"{m['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else "")
-    return text + ("" if m.get("resolvable", True) else " (too few points)")
+    lo, hi = (m.get(RateKey.CI95) or [None, None])[:2]
+    text = f"{m[RateKey.VALUE]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else "")
+    return text + ("" if m.get(RateKey.RESOLVABLE, True) else " (too few points)")
 
 
 def _audit_section(audit: _Audit) -> str:
-    s = audit.summary
+    s = AuditSummary.from_json(audit.summary)
     word = {"passed": "PASSED", "failed": "FAILED", "missing": "NO AUDIT", "invalid": "AUDIT UNREADABLE"}.get(
         audit.status, audit.status.upper())
     parts = [f'<p class="verdict {"ok" if audit.status == "passed" else "bad"}">Privacy audit: {_e(word)}'
@@ -333,29 +335,30 @@ def _audit_section(audit: _Audit) -> str:
     if audit.stale:
         parts.append('<p class="warn">audit.json was made for an earlier synthetic.h5 in this folder; '
                      "run <code>distill audit</code> again before exporting.</p>")
-    reasons = (s.get("verdict") or {}).get("reasons") or []
+    reasons = s.verdict.get(VerdictKey.REASONS) or []
     if reasons:
         parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
-    nn = s.get("nearest_neighbour")
-    if isinstance(nn, dict) and nn:
-        rows = [(MEASURE_NAMES.get(k, k), _num((m.get("synthetic") or {}).get("median")),
-                 _num((m.get("synthetic") or {}).get("max")), _num((m.get("holdout") or {}).get("median")),
-                 _num(m.get("threshold")), _num(m.get("flagged")))
+    nn = s.nearest_neighbour
+    if nn:
+        rows = [(MEASURE_NAMES.get(k, k), _num((m.get(NeighbourKey.SYNTHETIC) or {}).get(QuantileKey.MEDIAN)),
+                 _num((m.get(NeighbourKey.SYNTHETIC) or {}).get(QuantileKey.MAX)),
+                 _num((m.get(NeighbourKey.HOLDOUT) or {}).get(QuantileKey.MEDIAN)),
+                 _num(m.get(NeighbourKey.THRESHOLD)), _num(m.get(NeighbourKey.FLAGGED)))
                 for k, m in nn.items() if isinstance(m, dict)]
         parts.append("<h3>Nearest neighbour</h3>" + _table(rows, ("measure", "synthetic median", "synthetic max",
                                                                   "held-out median", "threshold", "flagged")))
-    mia = s.get("membership")
-    if isinstance(mia, dict) and mia:
-        attacks = [(f"share, {k} attack", v) for k, v in (mia.get("share") or {}).items()]
-        attacks += [("random real subset (reference)", mia.get("real_subset")),
-                    ("random real, its own images", mia.get("real_subset_included"))]
-        rows = [(name, _ci((m or {}).get("auc")), _ci((m or {}).get("tpr_at_1pct_fpr"))) for name, m in attacks if m]
-        parts.append(f"<h3>Membership inference</h3><p>{_e(mia.get('n_members', '?'))} members, "
-                     f"{_e(mia.get('n_nonmembers', '?'))} non-members; 95 % bootstrap intervals in brackets.</p>"
-                     + _table(rows, ("attacked networks", "AUC", "TPR at 1 % FPR")))
-    data = s.get("data")
-    if isinstance(data, dict) and data:
-        parts.append(_boxes([("Audit data", _kv(data)), ("Audit settings", _kv(s.get("settings") or {}))]))
+    mia = s.membership
+    if mia:
+        attacks = [(f"share, {k} attack", v) for k, v in (mia.get(MembershipKey.SHARE) or {}).items()]
+        attacks += [("random real subset (reference)", mia.get(MembershipKey.REAL_SUBSET)),
+                    ("random real, its own images", mia.get(MembershipKey.REAL_SUBSET_INCLUDED))]
+        rows = [(name, _ci((m or {}).get(RateKey.AUC)), _ci((m or {}).get(RateKey.TPR_AT_1PCT_FPR)))
+                for name, m in attacks if m]
+        parts.append(f"<h3>Membership inference</h3><p>{_e(mia.get(MembershipKey.N_MEMBERS, '?'))} members, "
+                     f"{_e(mia.get(MembershipKey.N_NONMEMBERS, '?'))} non-members; 95 % bootstrap intervals in "
+                     "brackets.</p>" + _table(rows, ("attacked networks", "AUC", "TPR at 1 % FPR")))
+    if s.data:
+        parts.append(_boxes([("Audit data", _kv(s.data)), ("Audit settings", _kv(s.settings))]))
     if audit.status in ("missing", "invalid"):
         parts.append("<p>Run <code>distill audit RUNDIR --data DATA</code> before this set is shared.</p>")
     return _section("audit", "Privacy audit", "".join(parts))
@@ -392,27 +395,29 @@ def _eval_section(doc: dict | None, share: Share) -> str:
     if doc is None:
         return _section("accuracy", "Accuracy", "<p>No evaluation given; run <code>distill eval SHARE.h5 --test DATA "
                         "--json EVAL.json</code> and pass <code>--eval EVAL.json</code>.</p>")
-    test = doc.get("test") or {}
+    test, results = doc.get(EvalKey.TEST) or {}, doc[EvalKey.RESULTS]
     rows, bars = [], []
-    for res in doc["results"]:
+    for res in results:
         if not isinstance(res, dict):
             continue
-        mean, std = res.get("mean") or {}, res.get("std") or {}
-        acc, acc_sd = mean.get("accuracy"), std.get("accuracy")
-        rows.append((res.get("name", "?"), res.get("kind", "?"), (res.get("trained_on") or {}).get("images", "?"),
-                     (res.get("recipe") or {}).get("epochs", "?"),
+        mean, std = res.get(RowKey.MEAN) or {}, res.get(RowKey.STD) or {}
+        acc, acc_sd, auc = mean.get(MetricKey.ACCURACY), std.get(MetricKey.ACCURACY), mean.get(MetricKey.AUC)
+        rows.append((res.get(RowKey.NAME, "?"), res.get(RowKey.KIND, "?"),
+                     (res.get(RowKey.TRAINED_ON) or {}).get(TrainedOnKey.IMAGES, "?"),
+                     (res.get(RowKey.RECIPE) or {}).get(RecipeKey.EPOCHS, "?"),
                      "n/a" if not isinstance(acc, (int, float)) else f"{100 * acc:.1f} ± {100 * (acc_sd or 0):.1f}",
-                     "n/a" if not isinstance(mean.get("auc"), (int, float)) else f"{mean['auc']:.3f}"))
+                     "n/a" if not isinstance(auc, (int, float)) else f"{auc:.3f}"))
         if isinstance(acc, (int, float)):
-            bars.append((str(res.get("name", "?")), float(acc)))
-    shas = [s.get("payload_sha256") for r in doc["results"] if isinstance(r, dict) and r.get("kind") == "distilled"
-            for s in ((r.get("trained_on") or {}).get("shares") or []) if isinstance(s, dict)]
+            bars.append((str(res.get(RowKey.NAME, "?")), float(acc)))
+    shas = [s.get(ShareKey.PAYLOAD_SHA256) for r in results if isinstance(r, dict) and r.get(RowKey.KIND) == DISTILLED
+            for s in ((r.get(RowKey.TRAINED_ON) or {}).get(TrainedOnKey.SHARES) or []) if isinstance(s, dict)]
     note = ""
     if share.payload_sha256 and shas and share.payload_sha256 not in shas:
         note = '<p class="warn">This evaluation was run on another share than this one (its payload checksum differs).</p>'
-    intro = (f"<p>Networks trained on each row, tested on the {_e(test.get('split', 'test'))} split of "
-             f"{_e(test.get('name', '?'))} ({_e(test.get('images', '?'))} images); {_e(doc.get('runs', '?'))} run(s) per row, "
-             f"model {_e(doc.get('model', '?'))}; mean ± standard deviation.</p>")
+    intro = (f"<p>Networks trained on each row, tested on the {_e(test.get(TestKey.SPLIT, 'test'))} split of "
+             f"{_e(test.get(TestKey.NAME, '?'))} ({_e(test.get(TestKey.IMAGES, '?'))} images); "
+             f"{_e(doc.get(EvalKey.RUNS, '?'))} run(s) per row, model {_e(doc.get(EvalKey.MODEL, '?'))}; "
+             "mean ± standard deviation.</p>")
     return _section("accuracy", "Accuracy against real-data baselines", note + intro + _bars(bars) + _table(
         rows, ("trained on", "kind", "images", "epochs", "accuracy %", "AUC")))
 

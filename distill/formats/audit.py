@@ -44,6 +44,129 @@ class AuditKey:
 REQUIRED = (AuditKey.PASSED, AuditKey.SUMMARY, AuditKey.STATEMENT)
 
 
+# Keys inside the summary's sections (docs/privacy.md). The writers (distill/privacy/) and the readers (the
+# terminal table below, the review page) use these; a new measure adds its key here first.
+
+
+class SettingKey:
+    """``summary.settings``: the audit's settings (:class:`distill.config.AuditSettings`) and margins."""
+
+    HOLDOUT = "holdout"
+    NETWORKS = "networks"  # networks trained per side for the loss attack
+    EPOCHS = "epochs"
+    ATTACK = "attack"  # rmia only: the quick audit's settings stay as before RMIA
+    CANARIES = "canaries"
+    NN_QUANTILE = "nn_quantile"
+    SSIM_WINDOW = "ssim_window"
+    SSIM_CANDIDATES = "ssim_candidates"
+    AUC_MARGIN = "auc_margin"
+    TPR_MARGIN = "tpr_margin"
+    REAL_SUBSET_LR = "real_subset_lr"
+    CI_LEVEL = "ci_level"
+
+
+class DataKey:
+    """``summary.data``: members, non-members, counts and the train/val/test split assumed."""
+
+    MEMBERS = "members"
+    NONMEMBERS = "nonmembers"
+    N_TRAIN = "n_train"
+    N_HOLDOUT = "n_holdout"
+    HOLDOUT_DUPLICATES_REMOVED = "holdout_duplicates_removed"
+    FINGERPRINT_CHECK = "fingerprint_check"
+    SPLIT = "split"  # {RECORDED, and the split record's method, seed, carved, patient_grouped}
+    RECORDED = "recorded"  # the split recorded with the experts (True), or one assumed
+    SPLIT_COPIED = ("method", "seed", "carved", "patient_grouped")  # of the data's split record, when it has them
+
+
+class NeighbourKey:
+    """One measure of ``summary.nearest_neighbour`` (measure name -> this)."""
+
+    SYNTHETIC = "synthetic"  # QuantileKey stats of the synthetic images' nearest-training similarity
+    HOLDOUT = "holdout"  # the same for the held-out images
+    THRESHOLD = "threshold"
+    FLAGGED = "flagged"
+
+
+class QuantileKey:
+    MEDIAN = "median"
+    P95 = "p95"
+    MAX = "max"
+
+
+# The nearest-neighbour measures, in the order the audit runs them.
+PIXEL_CORRELATION, SSIM, FEATURE_COSINE = "pixel_correlation", "ssim", "feature_cosine"
+
+
+class MembershipKey:
+    """``summary.membership``: the quick loss attack, and the RMIA block (1.1)."""
+
+    N_MEMBERS = "n_members"
+    N_NONMEMBERS = "n_nonmembers"
+    SHARE = "share"  # attack name (LOSS, CALIBRATED) -> RateKey metrics, on networks trained on the share
+    REAL_SUBSET = "real_subset"  # the loss attack on networks trained on random real subsets: the baseline
+    REAL_SUBSET_INCLUDED = "real_subset_included"  # those networks' own images against the non-members
+    RMIA = "rmia"  # RmiaKey; only after --attack rmia
+    LOSS = "loss"
+    CALIBRATED = "calibrated"
+
+
+class RateKey:
+    """The figures of one attack: AUC and true-positive rates at low false-positive rates."""
+
+    N_MEMBERS = "n_members"
+    N_NONMEMBERS = "n_nonmembers"
+    AUC = "auc"  # loss attack: {VALUE, CI95}; RMIA: a number
+    TPR_AT_1PCT_FPR = "tpr_at_1pct_fpr"
+    TPR_AT_5PCT_FPR = "tpr_at_5pct_fpr"  # RMIA only
+    TPR_AT_0P1PCT_FPR = "tpr_at_0p1pct_fpr"
+    VALUE = "value"
+    CI95 = "ci95"  # [low, high]
+    RESOLVABLE = "resolvable"  # False: too few non-members for this false-positive rate
+    K = "k"  # RMIA: members above the threshold, of N
+    N = "n"
+    ROC = "roc"  # RMIA: [[fpr, tpr], ...]
+
+
+class RmiaKey:
+    """``summary.membership.rmia``."""
+
+    SHARE = "share"  # RateKey metrics
+    RANDOM_SUBSET = "random_subset"  # RateKey metrics of the baseline
+    SIGNIFICANTLY_ABOVE = "significantly_above_random_subset"
+    RULE = "rule"
+    POPULATION = "population"
+    REFERENCES = "references"  # the reference pipelines' settings (ReferenceKey and the rest of ReferenceSettings)
+    CANARIES = "canaries"  # only with --canaries: CanaryKey and RateKey metrics
+    N_MEMBERS = "n_members"
+    N_NONMEMBERS = "n_nonmembers"
+
+
+class ReferenceKey:
+    """``rmia.references``: :class:`distill.privacy.references.ReferenceSettings` and how they were obtained."""
+
+    REFERENCES = "references"
+    EXPERTS = "experts"
+    EPOCHS = "epochs"
+    ITERATIONS = "iterations"
+    OFFLINE_A = "offline_a"
+    GAMMA = "gamma"
+    TRAINED_NOW = "trained_now"
+    TRAINING_SECONDS = "training_seconds"
+
+
+class CanaryKey:
+    N_CANARIES = "n_canaries"
+    KIND = "kind"
+
+
+class VerdictKey:
+    """``summary.verdict``."""
+
+    PASSED = "passed"
+    REASONS = "reasons"
+
+
 @dataclass
 class AuditSummary:
     """``summary``: the audit's numbers and short strings, one field per section, in the order the audit writes

@@ -18,7 +18,99 @@ from .common import FORMAT_KEY, VERSION_KEY, format_header
 
 EVAL_FORMAT = "distill-eval"
 EVAL_FORMAT_VERSION = "1.0"
-RESULTS = "results"
+
+
+class EvalKey:
+    """Top-level keys of the report (besides ``format`` and ``format_version``)."""
+
+    CREATED = "created"
+    SOFTWARE = "software"
+    DEVICE = "device"
+    SEED = "seed"
+    RUNS = "runs"  # networks trained per row
+    MODEL = "model"
+    MODEL_KWARGS = "model_kwargs"
+    PREPROCESSING = "preprocessing"
+    TEST = "test"
+    RESULTS = "results"
+
+
+RESULTS = EvalKey.RESULTS
+
+
+class TestKey:
+    """``test``: the scored split."""
+
+    DATA = "data"
+    NAME = "name"
+    SPLIT = "split"
+    IMAGES = "images"
+    CLASS_NAMES = "class_names"
+    CLASS_COUNTS = "class_counts"
+    MISSING_CLASSES = "missing_classes"
+
+
+class RowKey:
+    """One object of ``results``: a row (the share, or a baseline) over its runs."""
+
+    NAME = "name"
+    KIND = "kind"  # DISTILLED, or the baseline's name
+    TRAINED_ON = "trained_on"
+    RECIPE = "recipe"
+    RUNS = "runs"  # one object per network: its seeds, timings and test metrics (MetricKey)
+    MEAN = "mean"  # metric -> mean over runs
+    STD = "std"  # metric -> standard deviation over runs (n-1)
+    WALL_SECONDS = "wall_seconds"
+
+
+DISTILLED = "distilled"  # the kind of the row trained on the share(s)
+
+
+class MetricKey:
+    """The test metrics of a run (:func:`distill.metrics.classification_metrics`), and of a row's ``mean`` and
+    ``std``."""
+
+    ACCURACY = "accuracy"
+    AUC = "auc"
+    PER_CLASS_ACCURACY = "per_class_accuracy"
+    CONFUSION = "confusion"  # per run only
+
+
+class TrainedOnKey:
+    """A row's ``trained_on``: what its networks were trained on."""
+
+    IMAGES = "images"
+    SHARES = "shares"  # distilled row: one object per share (ShareKey)
+    CLASS_COUNTS = "class_counts"
+    SHARES_PER_CLASS = "shares_per_class"
+    LABELS = "labels"
+    LABEL_PRIOR = "label_prior"  # {PRIOR: ...}
+    SHARE_WEIGHTS = "share_weights"  # {WEIGHTS: ...}
+    PRIOR = "prior"
+    WEIGHTS = "weights"
+    DATA = "data"  # baseline rows: the real data, its name and split
+    NAME = "name"
+    SPLIT = "split"
+
+
+class ShareKey:
+    """One share of a distilled row's ``trained_on.shares``."""
+
+    PATH = "path"
+    IMAGES = "images"
+    CLASS_COUNTS = "class_counts"
+    LABELS = "labels"
+    LABEL_TEMPERATURE = "label_temperature"
+    LR = "lr"
+    RECIPE = "recipe"
+    PAYLOAD_SHA256 = "payload_sha256"
+
+
+class RecipeKey:
+    """A row's ``recipe``: the recipe its networks trained with."""
+
+    EPOCHS = "epochs"
+    LR = "lr"
 
 
 def eval_header() -> dict[str, str]:

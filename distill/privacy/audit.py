@@ -13,7 +13,8 @@ from ..config import AuditSettings
 from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
 from ..errors import DistillError
-from ..formats.audit import AUDIT_FILE, AuditSummary
+from ..formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, DataKey, MembershipKey,
+                             SettingKey, VerdictKey)
 from ..formats.common import utc_now
 from ..io import strict_json, write_json
 from .membership import CI_LEVEL, REAL_SUBSET_LR, Membership, membership_inference
@@ -119,12 +120,12 @@ def _nearest_neighbours(subject: Subject, data: RealData, v: _Views, expert: str
     """Each metric's nearest-training-image search, in display space [0, 1] and in an expert's feature space."""
     log.info("Nearest-neighbour search: %d synthetic and %d held-out images against %d training images.",
              len(subject.images), len(v.hold_u8), len(v.x_train))
-    results = {k: neighbour_metric(v.syn01, v.hold01, v.train01, kind=k) for k in ("pixel_correlation", "ssim")}
+    results = {k: neighbour_metric(v.syn01, v.hold01, v.train01, kind=k) for k in (PIXEL_CORRELATION, SSIM)}
     net, info = feature_network(subject.model, subject.model_kwargs, subject.preprocessing, data, v.x_train,
                                 subject.preprocessing(data.val.images).to(dev),
                                 str(expert) if expert is not None else None, settings, dev)
     f_syn, f_hold, f_train = (embed(net, x) for x in (subject.images.to(dev), v.x_hold, v.x_train))
-    results["feature_cosine"] = neighbour_metric(f_syn, f_hold, f_train, kind="feature_cosine")
+    results[FEATURE_COSINE] = neighbour_metric(f_syn, f_hold, f_train, kind=FEATURE_COSINE)
     return results, info
 
 
@@ -135,26 +136,29 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
     recorded = dataclasses.asdict(settings)
     if settings.attack == "loss":  # the quick audit's summary stays as before RMIA; RMIA records its own settings
         recorded = {k: v for k, v in recorded.items()
-                    if k not in ("attack", "canaries") and not k.startswith("reference")}
+                    if k not in (SettingKey.ATTACK, SettingKey.CANARIES) and not k.startswith("reference")}
     summary = strict_json(AuditSummary(
         settings=recorded | {
-            "epochs": m.epochs, "nn_quantile": NN_QUANTILE, "ssim_window": ssim_window(data.size),
-            "ssim_candidates": SSIM_CANDIDATES, "auc_margin": AUC_MARGIN, "tpr_margin": TPR_MARGIN,
-            "real_subset_lr": REAL_SUBSET_LR, "ci_level": CI_LEVEL},
-        data={"members": "train", "nonmembers": settings.holdout, "n_train": len(v.x_train),
-              "n_holdout": len(v.x_hold), "holdout_duplicates_removed": v.duplicates, "fingerprint_check": checked,
+            SettingKey.EPOCHS: m.epochs, SettingKey.NN_QUANTILE: NN_QUANTILE,
+            SettingKey.SSIM_WINDOW: ssim_window(data.size), SettingKey.SSIM_CANDIDATES: SSIM_CANDIDATES,
+            SettingKey.AUC_MARGIN: AUC_MARGIN, SettingKey.TPR_MARGIN: TPR_MARGIN,
+            SettingKey.REAL_SUBSET_LR: REAL_SUBSET_LR, SettingKey.CI_LEVEL: CI_LEVEL},
+        data={DataKey.MEMBERS: "train", DataKey.NONMEMBERS: settings.holdout, DataKey.N_TRAIN: len(v.x_train),
+              DataKey.N_HOLDOUT: len(v.x_hold), DataKey.HOLDOUT_DUPLICATES_REMOVED: v.duplicates,
+              DataKey.FINGERPRINT_CHECK: checked,
               # Which train/val/test split: the one recorded with the experts, or one assumed (see subject.py).
-              "split": {"recorded": subject.split is not None,
-                        **{k: data.split_record[k] for k in ("method", "seed", "carved", "patient_grouped") if k in data.split_record}}},
+              DataKey.SPLIT: {DataKey.RECORDED: subject.split is not None,
+                              **{k: data.split_record[k] for k in DataKey.SPLIT_COPIED if k in data.split_record}}},
         n_synthetic=len(subject.images),
         nearest_neighbour={k: r.summary() for k, r in neighbours.items()},
         feature_network=feature_info,
         flagged=int(flagged.sum()),
         flagged_synthetic_indices=torch.nonzero(flagged).flatten().tolist(),
-        membership={"n_members": m.n_members, "n_nonmembers": m.n_nonmembers, "share": m.share,
-                    "real_subset": m.real_subset, "real_subset_included": m.real_subset_included,
-                    **({"rmia": rmia} if rmia is not None else {})},
-        verdict={"passed": passed, "reasons": reasons},
+        membership={MembershipKey.N_MEMBERS: m.n_members, MembershipKey.N_NONMEMBERS: m.n_nonmembers,
+                    MembershipKey.SHARE: m.share, MembershipKey.REAL_SUBSET: m.real_subset,
+                    MembershipKey.REAL_SUBSET_INCLUDED: m.real_subset_included,
+                    **({MembershipKey.RMIA: rmia} if rmia is not None else {})},
+        verdict={VerdictKey.PASSED: passed, VerdictKey.REASONS: reasons},
     ).to_json(), SUMMARY_DIGITS)
     details = strict_json({"synthetic": [
         {"index": i, "label": int(subject.labels[i]), "flagged": bool(flagged[i]),

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import AuditSettings
 from ..data import RealData, draw_random_real
 from ..errors import DataError, DivergenceError
+from ..formats.audit import MembershipKey, RateKey
 from ..metrics import auc, tpr_at_fpr
 from ..models import create_model
 from ..reference_defaults import NETWORK_LR
@@ -29,7 +30,7 @@ from .subject import Subject
 
 log = logging.getLogger(__name__)
 
-FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}  # Carlini et al. 2022 ask for low-FPR figures
+FPRS = {RateKey.TPR_AT_1PCT_FPR: 0.01, RateKey.TPR_AT_0P1PCT_FPR: 0.001}  # Carlini et al. 2022 ask for low-FPR figures
 BOOTSTRAP = AuditSettings.bootstrap
 CI_LEVEL = 0.95
 REAL_SUBSET_LR = NETWORK_LR  # random-real baselines train as the reference's networks do (lr_net)
@@ -59,7 +60,7 @@ def attack_metrics(members: np.ndarray | torch.Tensor, nonmembers: np.ndarray | 
     n = np.asarray(nonmembers, dtype=np.float64)
     if len(m) < 1 or len(n) < 1:
         raise DataError("A membership attack needs at least one member and one non-member.")
-    funcs = {"auc": auc} | {k: (lambda a, b, f=f: tpr_at_fpr(a, b, f)) for k, f in FPRS.items()}
+    funcs = {RateKey.AUC: auc} | {k: (lambda a, b, f=f: tpr_at_fpr(a, b, f)) for k, f in FPRS.items()}
     rng = np.random.default_rng(derive_seed(seed, BOOT))
     boots = {k: [] for k in funcs}
     for _ in range(bootstrap):
@@ -67,12 +68,13 @@ def attack_metrics(members: np.ndarray | torch.Tensor, nonmembers: np.ndarray | 
         for k, fn in funcs.items():
             boots[k].append(fn(mb, nb))
     lo, hi = (1 - CI_LEVEL) / 2, 1 - (1 - CI_LEVEL) / 2
-    out: dict = {"n_members": len(m), "n_nonmembers": len(n)}
+    out: dict = {RateKey.N_MEMBERS: len(m), RateKey.N_NONMEMBERS: len(n)}
     for k, fn in funcs.items():
-        out[k] = {"value": fn(m, n), "ci95": [float(np.quantile(boots[k], lo)), float(np.quantile(boots[k], hi))]}
+        out[k] = {RateKey.VALUE: fn(m, n),
+                  RateKey.CI95: [float(np.quantile(boots[k], lo)), float(np.quantile(boots[k], hi))]}
         if k in FPRS:
             # Below 1 / fpr non-members the rate cannot be told apart from 'no false positive at all'.
-            out[k]["resolvable"] = bool(len(n) * FPRS[k] >= 1)
+            out[k][RateKey.RESOLVABLE] = bool(len(n) * FPRS[k] >= 1)
     return out
 
 
@@ -144,9 +146,9 @@ def membership_inference(subject: Subject, data: RealData, x_train: torch.Tensor
     real_mem, real_non = _mean_loss(real_nets, x_mem, y_mem), _mean_loss(real_nets, x_hold, hold_y)
     metric = lambda a, b: attack_metrics(a.numpy(), b.numpy(), bootstrap=settings.bootstrap, seed=seed)  # noqa: E731
     share_attacks = {
-        "loss": metric(-share_mem, -share_non),
+        MembershipKey.LOSS: metric(-share_mem, -share_non),
         # Watson et al. 2022: subtract how hard each image is for networks that never saw it.
-        "calibrated": metric(real_mem - share_mem, real_non - share_non),
+        MembershipKey.CALIBRATED: metric(real_mem - share_mem, real_non - share_non),
     }
     # The worst case of a real subset: its own images against the non-members, network by network.
     own = torch.cat([example_losses(n, x_train[s], data.train.labels[s]) for n, s in zip(real_nets, subsets)])

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import AuditSettings, BufferConfig
 from ..data import Preprocessing, RealData
 from ..errors import DataError, DistillError, FormatError
+from ..formats.audit import NeighbourKey, QuantileKey
 from ..formats.trajectory import read_buffer_preprocessing, read_expert
 from ..models import create_model, load_flat
 from ..seeding import generator, seeded
@@ -134,7 +135,8 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torc
 def quantile_stats(x: torch.Tensor) -> dict[str, float]:
     """median / p95 / max of a 1-D tensor."""
     x = x.double().cpu()
-    return {"median": float(x.median()), "p95": float(torch.quantile(x, 0.95)), "max": float(x.max())}
+    return {QuantileKey.MEDIAN: float(x.median()), QuantileKey.P95: float(torch.quantile(x, 0.95)),
+            QuantileKey.MAX: float(x.max())}
 
 
 @dataclass
@@ -151,8 +153,8 @@ class NeighbourResult:
         return self.synthetic > self.threshold
 
     def summary(self) -> dict:
-        return {"synthetic": quantile_stats(self.synthetic), "holdout": quantile_stats(self.holdout),
-                "threshold": self.threshold, "flagged": int(self.flagged.sum())}
+        return {NeighbourKey.SYNTHETIC: quantile_stats(self.synthetic), NeighbourKey.HOLDOUT: quantile_stats(self.holdout),
+                NeighbourKey.THRESHOLD: self.threshold, NeighbourKey.FLAGGED: int(self.flagged.sum())}
 
 
 def neighbour_metric(syn: torch.Tensor, holdout: torch.Tensor, train: torch.Tensor, *, kind: str,

@@ -24,6 +24,7 @@ from scipy.stats import beta
 from torch import nn
 
 from ..errors import DataError
+from ..formats.audit import RateKey
 from ..metrics import auc, tpr_at_fpr
 
 # a of the offline approximation: 0 trusts nothing of the OUT average (p(x) -> (p_OUT + 1) / 2), 1 trusts it
@@ -31,9 +32,9 @@ from ..metrics import auc, tpr_at_fpr
 # setting recorded in every audit.json, so a different choice is visible.
 OFFLINE_A = 0.3
 GAMMA = 1.0  # the paper's threshold on the pairwise ratio: x must be more likely than z, relative to the references
-RMIA_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_5pct_fpr": 0.05, "tpr_at_0p1pct_fpr": 0.001}
+RMIA_FPRS = {RateKey.TPR_AT_1PCT_FPR: 0.01, RateKey.TPR_AT_5PCT_FPR: 0.05, RateKey.TPR_AT_0P1PCT_FPR: 0.001}
 # At 0.1 % FPR one false positive needs 1,000 non-members; with fewer the figure is left out, not shown as 0.
-MIN_NONMEMBERS = {"tpr_at_0p1pct_fpr": 1000}
+MIN_NONMEMBERS = {RateKey.TPR_AT_0P1PCT_FPR: 1000}
 CP_LEVEL = 0.95  # two-sided Clopper-Pearson interval shown; the verdict uses its one-sided halves
 ROC_POINTS = 40  # log-spaced FPRs kept for the review page's ROC curve
 ROC_MIN_FPR = 1e-3
@@ -115,19 +116,19 @@ def rate_metrics(members: np.ndarray, nonmembers: np.ndarray) -> dict:
     m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
     if len(m) < 1 or len(n) < 1:
         raise DataError("A membership attack needs at least one member and one non-member.")
-    out: dict = {"n_members": len(m), "n_nonmembers": len(n), "auc": float(auc(m, n))}
+    out: dict = {RateKey.N_MEMBERS: len(m), RateKey.N_NONMEMBERS: len(n), RateKey.AUC: float(auc(m, n))}
     for key, fpr in RMIA_FPRS.items():
         if len(n) < MIN_NONMEMBERS.get(key, 0):
             continue
         tpr = float(tpr_at_fpr(m, n, fpr))
         k = int(round(tpr * len(m)))
-        out[key] = {"value": tpr, "k": k, "n": len(m), "ci95": list(clopper_pearson(k, len(m))),
-                    "resolvable": bool(len(n) * fpr >= 1)}
-    out["roc"] = roc_curve(m, n)
+        out[key] = {RateKey.VALUE: tpr, RateKey.K: k, RateKey.N: len(m), RateKey.CI95: list(clopper_pearson(k, len(m))),
+                    RateKey.RESOLVABLE: bool(len(n) * fpr >= 1)}
+    out[RateKey.ROC] = roc_curve(m, n)
     return out
 
 
-def above_baseline(share: dict, baseline: dict, key: str = "tpr_at_1pct_fpr", level: float = CP_LEVEL) -> bool:
+def above_baseline(share: dict, baseline: dict, key: str = RateKey.TPR_AT_1PCT_FPR, level: float = CP_LEVEL) -> bool:
     """The rule of the verdict: the share's rate is significantly above the baseline's.
 
     True iff the one-sided lower bound of the share's rate lies above the one-sided upper bound of the
@@ -135,8 +136,8 @@ def above_baseline(share: dict, baseline: dict, key: str = "tpr_at_1pct_fpr", le
     do not overlap. Unresolvable rates (too few non-members) never fail a share.
     """
     s, b = share.get(key), baseline.get(key)
-    if not s or not b or not s.get("resolvable", True):
+    if not s or not b or not s.get(RateKey.RESOLVABLE, True):
         return False
-    s_lo, _ = clopper_pearson(s["k"], s["n"], level)
-    _, b_hi = clopper_pearson(b["k"], b["n"], level)
+    s_lo, _ = clopper_pearson(s[RateKey.K], s[RateKey.N], level)
+    _, b_hi = clopper_pearson(b[RateKey.K], b[RateKey.N], level)
     return s_lo > b_hi

@@ -19,6 +19,7 @@ import torch
 
 from ..data import RealData
 from ..errors import DataError, DistillError
+from ..formats.audit import CanaryKey, RateKey, ReferenceKey, RmiaKey
 from ..io import atomic_path
 from ..seeding import generator
 from .membership import Membership
@@ -67,13 +68,14 @@ def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_h
     share, baseline = attack(m.share_nets), attack(m.real_nets)
     extra = {}
     if canaries:
-        extra["canaries"] = canary_exposure(canaries, data, hold_u8, hold_y, sig, ref, device, train)
-    return {**extra, "share": share, "random_subset": baseline,
-            "significantly_above_random_subset": above_baseline(share, baseline),
-            "rule": RULE, "population": "non-members",
-            "references": {**dataclasses.asdict(ref), "offline_a": OFFLINE_A, "gamma": GAMMA,
-                           "trained_now": sig["trained"], "training_seconds": round(sig["seconds"], 1)},
-            "n_members": n_mem, "n_nonmembers": len(x_hold)}
+        extra[RmiaKey.CANARIES] = canary_exposure(canaries, data, hold_u8, hold_y, sig, ref, device, train)
+    return {**extra, RmiaKey.SHARE: share, RmiaKey.RANDOM_SUBSET: baseline,
+            RmiaKey.SIGNIFICANTLY_ABOVE: above_baseline(share, baseline),
+            RmiaKey.RULE: RULE, RmiaKey.POPULATION: "non-members",
+            RmiaKey.REFERENCES: {**dataclasses.asdict(ref), ReferenceKey.OFFLINE_A: OFFLINE_A, ReferenceKey.GAMMA: GAMMA,
+                                 ReferenceKey.TRAINED_NOW: sig["trained"],
+                                 ReferenceKey.TRAINING_SECONDS: round(sig["seconds"], 1)},
+            RmiaKey.N_MEMBERS: n_mem, RmiaKey.N_NONMEMBERS: len(x_hold)}
 
 
 def canary_exposure(n: int, data: RealData, hold_u8: torch.Tensor, hold_y: torch.Tensor, sig: dict,
@@ -121,14 +123,15 @@ def canary_exposure(n: int, data: RealData, hold_u8: torch.Tensor, hold_y: torch
     p_c, p_rest = p[n_train:n_train + n], p[n_train + n:]
     scores_c = rmia_scores(p_c, prior_c, p_rest, prior_rest)
     scores_rest = rmia_scores(p_rest, prior_rest, p_rest, prior_rest)
-    return {"n_canaries": n, "kind": "mislabeled held-out images", **rate_metrics(scores_c, scores_rest)}
+    return {CanaryKey.N_CANARIES: n, CanaryKey.KIND: "mislabeled held-out images", **rate_metrics(scores_c, scores_rest)}
 
 
 def rmia_reasons(rmia: dict) -> list[str]:
     """One sentence when the share fails the RMIA rule, else none."""
-    if not rmia.get("significantly_above_random_subset"):
+    if not rmia.get(RmiaKey.SIGNIFICANTLY_ABOVE):
         return []
-    s, b = rmia["share"]["tpr_at_1pct_fpr"], rmia["random_subset"]["tpr_at_1pct_fpr"]
-    return [f"The RMIA attack on the share reaches TPR {s['value']:.3f} at 1% FPR (95% CI {s['ci95'][0]:.3f}-"
-            f"{s['ci95'][1]:.3f}), significantly above a random real subset of the same size "
-            f"({b['value']:.3f}, {b['ci95'][0]:.3f}-{b['ci95'][1]:.3f})."]
+    s, b = (rmia[k][RateKey.TPR_AT_1PCT_FPR] for k in (RmiaKey.SHARE, RmiaKey.RANDOM_SUBSET))
+    (s_lo, s_hi), (b_lo, b_hi) = s[RateKey.CI95], b[RateKey.CI95]
+    return [f"The RMIA attack on the share reaches TPR {s[RateKey.VALUE]:.3f} at 1% FPR (95% CI {s_lo:.3f}-"
+            f"{s_hi:.3f}), significantly above a random real subset of the same size "
+            f"({b[RateKey.VALUE]:.3f}, {b_lo:.3f}-{b_hi:.3f})."]
