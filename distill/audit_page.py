@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from .formats.audit import AuditSummary, MembershipKey, RateKey, ReferenceKey, RmiaKey, VerdictKey
+from .formats.share_schema import AUDIT_STATUSES
 from .privacy.remedies import remedies
 
 KEY = (
@@ -24,7 +25,10 @@ KEY = (
     ("Random real subset", "The baseline: the same attack against a network trained on the same number of real "
                            "training images, chosen at random. A share is read against it, not against zero."),
 )
-ROC_COLOURS = {"share": "#c0392b", "random real subset": "#2c6fa8"}
+SHARE_LABEL, BASELINE_LABEL = "share", "random real subset"  # the attacked networks, as the page names them
+ROC_COLOURS = {SHARE_LABEL: "#c0392b", BASELINE_LABEL: "#2c6fa8"}
+# The heading word of each audit status (the share's privacy group, distill/formats/share_schema.py).
+STATUS_WORDS = dict(zip(AUDIT_STATUSES, ("PASSED", "FAILED", "NO AUDIT", "AUDIT UNREADABLE")))
 
 
 def _e(v) -> str:
@@ -81,7 +85,7 @@ def _figures(mia: dict) -> str:
     """The attack's figures beside the baseline's: RMIA when it ran, else the quick loss attack."""
     rmia = mia.get(MembershipKey.RMIA)
     if isinstance(rmia, dict):
-        rows = [("share", rmia.get(RmiaKey.SHARE) or {}), ("random real subset", rmia.get(RmiaKey.RANDOM_SUBSET) or {})]
+        rows = [(SHARE_LABEL, rmia.get(RmiaKey.SHARE) or {}), (BASELINE_LABEL, rmia.get(RmiaKey.RANDOM_SUBSET) or {})]
         labels = {RateKey.TPR_AT_1PCT_FPR: "TPR at 1 % FPR", RateKey.TPR_AT_5PCT_FPR: "TPR at 5 % FPR",
                   RateKey.TPR_AT_0P1PCT_FPR: "TPR at 0.1 % FPR"}
         keys = [k for k in labels if any(k in m for _, m in rows)]
@@ -98,13 +102,12 @@ def _figures(mia: dict) -> str:
                 f"{_e(ref.get(ReferenceKey.EPOCHS, '?'))} epochs and {_e(ref.get(ReferenceKey.ITERATIONS, '?'))} "
                 "iterations, fewer than a full run.</p>")
         table = f"<table><tr><th>attacked network</th><th>AUC</th>{head}</tr>{body}</table>"
-        roc = roc_svg({"share": (rows[0][1] or {}).get(RateKey.ROC),
-                       "random real subset": (rows[1][1] or {}).get(RateKey.ROC)})
+        roc = roc_svg({name: m.get(RateKey.ROC) for name, m in rows})
         return text + table + roc
     share, real = (mia.get(MembershipKey.SHARE) or {}).get(MembershipKey.LOSS), mia.get(MembershipKey.REAL_SUBSET)
     if not isinstance(share, dict):
         return ""
-    rows = [("share", share), ("random real subset", real or {})]
+    rows = [(SHARE_LABEL, share), (BASELINE_LABEL, real or {})]
     body = "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get(RateKey.AUC))}</td>"
                    f"<td>{_e(_rate(m.get(RateKey.TPR_AT_1PCT_FPR)))}</td></tr>" for n, m in rows)
     return ("<p>Quick loss-threshold attack only (95 % bootstrap intervals). The strong attack is "
@@ -115,8 +118,7 @@ def _figures(mia: dict) -> str:
 def decision_section(status: str, forced: bool, summary: dict, statement: str, rundir: Path | None,
                      public: bool) -> str:
     """The block the page opens with."""
-    word = {"passed": "PASSED", "failed": "FAILED", "missing": "NO AUDIT", "invalid": "AUDIT UNREADABLE"}.get(
-        status, status.upper())
+    word = STATUS_WORDS.get(status, status.upper())
     parts = [f'<p class="verdict {"ok" if status == "passed" else "bad"}">Privacy audit: {_e(word)}'
              + (" (export forced despite this)" if forced else "") + "</p>",
              f'<p class="disclaimer">{_e(statement)}</p>']

@@ -30,14 +30,15 @@ import torch
 from . import __version__
 from .errors import DistillError, FormatError
 from .formats import Share, load_share
-from .audit_page import decision_section, public_note
+from .audit_page import STATUS_WORDS, decision_section, public_note
 from .formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, MembershipKey,
                             NeighbourKey, QuantileKey, RateKey, SettingKey, VerdictKey, read_audit)
 from .formats.buffer_config import buffer_data_spec
 from .formats.eval_report import (DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, ShareKey, TestKey, TrainedOnKey,
                                    read_eval_report)
 from .formats.provenance import SALT, SALTED_SHA256
-from .formats.run import EVAL, ITERATION, KIND, METRICS_FILE, read_curves, read_run_config
+from .formats.run import (CONFIG_BUFFER, CONFIG_DATA, EVAL, ITERATION, KIND, LOSS, METRICS_FILE, SYN_LR, VAL_ACC_MEAN,
+                          VAL_MAJORITY, read_curves, read_run_config)
 from .formats.share_schema import Attr
 from .formats.synset import SYNSET_FILE, read_synset
 from .io import atomic_path, sha256_file
@@ -130,10 +131,10 @@ def _run_data_spec(rundir: Path) -> str | None:
     """The real data named by the run's config.toml, or by its buffer's; None when neither says."""
     try:
         cfg = read_run_config(rundir)
-        if cfg.get("data"):
-            return str(cfg["data"])
-        if cfg.get("buffer"):
-            return buffer_data_spec(Path(str(cfg["buffer"])))
+        if cfg.get(CONFIG_DATA):
+            return str(cfg[CONFIG_DATA])
+        if cfg.get(CONFIG_BUFFER):
+            return buffer_data_spec(Path(str(cfg[CONFIG_BUFFER])))
     except (DistillError, OSError, ValueError):
         return None
     return None
@@ -325,8 +326,7 @@ def _ci(m: dict) -> str:
 
 def _audit_section(audit: _Audit) -> str:
     s = AuditSummary.from_json(audit.summary)
-    word = {"passed": "PASSED", "failed": "FAILED", "missing": "NO AUDIT", "invalid": "AUDIT UNREADABLE"}.get(
-        audit.status, audit.status.upper())
+    word = STATUS_WORDS.get(audit.status, audit.status.upper())
     parts = [f'<p class="verdict {"ok" if audit.status == "passed" else "bad"}">Privacy audit: {_e(word)}'
              + (" (export forced despite this)" if audit.forced else "") + "</p>",
              f'<p class="disclaimer">{_e(audit.statement)}</p>']
@@ -444,13 +444,13 @@ def _curves_section(records: list[dict], from_run: bool) -> str:
         return _section("curves", "Learning curves", f"<p>A share does not carry its run's {METRICS_FILE}; make the page "
                         "from the run folder to see the learning curves.</p>")
     its = [r for r in records if r.get(KIND) == ITERATION]
-    evals = [r for r in records if r.get(KIND) == EVAL and isinstance(r.get("val_acc_mean"), (int, float))]
+    evals = [r for r in records if r.get(KIND) == EVAL and isinstance(r.get(VAL_ACC_MEAN), (int, float))]
     if not its and not evals:
         return _section("curves", "Learning curves", f"<p>The run folder has no {METRICS_FILE} entries.</p>")
-    majority = next((r.get("val_majority") for r in reversed(evals) if isinstance(r.get("val_majority"), (int, float))), None)
-    plots = [_svg_plot([(r.get(ITERATION), r.get("loss")) for r in its], "Trajectory-matching loss"),
-             _svg_plot([(r.get(ITERATION), r.get("syn_lr")) for r in its], "Learned step size", log_y=True),
-             _svg_plot([(r.get(ITERATION), r["val_acc_mean"]) for r in evals], "Validation accuracy",
+    majority = next((r.get(VAL_MAJORITY) for r in reversed(evals) if isinstance(r.get(VAL_MAJORITY), (int, float))), None)
+    plots = [_svg_plot([(r.get(ITERATION), r.get(LOSS)) for r in its], "Trajectory-matching loss"),
+             _svg_plot([(r.get(ITERATION), r.get(SYN_LR)) for r in its], "Learned step size", log_y=True),
+             _svg_plot([(r.get(ITERATION), r[VAL_ACC_MEAN]) for r in evals], "Validation accuracy",
                        reference=(majority, "majority class") if majority is not None else None)]
     return _section("curves", "Learning curves", f"<p>From {METRICS_FILE}: {len(its)} iterations, {len(evals)} "
                     f"validation points on real held-out data.</p><div class=\"plots\">{''.join(plots)}</div>")
@@ -508,7 +508,7 @@ def guarantee_block(share: Share, audit: _Audit, public: bool) -> str:
                              ("normalisation", dp.normalisation),
                              ("DP statistics", f"{dp.stats} (ε {dp.stats_epsilon:.3g})" if dp.stats else "none"),
                              ("Opacus", dp.opacus_version)]))
-    stats = share.privacy.get("private_statistics")
+    stats = share.privacy.get(Attr.PRIVATE_STATISTICS)
     if isinstance(stats, list) and stats:
         parts.append(f"<p>Statistics of the private images this share carries: {_e(', '.join(map(str, stats)))}.</p>")
     if audit.status in ("missing", "invalid"):

@@ -160,6 +160,18 @@ class CanaryKey:
     KIND = "kind"
 
 
+class DetailKey:
+    """``details`` (local copy only): ``{SYNTHETIC: [one object per synthetic image]}``; each object has INDEX, LABEL,
+    FLAGGED and, per nearest-neighbour measure, {SIMILARITY, TRAIN_INDEX}."""
+
+    SYNTHETIC = "synthetic"
+    INDEX = "index"
+    LABEL = "label"
+    FLAGGED = "flagged"
+    SIMILARITY = "similarity"
+    TRAIN_INDEX = "train_index"
+
+
 class VerdictKey:
     """``summary.verdict``."""
 

@@ -44,6 +44,14 @@ VERSION_MAJOR, VERSION_MINOR = 1, 0
 KIND = "kind"
 ITERATION = "iteration"  # also the key of the iteration number in every record
 EVAL = "eval"
+LOSS = "loss"  # iteration records: the trajectory-matching loss
+SYN_LR = "syn_lr"  # both kinds: the learned synthetic step size
+VAL_ACC_MEAN = "val_acc_mean"  # eval records: mean validation accuracy over the evaluation networks
+VAL_MAJORITY = "val_majority"  # eval records: the majority-class accuracy of the validation split
+
+# config.toml: the keys a reader of a finished run needs (the rest is RunConfig's, distill/config.py)
+CONFIG_DATA = "data"  # the real data; "" = the data named in the buffer's config.toml
+CONFIG_BUFFER = "buffer"  # the buffer folder the run distilled from
 
 
 def grid_name(iteration: int) -> str:

@@ -13,7 +13,8 @@ from ..config import AuditSettings
 from ..data import MEDMNIST, RealData
 from ..distributed import resolve_device
 from ..errors import DistillError
-from ..formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, DataKey, MembershipKey,
+from ..formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, DataKey, DetailKey,
+                             MembershipKey,
                              SettingKey, VerdictKey)
 from ..formats.common import utc_now
 from ..io import strict_json, write_json
@@ -160,9 +161,9 @@ def _report(subject: Subject, data: RealData, settings: AuditSettings, checked: 
                     **({MembershipKey.RMIA: rmia} if rmia is not None else {})},
         verdict={VerdictKey.PASSED: passed, VerdictKey.REASONS: reasons},
     ).to_json(), SUMMARY_DIGITS)
-    details = strict_json({"synthetic": [
-        {"index": i, "label": int(subject.labels[i]), "flagged": bool(flagged[i]),
-         **{k: {"similarity": float(r.synthetic[i]), "train_index": int(r.synthetic_index[i])}
+    details = strict_json({DetailKey.SYNTHETIC: [
+        {DetailKey.INDEX: i, DetailKey.LABEL: int(subject.labels[i]), DetailKey.FLAGGED: bool(flagged[i]),
+         **{k: {DetailKey.SIMILARITY: float(r.synthetic[i]), DetailKey.TRAIN_INDEX: int(r.synthetic_index[i])}
             for k, r in neighbours.items()}}
         for i in range(len(subject.images))]}, SUMMARY_DIGITS)
     return AuditReport(passed=passed, summary=summary, details=details, subject_sha256=subject.file_sha256,
