@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from distill.augment import Augment
-from distill.formats.trajectory import decode_snapshots, encode_snapshots, list_experts, read_expert, write_expert
+from distill.formats.trajectory import (TrajectoryMeta, decode_snapshots, encode_snapshots, list_experts, read_expert,
+                                       write_expert)
 from distill.models import create_model, flatten_params, param_spec
 from distill.mtt.unroll import make_plan
 from distill.seeding import generator, seeded
@@ -122,15 +123,20 @@ def disk_section(cases: list[Case], snapshots: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            model = create_model("convnet", case.classes, case.channels, case.size, width=case.width, depth=case.depth)
-            p = param_spec(model).total
+            kwargs = {"width": case.width, "depth": case.depth}
+            model = create_model("convnet", case.classes, case.channels, case.size, **kwargs)
+            spec = param_spec(model)
+            p = spec.total
             snaps = torch.randn(snapshots, p, generator=generator(0, 4)) * 0.05
+            # The metadata a buffer's expert carries (distill/buffer.py), so the size is that of a real file.
+            meta = TrajectoryMeta(model="convnet", num_classes=case.classes, channels=case.channels, size=case.size,
+                                  param_names=list(spec.names), param_shapes=[list(s) for s in spec.shapes],
+                                  model_kwargs=kwargs)
             row = {"case": case.name, "params": p, "snapshots": snapshots}
             for dtype in ("float32", "float16", "bfloat16"):
                 path = Path(tmp) / f"{case.name}_{dtype}.h5"
                 write_expert(path, snaps, list(range(snapshots)), snapshot_dtype=dtype,
-                             history={"train_loss": [0.0]}, attrs={"model": "convnet"},
-                             json_attrs={"param_names": [], "param_shapes": []})
+                             history={"train_loss": [0.0]}, meta=meta)
                 row[dtype + "_mb"] = path.stat().st_size / 1e6
                 path.unlink()
             rows.append(row)
