@@ -81,11 +81,11 @@ AUDIT_KEYS = ("audit.py", ("SettingKey", "DataKey", "NeighbourKey", "QuantileKey
 RMIA_KEYS = ("audit.py", ("RateKey", "RmiaKey", "ReferenceKey", "CanaryKey"), ())
 ATTACK_KEYS = ("audit.py", ("RateKey", "MembershipKey"), ())
 NEIGHBOUR_KEYS = ("audit.py", ("NeighbourKey", "QuantileKey"), ())
-# The run folder's metrics records and the config.toml keys a reader of a finished run needs.
-RUN_KEYS = ("run.py", (), ("KIND", "ITERATION", "EVAL", "LOSS", "SYN_LR", "VAL_ACC_MEAN", "VAL_MAJORITY",
-                           "CONFIG_DATA", "CONFIG_BUFFER"))
+# The run folder's metrics records, and the config.toml keys a reader of a finished run needs.
+RUN_METRICS_KEYS = ("run.py", (), ("KIND", "ITERATION", "EVAL", "LOSS", "SYN_LR", "VAL_ACC_MEAN", "VAL_MAJORITY"))
+RUN_CONFIG_KEYS = ("run.py", (), ("CONFIG_DATA", "CONFIG_BUFFER"))
 KEY_USERS = {
-    "distill/report.py": (EVAL_KEYS, AUDIT_KEYS, RUN_KEYS),
+    "distill/report.py": (EVAL_KEYS, AUDIT_KEYS, RUN_METRICS_KEYS, RUN_CONFIG_KEYS),
     "distill/audit_page.py": (AUDIT_KEYS,),
     "distill/evaluate.py": (EVAL_KEYS,),
     "distill/privacy/audit.py": (AUDIT_KEYS,),
@@ -186,7 +186,8 @@ def test_the_key_sets_hold_the_documents_keys():
     assert {"results", "trained_on", "mean", "accuracy", "payload_sha256", "epochs"} <= _keys(EVAL_KEYS)
     assert {"membership", "verdict", "reasons", "rmia", "tpr_at_1pct_fpr", "ci95", "resolvable", "threshold",
             "median", "significantly_above_random_subset", "pixel_correlation", "ssim", "feature_cosine"} <= _keys(AUDIT_KEYS)
-    assert {"kind", "iteration", "loss", "syn_lr", "val_acc_mean", "data", "buffer"} <= _keys(RUN_KEYS)
+    assert {"kind", "iteration", "eval", "loss", "syn_lr", "val_acc_mean", "val_majority"} <= _keys(RUN_METRICS_KEYS)
+    assert {"data", "buffer"} <= _keys(RUN_CONFIG_KEYS)
 
 
 def test_the_key_checker_finds_planted_keys_but_not_values_or_prose():
