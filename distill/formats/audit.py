@@ -74,9 +74,10 @@ class DataKey:
     N_HOLDOUT = "n_holdout"
     HOLDOUT_DUPLICATES_REMOVED = "holdout_duplicates_removed"
     FINGERPRINT_CHECK = "fingerprint_check"
-    SPLIT = "split"  # {RECORDED, and the split record's method, seed, carved, patient_grouped}
+    SPLIT = "split"  # {RECORDED, and SPLIT_COPIED from the data's split record, when it has them}
     RECORDED = "recorded"  # the split recorded with the experts (True), or one assumed
-    SPLIT_COPIED = ("method", "seed", "carved", "patient_grouped")  # of the data's split record, when it has them
+    METHOD, SEED, CARVED, PATIENT_GROUPED = "method", "seed", "carved", "patient_grouped"
+    SPLIT_COPIED = (METHOD, SEED, CARVED, PATIENT_GROUPED)
 
 
 class NeighbourKey:
@@ -184,8 +185,9 @@ class AuditSummary:
     """``summary``: the audit's numbers and short strings, one field per section, in the order the audit writes
     them. docs/privacy.md describes each; the nested records are plain JSON (dicts of numbers and strings).
 
-    Adding a measure: add it to the section that holds it where :mod:`distill.privacy.audit` builds this, and
-    to :func:`summary_lines` if the terminal should show it.
+    Adding a measure: add its key to the key class of its section above, write it under that key where
+    :mod:`distill.privacy` builds this, and read it through the key in :func:`summary_lines` (the terminal) and
+    :mod:`distill.report` (the review page) if they should show it.
     """
 
     settings: dict = field(default_factory=dict)  # the audit's settings and margins
@@ -288,65 +290,69 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def _table(s: dict) -> list[str]:
-    data = s["data"]
-    split = data.get("split")
-    lines = [f"Nearest neighbour ({s['n_synthetic']} synthetic vs {data['n_train']} training images; "
-             f"baseline {data['n_holdout']} held-out images"
-             + (f", {data['nonmembers']} split {_split_words(split)}" if isinstance(split, dict) else "") + "):"]
+    data, mia = s["data"], s["membership"]
+    split = data.get(DataKey.SPLIT)
+    lines = [f"Nearest neighbour ({s['n_synthetic']} synthetic vs {data[DataKey.N_TRAIN]} training images; "
+             f"baseline {data[DataKey.N_HOLDOUT]} held-out images"
+             + (f", {data[DataKey.NONMEMBERS]} split {_split_words(split)}" if isinstance(split, dict) else "") + "):"]
     for k, m in s["nearest_neighbour"].items():
-        lines.append(f"  {k:18s} synthetic median {m['synthetic']['median']:.3f} p95 {m['synthetic']['p95']:.3f} "
-                     f"max {m['synthetic']['max']:.3f} | held-out median {m['holdout']['median']:.3f} "
-                     f"p95 {m['holdout']['p95']:.3f} max {m['holdout']['max']:.3f} | threshold "
-                     f"{m['threshold']:.3f}, flagged {m['flagged']}")
-    mia = s["membership"]
-    lines.append(f"Membership inference ({mia['n_members']} members, {mia['n_nonmembers']} non-members, "
-                 f"{s['settings']['networks']} network(s) per side):")
-    rows = [(f"share, {k}", v) for k, v in mia["share"].items()]
-    rows += [("random real, loss", mia["real_subset"]), ("random real, its own images", mia["real_subset_included"])]
+        syn, hold = m[NeighbourKey.SYNTHETIC], m[NeighbourKey.HOLDOUT]
+        lines.append(f"  {k:18s} synthetic median {syn[QuantileKey.MEDIAN]:.3f} p95 {syn[QuantileKey.P95]:.3f} "
+                     f"max {syn[QuantileKey.MAX]:.3f} | held-out median {hold[QuantileKey.MEDIAN]:.3f} "
+                     f"p95 {hold[QuantileKey.P95]:.3f} max {hold[QuantileKey.MAX]:.3f} | threshold "
+                     f"{m[NeighbourKey.THRESHOLD]:.3f}, flagged {m[NeighbourKey.FLAGGED]}")
+    lines.append(f"Membership inference ({mia[MembershipKey.N_MEMBERS]} members, {mia[MembershipKey.N_NONMEMBERS]} "
+                 f"non-members, {s['settings'][SettingKey.NETWORKS]} network(s) per side):")
+    rows = [(f"share, {k}", v) for k, v in mia[MembershipKey.SHARE].items()]
+    rows += [("random real, loss", mia[MembershipKey.REAL_SUBSET]),
+             ("random real, its own images", mia[MembershipKey.REAL_SUBSET_INCLUDED])]
     for name, m in rows:
-        line = f"  {name:28s} AUC {_ci(m['auc'])}"
-        for key, label in (("tpr_at_1pct_fpr", "TPR@1%FPR"), ("tpr_at_0p1pct_fpr", "TPR@0.1%FPR")):
-            line += f"  {label} {_ci(m[key])}" + ("" if m[key]["resolvable"] else " (too few points)")
+        line = f"  {name:28s} AUC {_ci(m[RateKey.AUC])}"
+        for key, label in ((RateKey.TPR_AT_1PCT_FPR, "TPR@1%FPR"), (RateKey.TPR_AT_0P1PCT_FPR, "TPR@0.1%FPR")):
+            line += f"  {label} {_ci(m[key])}" + ("" if m[key][RateKey.RESOLVABLE] else " (too few points)")
         lines.append(line)
-    if isinstance(mia.get("rmia"), dict):
-        lines += rmia_lines(mia["rmia"])
+    if isinstance(mia.get(MembershipKey.RMIA), dict):
+        lines += rmia_lines(mia[MembershipKey.RMIA])
     verdict = s["verdict"]
-    lines.append(f"Verdict: {'PASS' if verdict['passed'] else 'FAIL'}")
-    lines += [f"  - {r}" for r in verdict.get("reasons", [])]
+    lines.append(f"Verdict: {'PASS' if verdict[VerdictKey.PASSED] else 'FAIL'}")
+    lines += [f"  - {r}" for r in verdict.get(VerdictKey.REASONS, [])]
     return lines
 
 
 def _split_words(split: dict) -> str:
-    how = f"carved with seed {split.get('seed')}" if split.get("method") == "carved" else "as the source splits"
-    grouped = ", patient-grouped (no patient on both sides)" if split.get("patient_grouped") else ""
-    return how + grouped + (", as the experts had it" if split.get("recorded") else ", assumed")
+    carved = split.get(DataKey.METHOD) == "carved"
+    how = f"carved with seed {split.get(DataKey.SEED)}" if carved else "as the source splits"
+    grouped = ", patient-grouped (no patient on both sides)" if split.get(DataKey.PATIENT_GROUPED) else ""
+    return how + grouped + (", as the experts had it" if split.get(DataKey.RECORDED) else ", assumed")
 
 
 def _ci(m: dict) -> str:
-    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    ci = m[RateKey.CI95]
+    return f"{m[RateKey.VALUE]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def rmia_lines(rmia: dict) -> list[str]:
     """The RMIA rows: the share and the random real subset, attacked alike with the same references."""
-    r = rmia["references"]
-    lines = [f"RMIA (offline, {r['references']} reference pipeline(s) of {r['experts']} expert(s) x {r['epochs']} "
-             f"epochs, {r['iterations']} iterations; {rmia['n_members']} members, {rmia['n_nonmembers']} non-members):"]
-    for name, key in (("share", "share"), ("random real subset", "random_subset")):
+    r = rmia[RmiaKey.REFERENCES]
+    lines = [f"RMIA (offline, {r[ReferenceKey.REFERENCES]} reference pipeline(s) of {r[ReferenceKey.EXPERTS]} "
+             f"expert(s) x {r[ReferenceKey.EPOCHS]} epochs, {r[ReferenceKey.ITERATIONS]} iterations; "
+             f"{rmia[RmiaKey.N_MEMBERS]} members, {rmia[RmiaKey.N_NONMEMBERS]} non-members):"]
+    for name, key in (("share", RmiaKey.SHARE), ("random real subset", RmiaKey.RANDOM_SUBSET)):
         mm = rmia[key]
-        line = f"  {name:20s} AUC {mm['auc']:.3f}"
-        for k, label in (("tpr_at_1pct_fpr", "TPR@1%"), ("tpr_at_5pct_fpr", "TPR@5%"), ("tpr_at_0p1pct_fpr", "TPR@0.1%")):
+        line = f"  {name:20s} AUC {mm[RateKey.AUC]:.3f}"
+        for k, label in ((RateKey.TPR_AT_1PCT_FPR, "TPR@1%"), (RateKey.TPR_AT_5PCT_FPR, "TPR@5%"),
+                         (RateKey.TPR_AT_0P1PCT_FPR, "TPR@0.1%")):
             if k in mm:
-                v = mm[k]
-                line += f"  {label} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                line += f"  {label} {_ci(mm[k])}"
         lines.append(line)
-    c = rmia.get("canaries")
+    c = rmia.get(RmiaKey.CANARIES)
     if isinstance(c, dict):
-        line = f"  {c['n_canaries']} canaries ({c.get('kind', '')}) AUC {c['auc']:.3f}"
-        for k, label in (("tpr_at_1pct_fpr", "TPR@1%"), ("tpr_at_5pct_fpr", "TPR@5%")):
+        line = f"  {c[CanaryKey.N_CANARIES]} canaries ({c.get(CanaryKey.KIND, '')}) AUC {c[RateKey.AUC]:.3f}"
+        for k, label in ((RateKey.TPR_AT_1PCT_FPR, "TPR@1%"), (RateKey.TPR_AT_5PCT_FPR, "TPR@5%")):
             if k in c:
-                line += f"  {label} {c[k]['value']:.3f} [{c[k]['ci95'][0]:.3f}, {c[k]['ci95'][1]:.3f}]"
+                line += f"  {label} {_ci(c[k])}"
         lines.append(line + " (worst case)")
     lines.append("  significantly above the random subset: " +
-                 ("YES" if rmia["significantly_above_random_subset"] else "no"))
+                 ("YES" if rmia[RmiaKey.SIGNIFICANTLY_ABOVE] else "no"))
     return lines
 
