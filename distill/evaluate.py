@@ -27,7 +27,8 @@ from .data import (SPLIT_CARVED, WHOLE_TEST, Preprocessing, RealData, class_coun
 from .distributed import resolve_device
 from .errors import DataError, DistillError, DivergenceError, FormatError
 from .formats.common import utc_now
-from .formats.eval_report import DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, TestKey, TrainedOnKey, eval_header
+from .formats.eval_report import (DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, ScoredSplitKey, TrainedOnKey,
+                                   eval_header)
 from .formats.provenance import SALT, SALTED_SHA256
 from .formats.share import Recipe, Share, load_share, share_targets
 from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
@@ -658,9 +659,11 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
         EvalKey.RUNS: cfg.runs, EvalKey.MODEL: setup.model_name, EvalKey.MODEL_KWARGS: setup.model_kwargs,
         EvalKey.PREPROCESSING: {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
                                 "channels": setup.pre.channels},
-        EvalKey.TEST: {TestKey.DATA: test_spec, TestKey.NAME: test_data.name, TestKey.SPLIT: "test",
-                       TestKey.IMAGES: len(y_test), TestKey.CLASS_NAMES: setup.class_names,
-                       TestKey.CLASS_COUNTS: class_counts(y_test, k), TestKey.MISSING_CLASSES: missing_classes},
+        EvalKey.TEST: {ScoredSplitKey.DATA: test_spec, ScoredSplitKey.NAME: test_data.name,
+                       ScoredSplitKey.SPLIT: "test", ScoredSplitKey.IMAGES: len(y_test),
+                       ScoredSplitKey.CLASS_NAMES: setup.class_names,
+                       ScoredSplitKey.CLASS_COUNTS: class_counts(y_test, k),
+                       ScoredSplitKey.MISSING_CLASSES: missing_classes},
         EvalKey.RESULTS: results,
     })
     if cfg.json:
@@ -680,12 +683,12 @@ def _pm(mean, std, scale: float, digits: int) -> str:
 def format_report(report: dict) -> str:
     """A short plain-text table: one row per arm (mean ± std over runs), per-class accuracy, pooled confusion."""
     t, results = report[EvalKey.TEST], report[EvalKey.RESULTS]
-    lines = [f"Test: {t[TestKey.NAME]} {t[TestKey.SPLIT]} split, {t[TestKey.IMAGES]} images; model "
-             f"{report[EvalKey.MODEL]}; {report[EvalKey.RUNS]} run(s) per row, seed {report[EvalKey.SEED]}; "
+    lines = [f"Test: {t[ScoredSplitKey.NAME]} {t[ScoredSplitKey.SPLIT]} split, {t[ScoredSplitKey.IMAGES]} images; "
+             f"model {report[EvalKey.MODEL]}; {report[EvalKey.RUNS]} run(s) per row, seed {report[EvalKey.SEED]}; "
              "mean ± std (n-1)."]
-    if t.get(TestKey.MISSING_CLASSES):  # whole test data without some of the share's classes
+    if t.get(ScoredSplitKey.MISSING_CLASSES):  # whole test data without some of the share's classes
         lines.append("The accuracy covers only the classes with test images; none of "
-                     f"{', '.join(t[TestKey.MISSING_CLASSES])}.")
+                     f"{', '.join(t[ScoredSplitKey.MISSING_CLASSES])}.")
     rows = [("trained on", "images", "epochs", "lr", "accuracy %", "AUC")]
     for r in results:
         mean, std, recipe = r[RowKey.MEAN], r[RowKey.STD], r[RowKey.RECIPE]
@@ -706,7 +709,7 @@ def format_report(report: dict) -> str:
     if not any(r[RowKey.KIND] != DISTILLED for r in results):
         lines.append("No baseline was run: compare with `distill eval --baseline random-real --ipc K` and "
                      "`--baseline full` under the same protocol.")
-    names = t[TestKey.CLASS_NAMES]
+    names = t[ScoredSplitKey.CLASS_NAMES]
     name_w = max(len(r[RowKey.NAME]) for r in results)
     col_w = [max(len(n), 5) for n in names]
     lines.append("Per-class accuracy %, mean over runs:")
@@ -717,5 +720,6 @@ def format_report(report: dict) -> str:
     lines.append("Confusion matrix summed over runs (rows true, columns predicted):")
     for r in results:
         pooled = np.sum([run[MetricKey.CONFUSION] for run in r[RowKey.RUNS]], axis=0).tolist()
-        lines.append(f"  {r[RowKey.NAME].ljust(name_w)}  " + " | ".join(" ".join(str(v) for v in row) for row in pooled))
+        lines.append(f"  {r[RowKey.NAME].ljust(name_w)}  "
+                     + " | ".join(" ".join(str(v) for v in row) for row in pooled))
     return "\n".join(lines)

@@ -34,8 +34,8 @@ from .audit_page import STATUS_WORDS, decision_section, public_note
 from .formats.audit import (AUDIT_FILE, FEATURE_COSINE, PIXEL_CORRELATION, SSIM, AuditSummary, MembershipKey,
                             NeighbourKey, QuantileKey, RateKey, SettingKey, VerdictKey, read_audit)
 from .formats.buffer_config import buffer_data_spec
-from .formats.eval_report import (DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, ShareKey, TestKey, TrainedOnKey,
-                                   read_eval_report)
+from .formats.eval_report import (DISTILLED, EvalKey, MetricKey, RecipeKey, RowKey, ScoredSplitKey, ShareKey,
+                                   TrainedOnKey, read_eval_report)
 from .formats.provenance import SALT, SALTED_SHA256
 from .formats.run import (CONFIG_BUFFER, CONFIG_DATA, EVAL, ITERATION, KIND, LOSS, METRICS_FILE, SYN_LR, VAL_ACC_MEAN,
                           VAL_MAJORITY, read_curves, read_run_config)
@@ -320,7 +320,8 @@ def _ci(m: dict) -> str:
     if not isinstance(m, dict) or not isinstance(m.get(RateKey.VALUE), (int, float)):
         return "n/a"
     lo, hi = (m.get(RateKey.CI95) or [None, None])[:2]
-    text = f"{m[RateKey.VALUE]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else "")
+    both = isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+    text = f"{m[RateKey.VALUE]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if both else "")
     return text + ("" if m.get(RateKey.RESOLVABLE, True) else " (too few points)")
 
 
@@ -414,8 +415,8 @@ def _eval_section(doc: dict | None, share: Share) -> str:
     note = ""
     if share.payload_sha256 and shas and share.payload_sha256 not in shas:
         note = '<p class="warn">This evaluation was run on another share than this one (its payload checksum differs).</p>'
-    intro = (f"<p>Networks trained on each row, tested on the {_e(test.get(TestKey.SPLIT, 'test'))} split of "
-             f"{_e(test.get(TestKey.NAME, '?'))} ({_e(test.get(TestKey.IMAGES, '?'))} images); "
+    intro = (f"<p>Networks trained on each row, tested on the {_e(test.get(ScoredSplitKey.SPLIT, 'test'))} split of "
+             f"{_e(test.get(ScoredSplitKey.NAME, '?'))} ({_e(test.get(ScoredSplitKey.IMAGES, '?'))} images); "
              f"{_e(doc.get(EvalKey.RUNS, '?'))} run(s) per row, model {_e(doc.get(EvalKey.MODEL, '?'))}; "
              "mean ± standard deviation.</p>")
     return _section("accuracy", "Accuracy against real-data baselines", note + intro + _bars(bars) + _table(
@@ -447,7 +448,8 @@ def _curves_section(records: list[dict], from_run: bool) -> str:
     evals = [r for r in records if r.get(KIND) == EVAL and isinstance(r.get(VAL_ACC_MEAN), (int, float))]
     if not its and not evals:
         return _section("curves", "Learning curves", f"<p>The run folder has no {METRICS_FILE} entries.</p>")
-    majority = next((r.get(VAL_MAJORITY) for r in reversed(evals) if isinstance(r.get(VAL_MAJORITY), (int, float))), None)
+    majority = next((r.get(VAL_MAJORITY) for r in reversed(evals) if isinstance(r.get(VAL_MAJORITY), (int, float))),
+                    None)
     plots = [_svg_plot([(r.get(ITERATION), r.get(LOSS)) for r in its], "Trajectory-matching loss"),
              _svg_plot([(r.get(ITERATION), r.get(SYN_LR)) for r in its], "Learned step size", log_y=True),
              _svg_plot([(r.get(ITERATION), r[VAL_ACC_MEAN]) for r in evals], "Validation accuracy",

@@ -100,5 +100,6 @@ def test_no_module_spells_the_reference_step_size_epochs_or_batch():
     for path in sorted(PACKAGE.rglob("*.py")):
         module = path.relative_to(PACKAGE.parent).as_posix()
         if module != HOME:
-            offenders += [f"{module}:{line}: {name} = {number!r}" for line, name, number in _spelled(ast.parse(path.read_text()))]
+            offenders += [f"{module}:{line}: {name} = {number!r}"
+                          for line, name, number in _spelled(ast.parse(path.read_text()))]
     assert not offenders, "import the number from distill/reference_defaults.py instead:\n" + "\n".join(offenders)

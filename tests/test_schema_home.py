@@ -75,7 +75,8 @@ def test_no_module_outside_formats_spells_a_file_name_or_a_format_key():
 # write or read those documents. Each module is checked against the documents it handles only, since a short key
 # such as "members" or "data" means something else in another table of the same module.
 MEASURES = ("PIXEL_CORRELATION", "SSIM", "FEATURE_COSINE")  # the keys of summary.nearest_neighbour
-EVAL_KEYS = ("eval_report.py", ("EvalKey", "TestKey", "RowKey", "MetricKey", "TrainedOnKey", "ShareKey", "RecipeKey"), ())
+EVAL_KEYS = ("eval_report.py", ("EvalKey", "ScoredSplitKey", "RowKey", "MetricKey", "TrainedOnKey", "ShareKey",
+                               "RecipeKey"), ())
 AUDIT_KEYS = ("audit.py", ("SettingKey", "DataKey", "NeighbourKey", "QuantileKey", "MembershipKey", "RateKey",
                            "RmiaKey", "ReferenceKey", "CanaryKey", "DetailKey", "VerdictKey", "AuditSummary"), MEASURES)
 RMIA_KEYS = ("audit.py", ("RateKey", "RmiaKey", "ReferenceKey", "CanaryKey"), ())
@@ -185,7 +186,8 @@ def _key_offenders(source: str, module: str, keys: set[str]) -> list[str]:
 def test_the_key_sets_hold_the_documents_keys():
     assert {"results", "trained_on", "mean", "accuracy", "payload_sha256", "epochs"} <= _keys(EVAL_KEYS)
     assert {"membership", "verdict", "reasons", "rmia", "tpr_at_1pct_fpr", "ci95", "resolvable", "threshold",
-            "median", "significantly_above_random_subset", "pixel_correlation", "ssim", "feature_cosine"} <= _keys(AUDIT_KEYS)
+            "median", "significantly_above_random_subset", "pixel_correlation", "ssim",
+            "feature_cosine"} <= _keys(AUDIT_KEYS)
     assert {"kind", "iteration", "eval", "loss", "syn_lr", "val_acc_mean", "val_majority"} <= _keys(RUN_METRICS_KEYS)
     assert {"data", "buffer"} <= _keys(RUN_CONFIG_KEYS)
 

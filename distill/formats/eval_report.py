@@ -35,10 +35,7 @@ class EvalKey:
     RESULTS = "results"
 
 
-RESULTS = EvalKey.RESULTS
-
-
-class TestKey:
+class ScoredSplitKey:
     """``test``: the scored split."""
 
     DATA = "data"
@@ -123,7 +120,8 @@ def read_eval_report(path: str | os.PathLike) -> dict:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise DistillError(f"{path} is not a readable JSON file; pass the file `distill eval --json` wrote.") from None
-    if not isinstance(doc, dict) or doc.get(FORMAT_KEY) != EVAL_FORMAT or not isinstance(doc.get(RESULTS), list):
+    if (not isinstance(doc, dict) or doc.get(FORMAT_KEY) != EVAL_FORMAT
+            or not isinstance(doc.get(EvalKey.RESULTS), list)):
         raise DistillError(f"{path} is not a `distill eval --json` report.")
     if str(doc.get(VERSION_KEY, "")).split(".")[0] != EVAL_FORMAT_VERSION.split(".")[0]:
         raise DistillError(f"{path} has eval format {doc.get(VERSION_KEY)!r}; this page reads version 1.")

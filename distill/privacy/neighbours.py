@@ -153,7 +153,8 @@ class NeighbourResult:
         return self.synthetic > self.threshold
 
     def summary(self) -> dict:
-        return {NeighbourKey.SYNTHETIC: quantile_stats(self.synthetic), NeighbourKey.HOLDOUT: quantile_stats(self.holdout),
+        return {NeighbourKey.SYNTHETIC: quantile_stats(self.synthetic),
+                NeighbourKey.HOLDOUT: quantile_stats(self.holdout),
                 NeighbourKey.THRESHOLD: self.threshold, NeighbourKey.FLAGGED: int(self.flagged.sum())}
 
 

@@ -72,8 +72,8 @@ def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_h
     return {**extra, RmiaKey.SHARE: share, RmiaKey.RANDOM_SUBSET: baseline,
             RmiaKey.SIGNIFICANTLY_ABOVE: above_baseline(share, baseline),
             RmiaKey.RULE: RULE, RmiaKey.POPULATION: "non-members",
-            RmiaKey.REFERENCES: {**dataclasses.asdict(ref), ReferenceKey.OFFLINE_A: OFFLINE_A, ReferenceKey.GAMMA: GAMMA,
-                                 ReferenceKey.TRAINED_NOW: sig["trained"],
+            RmiaKey.REFERENCES: {**dataclasses.asdict(ref), ReferenceKey.OFFLINE_A: OFFLINE_A,
+                                 ReferenceKey.GAMMA: GAMMA, ReferenceKey.TRAINED_NOW: sig["trained"],
                                  ReferenceKey.TRAINING_SECONDS: round(sig["seconds"], 1)},
             RmiaKey.N_MEMBERS: n_mem, RmiaKey.N_NONMEMBERS: len(x_hold)}
 
@@ -123,7 +123,8 @@ def canary_exposure(n: int, data: RealData, hold_u8: torch.Tensor, hold_y: torch
     p_c, p_rest = p[n_train:n_train + n], p[n_train + n:]
     scores_c = rmia_scores(p_c, prior_c, p_rest, prior_rest)
     scores_rest = rmia_scores(p_rest, prior_rest, p_rest, prior_rest)
-    return {CanaryKey.N_CANARIES: n, CanaryKey.KIND: "mislabeled held-out images", **rate_metrics(scores_c, scores_rest)}
+    return {CanaryKey.N_CANARIES: n, CanaryKey.KIND: "mislabeled held-out images",
+            **rate_metrics(scores_c, scores_rest)}
 
 
 def rmia_reasons(rmia: dict) -> list[str]:
