@@ -19,7 +19,7 @@ import torch
 from . import dp
 from .augment import Augment
 from .batched import StackedModels, predict_batched, train_batched
-from .config import BufferConfig, check_ranges, save_toml
+from .config import REFERENCE_LR, BufferConfig, check_ranges, save_toml
 from .data import Preprocessing, RealData, fit_preprocessing, load_data
 from .medical import ReadOptions
 from .distributed import World, destroy_process_group, init_process_group, resolve_device, world_from_env
@@ -304,6 +304,8 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         if cfg.dp_epsilon is not None:
             dp.check_model(probe, cfg.model)
             plan, record = dp_plan(cfg, len(data.train), out)
+        if cfg.lr is None:  # DP experts' clipped gradients want a longer step (dp.DP_LR); recorded resolved
+            cfg = dataclasses.replace(cfg, lr=dp.DP_LR if cfg.dp_epsilon is not None else REFERENCE_LR)
         requested = cfg  # config.toml keeps what was asked for (0 = auto), the experts record what ran
         cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
         mine = world.shard(list(range(cfg.experts)))

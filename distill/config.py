@@ -22,6 +22,9 @@ from .limits import INT_LIMIT, MAX_EPOCHS, MAX_HOURS, MAX_SIZE, SEED_LIMIT
 T = TypeVar("T")
 
 
+REFERENCE_LR = 0.01  # the MTT reference's lr_teacher: the experts' SGD step size
+
+
 @dataclass(frozen=True)
 class BufferConfig:
     """Expert (teacher) training. Defaults are the MTT reference's buffer.py settings."""
@@ -31,7 +34,9 @@ class BufferConfig:
     model: str = "convnet"  # a ConvNet whose depth follows the image size: convnet3 at 28 px (models.convnet_depth_for)
     experts: int = 10
     epochs: int = 50  # reference train_epochs
-    lr: float = 0.01  # reference lr_teacher
+    # None: the reference's lr_teacher 0.01 (REFERENCE_LR), or dp.DP_LR for DP-SGD experts, whose clipped
+    # gradients are ~19x shorter (chosen on RetinaMNIST's validation split: docs/privacy.md).
+    lr: float | None = None
     momentum: float = 0.0  # reference mom
     weight_decay: float = 0.0  # reference l2
     batch_size: int = 256  # reference batch_train
