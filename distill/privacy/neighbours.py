@@ -15,7 +15,7 @@ import kornia
 import torch
 from torch import nn
 
-from ..config import AuditSettings, BufferConfig
+from ..config import REFERENCE_LR, AuditSettings, BufferConfig
 from ..data import Preprocessing, RealData
 from ..errors import DataError, DistillError, FormatError
 from ..formats.trajectory import read_buffer_preprocessing, read_expert
@@ -213,7 +213,7 @@ def feature_network(model: str, model_kwargs: dict, preprocessing: Preprocessing
         with seeded(settings.seed, FEATURE, 0):
             net = create_model(model, data.num_classes, data.channels, data.size, **model_kwargs)
         net.to(device)
-        recipe = TrainRecipe(epochs=settings.expert_epochs, lr=b.lr, batch_size=b.batch_size, momentum=b.momentum,
+        recipe = TrainRecipe(epochs=settings.expert_epochs, lr=REFERENCE_LR, batch_size=b.batch_size, momentum=b.momentum,
                              weight_decay=b.weight_decay, decay_at_half=False, augment=None)
         train_network(net, x_train, data.train.labels.to(device), recipe, generator(settings.seed, FEATURE, 1))
         info = {"source": "trained", "epochs": settings.expert_epochs}
