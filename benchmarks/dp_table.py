@@ -190,9 +190,11 @@ def eval_row(run: Runner, key: str, row: Row, args: list[str], out: Path) -> Row
 
 
 def direct_dp(run: Runner, p: Profile, ds: str, eps: float, device: str, work: Path) -> Row:
-    tag = eps_tag(eps)
+    from distill.dp import DP_LR  # the dp-sgd baseline's step size; in the key, so a new default is a new row
+
+    tag = f"{eps_tag(eps)}-lr{DP_LR:g}"
     out = work / ds / f"dpsgd-{tag}.json"
-    row = Row(ds, f"DP-SGD direct (ε = {tag})", eps)
+    row = Row(ds, f"DP-SGD direct (ε = {eps_tag(eps)}, lr {DP_LR:g})", eps)
     args = ["eval", "--baseline", "dp-sgd", "--epsilon", f"{eps:g}", "--train", ds, "--test", ds, "--runs",
             str(p.direct_runs), "--json", str(out), "--seed", str(p.seed), "--device", device]
     return eval_row(run, f"{ds}-dpsgd-{tag}", row, args, out)

@@ -32,6 +32,7 @@ from .io import atomic_path, check_writable_dir, output_lock, remove_stale_temps
 from .lifecycle import stage
 from .models import create_model, flatten_params, param_spec, resolve_model
 from .progress import progress
+from .reference_defaults import NETWORK_LR
 from .seeding import generator, seeded
 from .train import TrainRecipe, accuracy, predict, train_network
 
@@ -299,6 +300,8 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         if cfg.dp_epsilon is not None:
             dp.check_model(probe, cfg.model)
             plan, record = dp_plan(cfg, len(data.train), out)
+        if cfg.lr is None:  # DP experts' clipped gradients want a longer step (dp.DP_LR); recorded resolved
+            cfg = dataclasses.replace(cfg, lr=dp.DP_LR if cfg.dp_epsilon is not None else NETWORK_LR)
         requested = cfg  # config.toml keeps what was asked for (0 = auto), the experts record what ran
         cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
         mine = world.shard(list(range(cfg.experts)))

@@ -32,7 +32,9 @@ class BufferConfig:
     model: str = "convnet"  # a ConvNet whose depth follows the image size: convnet3 at 28 px (models.convnet_depth_for)
     experts: int = 10
     epochs: int = 50  # reference train_epochs
-    lr: float = NETWORK_LR  # reference lr_teacher
+    # None: the reference's lr_teacher (reference_defaults.NETWORK_LR), or dp.DP_LR for DP-SGD experts,
+    # whose clipped gradients are 20-30x shorter (chosen on RetinaMNIST's validation split: docs/privacy.md).
+    lr: float | None = None
     momentum: float = 0.0  # reference mom
     weight_decay: float = 0.0  # reference l2
     batch_size: int = BATCH  # reference batch_train

@@ -52,11 +52,7 @@ REAL_EPOCHS = SMALL_SET_EPOCHS  # random-real without a share to copy the recipe
 # The dp-sgd baseline's epochs: DP-SGD on one CPU core costs ~30 s per PneumoniaMNIST epoch, and more
 # epochs means more noise per step at a fixed epsilon; 5 is the setting of issue 23's first measurement.
 DP_EPOCHS = 5
-# The dp-sgd baseline's step size. Clipping shrinks each image's gradient to norm 1, and ConvNet-3's are
-# ~19 at initialisation on PneumoniaMNIST (median over 128 images), so REAL_LR would take steps ~19x
-# shorter than the plain recipe's; at REAL_LR, 5 epochs at epsilon 8 still predicted only the majority
-# class (docs/privacy.md). 10x REAL_LR gives back part of the difference; not tuned further.
-DP_LR = 0.1
+DP_LR = dp.DP_LR  # the dp-sgd baseline's step size: the DP experts' (distill/dp.py says how it was chosen)
 DEFAULT_AUGMENT = BufferConfig.augment  # the experts' DSA list: the reference protocol
 
 # Warn before training when the full-data baseline is more than this share of the image passes:

@@ -137,6 +137,8 @@ def test_dp_buffer_writes_its_record_fixed_normalisation_and_noised_class_means(
     # Poisson batches vary in size; the snapshots still fall every step.
     assert e.snapshot_steps.tolist() == list(range(rec.steps + 1))
     assert e.train["dp_noise_multiplier"] == rec.noise_multiplier
+    # No --lr: DP experts take the DP step size (clipping shortens their gradients), recorded as it ran.
+    assert e.train["lr"] == dp.DP_LR != 0.01 and f"lr = {dp.DP_LR}" in (out / "config.toml").read_text()
     # Nothing measured on private images without noise: no training loss or accuracy, no validation accuracy.
     assert all(np.isnan(v).all() for v in e.history().values())
     with h5py.File(out / DP_STATS_FILE) as f:
@@ -177,10 +179,12 @@ def test_dp_and_non_dp_experts_never_share_a_folder(tiny_npz, tmp_path):
     plain = dataclasses.replace(_cfg(tiny_npz, tmp_path / "plain", experts=1, epochs=1), dp_epsilon=None,
                                 dp_accountant="prv")
     build_buffer(plain)
+    assert read_expert(expert_path(plain.out, 0)).train["lr"] == 0.01  # without DP: the reference's step size
     with pytest.raises(Exception, match="without DP"):
         build_buffer(dataclasses.replace(plain, dp_epsilon=8.0, dp_delta=1e-3, dp_accountant="rdp"))
-    dpb = _cfg(tiny_npz, tmp_path / "dp", experts=1, epochs=1, dp_delta=1e-3)
+    dpb = _cfg(tiny_npz, tmp_path / "dp", experts=1, epochs=1, dp_delta=1e-3, lr=0.05)
     build_buffer(dpb)
+    assert read_expert(expert_path(dpb.out, 0)).train["lr"] == 0.05  # a given --lr wins in DP mode too
     with pytest.raises(Exception, match="holds DP experts"):
         build_buffer(dataclasses.replace(dpb, dp_epsilon=None, dp_delta=None, dp_accountant="prv"))
 

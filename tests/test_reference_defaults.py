@@ -17,7 +17,8 @@ HOME = "distill/reference_defaults.py"
 
 # (module, "NAME" or "Class.field") -> the reference_defaults constant it must be. These all once spelled the number.
 SITES = {
-    ("distill/config.py", "BufferConfig.lr"): "NETWORK_LR",
+    # BufferConfig.lr is None (resolved in buffer.py: NETWORK_LR, or dp.DP_LR for DP experts); the
+    # resolution is covered by the no-spelling check below and by tests/test_dp.py.
     ("distill/config.py", "BufferConfig.batch_size"): "BATCH",
     ("distill/config.py", "RunConfig.syn_lr_init"): "NETWORK_LR",
     ("distill/config.py", "RunConfig.eval_epochs"): "SMALL_SET_EPOCHS",

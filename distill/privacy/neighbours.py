@@ -21,6 +21,7 @@ from ..errors import DataError, DistillError, FormatError
 from ..formats.audit import NeighbourKey, QuantileKey
 from ..formats.trajectory import read_buffer_preprocessing, read_expert
 from ..models import create_model, load_flat
+from ..reference_defaults import NETWORK_LR
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
 from .streams import FEATURE
@@ -216,7 +217,7 @@ def feature_network(model: str, model_kwargs: dict, preprocessing: Preprocessing
         with seeded(settings.seed, FEATURE, 0):
             net = create_model(model, data.num_classes, data.channels, data.size, **model_kwargs)
         net.to(device)
-        recipe = TrainRecipe(epochs=settings.expert_epochs, lr=b.lr, batch_size=b.batch_size, momentum=b.momentum,
+        recipe = TrainRecipe(epochs=settings.expert_epochs, lr=NETWORK_LR, batch_size=b.batch_size, momentum=b.momentum,
                              weight_decay=b.weight_decay, decay_at_half=False, augment=None)
         train_network(net, x_train, data.train.labels.to(device), recipe, generator(settings.seed, FEATURE, 1))
         info = {"source": "trained", "epochs": settings.expert_epochs}
