@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
+from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENT_MODES, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
                      SNAPSHOT_DTYPES,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
@@ -186,9 +186,11 @@ def eval_(config_file, shares, baselines, **flags):
               help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
                    f"{default_text(RunConfig, 'trajectories_per_iter')}.")
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
-@click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
-              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps "
-                   f"{default_text(RunConfig, 'gradient')}.")
+@click.option("--gradient", type=click.Choice(GRADIENT_MODES), default=None,
+              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps; "
+                   f"auto: full where it fits --max-memory, else checkpoint {default_text(RunConfig, 'gradient')}.")
+@click.option("--max-memory", type=float, default=None,
+              help="GiB the matching gradient may take, for --gradient auto (default: half the memory available at the start).")
 @click.option("--fast", type=click.Choice(FAST_MODES), default=None,
               help="auto: each iteration one captured CUDA graph on CUDA, eager elsewhere; "
                    f"compile: torch.compile, then captured; eager: no capture {default_text(RunConfig, 'fast')}.")

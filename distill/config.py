@@ -115,7 +115,10 @@ class RunConfig:
     momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
     batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
     augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
-    gradient: str = "full"  # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps)
+    # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps) | auto:
+    # full where its estimated memory fits max_memory, else checkpoint (distill/memory.py); config.toml records the choice.
+    gradient: str = "auto"
+    max_memory: float | None = None  # GiB the matching gradient may take; None = memory.MEMORY_FRACTION of the available
     # How each iteration runs: auto = one captured CUDA graph per iteration on CUDA, eager elsewhere;
     # graphs | compile (torch.compile, then captured) | eager. Same numbers up to rounding (docs/performance.md).
     fast: str = "auto"
@@ -224,6 +227,7 @@ class ReportConfig:
 # ----------------------------------------------------------------------------- allowed values
 
 GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
+GRADIENT_MODES = ("auto",) + GRADIENTS  # auto: full where it fits --max-memory, else checkpoint (distill/memory.py)
 FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
 ATTACKS = ("loss", "rmia")  # distill audit --attack
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
@@ -304,7 +308,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "syn_lr_init": Allowed(low=0, strict=True, **KEY_ONLY), "max_log_lr_step": Allowed(low=0, strict=True, **KEY_ONLY),
         "min_syn_lr_fraction": Allowed(low=0, high=1, **KEY_ONLY), "max_start_epoch": Allowed(low=0),
         "momentum": Allowed(low=0, high=1, **KEY_ONLY), "batch_syn": Allowed(low=0, zero="the whole set"),
-        "gradient": Allowed(choices=GRADIENTS), "fast": Allowed(choices=FAST_MODES),
+        "gradient": Allowed(choices=GRADIENT_MODES), "max_memory": POSITIVE, "fast": Allowed(choices=FAST_MODES),
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY), "seed": SEED,
     },

@@ -38,6 +38,7 @@ from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
+from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
 from ..progress import progress
@@ -50,11 +51,11 @@ from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, gri
 from .synthetic import (bound_log_step, correctly_classified, floor_log_step, initial_images, initial_logits, list_inits,
                         log_step_size, needs_real_data, soft_targets)
 from .engine import Matched, MatchingEngine
-from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, unroll_student
+from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, student_step, unroll_student
 
 log = logging.getLogger(__name__)
 
-INIT_KEY, ITER_KEY, EVAL_KEY = 0, 1, 2  # independent sub-streams of the run seed (distill.seeding)
+INIT_KEY, ITER_KEY, EVAL_KEY, MEMORY_KEY = 0, 1, 2, 3  # independent sub-streams of the run seed (distill.seeding)
 # Along the expert's own direction a student that moves r times as far ends at normalised loss
 # (r - 1)^2: at r = 2 it is no closer than where it started, below r = 0.5 it covers under half
 # the way. Outside this range the settings, not the images, dominate the loss.
@@ -213,6 +214,7 @@ class _Run:
     val: tuple[torch.Tensor, torch.Tensor] | None  # preprocessed validation images and labels, on the device
     metrics: MetricsLog
     dp: DPRecord | None = None  # the buffer's DP record: then nothing here has read a private file
+    gradient_choice: GradientChoice | None = None  # what --gradient auto chose, and why
 
 
 @dataclass
@@ -503,6 +505,8 @@ def _autos_as_before(cfg: RunConfig, out: Path) -> RunConfig:
                               if k in {f.name for f in dataclasses.fields(RunConfig)} | set(FILE_KEYS)})
     autos = {f.name: getattr(saved, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(cfg, f.name) is None and getattr(saved, f.name) is not None}
+    if cfg.gradient == "auto" and saved.gradient != "auto":  # a run keeps the gradient it chose at its start
+        autos["gradient"] = saved.gradient
     return dataclasses.replace(cfg, **autos)
 
 
@@ -543,6 +547,12 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     elif cfg.eval_models > 0 and world.main and dp is None:
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     augment = Augment.parse(cfg.augment)
+    choice = None
+    if cfg.gradient == "auto":
+        choice = _choose_gradient(cfg, pool, model, spec, augment, device, world)
+        cfg = dataclasses.replace(cfg, gradient=choice.gradient)  # config.toml records what was chosen
+        if world.main:
+            log.info("%s", choice.sentence())
     engine = MatchingEngine(model, spec, augment, gradient=cfg.gradient, temperature=cfg.label_temperature, fast=cfg.fast)
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
                augment=augment, engine=engine, val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main),
@@ -550,7 +560,31 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     if start_over and world.main:  # only once every check has passed
         log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
         clear_run(out)
+    run.gradient_choice = choice
     return run, real, reason
+
+
+def _choose_gradient(cfg: RunConfig, pool: ExpertPool, model: nn.Module, spec: ParamSpec, augment: Augment | None,
+                     device: torch.device, world: World) -> GradientChoice:
+    """``--gradient auto``: the full unroll where its estimated memory fits ``--max-memory``, else checkpoint.
+
+    One student step of the oracle on random images of the run's shape is traced for the bytes autograd
+    keeps (distill/memory.py); the trajectories a rank holds at once multiply it (vmapped on CUDA).
+    """
+    n = cfg.ipc * pool.num_classes
+    batch = n if cfg.batch_syn <= 0 or cfg.batch_syn >= n else cfg.batch_syn
+    gen = generator(cfg.seed, MEMORY_KEY)  # its own stream: the run's draws stay as they were
+    images = torch.randn(n, pool.channels, pool.size, pool.size, generator=gen).to(device)
+    labels = (torch.arange(n) % pool.num_classes).to(device)
+    plan = make_plan(n, 1, batch, gen, augment=augment, size=(pool.size, pool.size), device=device)
+    idx, aug = plan.step(0)
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()]).requires_grad_(True)
+    x = images[idx].requires_grad_(True)
+    per_step = saved_bytes(lambda: student_step(model, spec, theta, x, labels[idx], torch.tensor(0.01, device=device),
+                                                augment, aug, create_graph=True))
+    mine = -(-cfg.trajectories_per_iter // world.size)
+    vmapped = device.type == "cuda" and next(model.buffers(), None) is None  # as MatchingEngine decides
+    return choose_gradient(per_step, cfg.syn_steps, mine if vmapped else 1, budget_bytes(cfg.max_memory, device))
 
 
 def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
@@ -617,6 +651,8 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
                      len(state.images), run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"),
                      device, {"eager": "eager", "graphs": "captured", "compile": "compiled and captured"}[
                          run.engine.mode(device)], run.cfg.gradient)
+            if run.gradient_choice is not None:
+                run.metrics.write(run.gradient_choice.record())
         world.barrier()
         _run_loop(run, state, fresh=not resume)
         if world.main:
