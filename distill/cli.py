@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENT_MODES, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
-                     SNAPSHOT_DTYPES,
+                     PRECISIONS, SNAPSHOT_DTYPES,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
@@ -67,6 +67,10 @@ def cli(verbose: int) -> None:
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                       help=f"Where to compute; auto picks a GPU when there is one {default_text(RunConfig, 'device')}.")
 SEED = click.option("--seed", type=int, default=None, help="Seed; the same seed gives the same result.")
+PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                         help="Arithmetic of the networks: bf16 autocast where the processor has native bf16, with "
+                              "parameters, images, losses and optimiser state in fp32; auto is fp32 until bf16 is "
+                              f"measured to lose no accuracy (docs/performance.md) {default_text(RunConfig, 'precision')}.")
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                       help="TOML file with defaults for this command; flags override it.")
 
@@ -112,6 +116,7 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
                    f"within the same budget {default_text(BufferConfig, 'dp_init')}.")
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def buffer(config_file, **flags):
     """Train expert networks on real data and store their trajectories."""
@@ -153,6 +158,7 @@ def buffer(config_file, **flags):
                    f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def eval_(config_file, shares, baselines, **flags):
     """Train fresh networks on one or more shares (their union) and test them on real data."""
@@ -199,6 +205,7 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def run(config_file, resume, **flags):
     """Learn a small synthetic set by matching the buffer's expert trajectories (MTT)."""

@@ -38,6 +38,7 @@ from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
+from ..precision import autocast, resolve_precision
 from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
 from ..models import ParamSpec, param_spec
@@ -375,8 +376,9 @@ def _iteration(run: _Run, state: _State, it: int) -> dict:
                        size=tuple(state.images.shape[-2:]), device=device) for _ in segments]
     mine = run.world.shard(list(range(len(segments))))
     pairs = [run.pool.pair(segments[j], device) for j in mine]
-    m = match_segments(run.engine, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), state,
-                       stack_plans([plans[j] for j in mine]))
+    with autocast(cfg.precision, device):  # the unrolls' network work; the results and the update stay fp32
+        m = match_segments(run.engine, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), state,
+                           stack_plans([plans[j] for j in mine]))
     learned = state.learned()
     sums = {"images": m.images, "log_lr": m.log_lr} | ({"logits": m.labels} if m.labels is not None else {})
     # One all-reduce for everything, then the mean over all segments, whichever rank matched them.
@@ -505,8 +507,9 @@ def _autos_as_before(cfg: RunConfig, out: Path) -> RunConfig:
                               if k in {f.name for f in dataclasses.fields(RunConfig)} | set(FILE_KEYS)})
     autos = {f.name: getattr(saved, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(cfg, f.name) is None and getattr(saved, f.name) is not None}
-    if cfg.gradient == "auto" and saved.gradient != "auto":  # a run keeps the gradient it chose at its start
-        autos["gradient"] = saved.gradient
+    for name in ("gradient", "precision"):  # a run keeps the gradient and precision it chose at its start
+        if getattr(cfg, name) == "auto" and getattr(saved, name) != "auto":
+            autos[name] = getattr(saved, name)
     return dataclasses.replace(cfg, **autos)
 
 
@@ -547,6 +550,7 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     elif cfg.eval_models > 0 and world.main and dp is None:
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     augment = Augment.parse(cfg.augment)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded as chosen
     choice = None
     if cfg.gradient == "auto":
         choice = _choose_gradient(cfg, pool, model, spec, augment, device, world)
