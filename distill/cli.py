@@ -67,6 +67,9 @@ def cli(verbose: int) -> None:
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                       help=f"Where to compute; auto picks a GPU when there is one {default_text(RunConfig, 'device')}.")
 SEED = click.option("--seed", type=int, default=None, help="Seed; the same seed gives the same result.")
+WORKERS = click.option("--workers", type=int, default=None,
+                       help="Processes working side by side on a CPU, one thread each; 0 = one per core, "
+                            "1 = one after another (default 0).")
 PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                          help="Arithmetic of the networks: bf16 autocast where the processor has native bf16, with "
                               "parameters, images, losses and optimiser state in fp32; auto is fp32 until bf16 is "
@@ -114,6 +117,7 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--dp-init", type=click.Choice(DP_INITS), default=None,
               help="class-means: also release noised per-class mean images for `distill run --init dp-means`, "
                    f"within the same budget {default_text(BufferConfig, 'dp_init')}.")
+@WORKERS
 @SEED
 @DEVICE
 @PRECISION

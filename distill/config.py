@@ -48,6 +48,9 @@ class BufferConfig:
     batch_experts: int = 0
     bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
     precision: str = "auto"  # auto | fp32 | bf16: autocast of the one-at-a-time experts (distill/precision.py)
+    # Experts trained side by side in worker processes on a CPU (distill/workers.py); 0 = auto, one per core
+    # (buffer.AUTO_WORKERS_MIN_PASSES); 1 = one after another in this process. The experts record what ran.
+    workers: int = 0
     seed: int = 0
     device: str = "auto"
     # How DICOM/NIfTI files of a labels table are read (distill/medical.py); recorded in the buffer's split record.
@@ -303,7 +306,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "batch_experts": Allowed(low=0, zero="auto"),
         "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
         "dp_shards": AT_LEAST_1, "dp_accountant": Allowed(choices=DP_ACCOUNTANTS), "dp_init": Allowed(choices=DP_INITS),
-        "precision": Allowed(choices=PRECISIONS),
+        "precision": Allowed(choices=PRECISIONS), "workers": Allowed(low=0, zero="one per core"),
     },
     RunConfig: {
         "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,

@@ -149,3 +149,30 @@ def test_gradient_auto_gives_the_numbers_of_the_mode_it_chose(tiny_buffer, tmp_p
 def test_run_records_the_precision_it_used(tiny_buffer, tmp_path):
     out = _run(tiny_buffer, tmp_path / "run")
     assert load_toml(out / "config.toml")["precision"] == "fp32"
+
+
+# ----------------------------------------------------------------------------- --workers
+
+
+def _buffer(root: Path, name: str, **kw) -> list[torch.Tensor]:
+    from distill.formats.trajectory import read_expert
+
+    if not (root / "tiny.npz").exists():
+        np.savez(root / "tiny.npz", **make_tiny_arrays())
+    out = root / name
+    paths = build_buffer(BufferConfig(data=str(root / "tiny.npz"), out=str(out), experts=3, epochs=2, batch_size=5,
+                                      snapshot_every=2, augment="crop,flip", device="cpu", **kw))
+    assert sorted(p.name for p in paths) == [f"expert_000{i}.h5" for i in range(3)]
+    experts = [read_expert(p) for p in sorted(paths)]
+    assert {e.train["workers"] for e in experts} == {kw.get("workers", 1)}
+    return [e.snapshots() for e in experts]
+
+
+def test_buffer_workers_are_deterministic_and_equal_one_process(tmp_path):
+    torch.set_num_threads(1)  # one thread, as each worker of two on two cores runs
+    two = _buffer(tmp_path, "two", workers=2)
+    again = _buffer(tmp_path, "again", workers=2)
+    one = _buffer(tmp_path, "one", workers=1)
+    for a, b, c in zip(two, again, one):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)  # each expert's randomness is its own: the worker count changes nothing here
