@@ -160,6 +160,7 @@ def buffer(config_file, **flags):
 @click.option("--share-weights", type=click.Choice(SHARE_WEIGHTS), default=None,
               help="How several shares' images of one class weigh against each other: by the real images of that "
                    f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
+@WORKERS
 @SEED
 @DEVICE
 @PRECISION

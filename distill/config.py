@@ -153,6 +153,7 @@ class EvalConfig:
     size: int | None = None  # resize real images (default: the share's geometry, else the source's)
     match_by_position: bool = False  # accept real data whose class names differ from the share's
     precision: str = "auto"  # auto | fp32 | bf16: autocast of the networks trained here (distill/precision.py)
+    workers: int = 0  # processes training a row's networks side by side on a CPU; 0 = auto (one per core), 1 = in turn
     label_prior: str = "federation"  # LABEL_PRIORS: the class mix a union's soft labels are moved to
     share_weights: str = "real-images"  # SHARE_WEIGHTS: how a union weighs one share's images against another's
     seed: int = 0
@@ -322,7 +323,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
     },
     EvalConfig: {"epsilon": POSITIVE, "delta": POSITIVE, "runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE,
                  "ipc": AT_LEAST_1, "size": SIZE, "seed": SEED, "max_hours": POSITIVE,
-                 "label_prior": Allowed(choices=LABEL_PRIORS), "precision": Allowed(choices=PRECISIONS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
+                 "label_prior": Allowed(choices=LABEL_PRIORS), "precision": Allowed(choices=PRECISIONS),
+                 "workers": Allowed(low=0, zero="one per core"), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,
         "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "seed": SEED, "attack": Allowed(choices=ATTACKS),

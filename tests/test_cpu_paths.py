@@ -176,3 +176,17 @@ def test_buffer_workers_are_deterministic_and_equal_one_process(tmp_path):
     for a, b, c in zip(two, again, one):
         assert torch.equal(a, b)
         assert torch.equal(a, c)  # each expert's randomness is its own: the worker count changes nothing here
+
+
+def test_eval_workers_give_the_numbers_of_one_process(tmp_path):
+    from distill.config import EvalConfig
+    from distill.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    np.savez(tmp_path / "tiny.npz", **make_tiny_arrays())
+    reports = [evaluate(EvalConfig(train=str(tmp_path / "tiny.npz"), baselines=("random-real",), ipc=2, runs=2,
+                                   epochs=3, device="cpu", workers=w)) for w in (2, 1)]
+    assert [r["workers"] for r in reports] == [2, 1] and reports[0]["precision"] == "fp32"
+    strip = lambda r: [[{k: v for k, v in run.items() if k != "train_seconds"} for run in row["runs"]]  # noqa: E731
+                       for row in r["results"]]
+    assert strip(reports[0]) == strip(reports[1])
