@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="10,20,40")
     ap.add_argument("--gradients", default="auto")
     ap.add_argument("--max-memory", type=float, default=None, help="passed to distill run (default: its own)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (benchmarks/speed_cpu.py renders them)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = measure(a.out, size, steps, gradient, a.max_memory)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if a.json:
+                    a.json.write_text(json.dumps({"command": "python benchmarks/memory_cpu.py " + " ".join(sys.argv[1:]),
+                                                  "rows": rows}, indent=1))
     print("\n| px | student steps | asked | gradient used | full-unroll estimate GiB | budget GiB | peak RSS GiB "
           "| s / iteration | load avg |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,0 +1,169 @@
+"""The CPU side by side (issue 28, item 4): this checkout against an older one, on the same buffer, in one run.
+
+    git archive 9061a8c | tar -x -C /tmp/old   # the commit before this work
+    python benchmarks/speed_cpu.py --old-repo /tmp/old --out /tmp/speed-cpu.json
+
+Arms, each a `distill` command line run as a fresh process with one thread per process
+(OMP_NUM_THREADS=1); the arms of a measurement alternate (old, new, old, new, ...) so that a busy
+machine disturbs them alike, and the 1-minute load average is recorded beside every number:
+
+- experts: `distill buffer` on PneumoniaMNIST, 2 experts x 1 epoch; images per second as the
+  command logs it. Old: one expert after another. New: --workers 2 --precision fp32 and
+  --workers 2 --precision bf16.
+- run: `distill run` on the old arm's buffer (the same buffer for every arm), 10 images per class,
+  20 student steps, --gradient full, no validation; seconds per iteration = the median of
+  metrics.jsonl's per-iteration times without the first. New: fp32 and bf16.
+- eval: `distill eval` of the fp32 run's set (exported with --force: a timing, not a share) beside
+  random real, 2 runs of 100 epochs; wall seconds. New: --workers 2, fp32 and bf16.
+
+CPU seconds (user + system of the command and its workers) are recorded too: on a loaded machine
+they say more about the work than the wall time does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(repo: Path, args: list[str], log: Path) -> dict:
+    """Run `python -m distill.cli ARGS` from ``repo``; wall and CPU seconds, and the load before it."""
+    env = os.environ | {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=repo, env=env, stdout=f,
+                       stderr=subprocess.STDOUT, check=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load_before": load}
+
+
+def images_per_second(log: Path) -> float:
+    m = re.search(r"Trained \d+ expert\(s\) in [\d.]+ s \(([\d.]+) images/s\)", log.read_text())
+    return float(m.group(1)) if m else float("nan")
+
+
+def seconds_per_iteration(run_dir: Path) -> float:
+    its = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["seconds"] for r in its if r.get("kind") == "iteration"][1:]
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old-repo", type=Path, required=True, help="a checkout of the commit to compare with")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/speed-cpu"), help="scratch folder")
+    ap.add_argument("--reps", type=int, default=2, help="alternations of every measurement")
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--memory", type=Path, default=None, help="JSON of benchmarks/memory_cpu.py --json, rendered too")
+    ap.add_argument("--doc", type=Path, default=None,
+                    help="Markdown file whose CPU section (between the markers) to write, e.g. docs/performance.md")
+    ap.add_argument("--render", type=Path, default=None, help="only render this JSON of an earlier run into --doc")
+    a = ap.parse_args(argv)
+    if a.render:
+        write_section(a.doc, render(json.loads(a.render.read_text()), a.memory))
+        return
+    work = a.work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "no_eval.toml").write_text("eval_models = 0\n")
+    old, new = a.old_repo.resolve(), REPO
+    data = ["--data", "pneumoniamnist", "--experts", "2", "--epochs", "1", "--seed", "0", "--device", "cpu"]
+    arms_buffer = {"old": (old, []), "new fp32, 2 workers": (new, ["--workers", "2", "--precision", "fp32"]),
+                   "new bf16, 2 workers": (new, ["--workers", "2", "--precision", "bf16"])}
+    arms_run = {"old": (old, []), "new fp32": (new, ["--precision", "fp32"]), "new bf16": (new, ["--precision", "bf16"])}
+    arms_eval = {"old": (old, []), "new fp32, 2 workers": (new, ["--workers", "2", "--precision", "fp32"]),
+                 "new bf16, 2 workers": (new, ["--workers", "2", "--precision", "bf16"])}
+    res: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}, "old_repo": str(old),
+                 "buffer": [], "run": [], "eval": []}
+    shared_data = os.environ.get("DISTILL_DATA", str(REPO.parent / "shared" / "data"))
+    os.environ["DISTILL_DATA"] = shared_data
+    for rep in range(a.reps):
+        for name, (repo, extra) in arms_buffer.items():
+            out = work / f"buffer_{rep}_{name.split()[0]}_{len(extra)}_{extra[-1] if extra else ''}"
+            r = cli(repo, ["buffer", *data, "--out", str(out), *extra], work / f"{out.name}.log")
+            res["buffer"].append({"arm": name, "rep": rep, **r, "images_per_s": images_per_second(work / f"{out.name}.log")})
+            print(json.dumps(res["buffer"][-1]), flush=True)
+    buffer = work / "buffer_0_old_0_"
+    for rep in range(a.reps):
+        for name, (repo, extra) in arms_run.items():
+            out = work / f"run_{rep}_{name.replace(' ', '_')}"
+            r = cli(repo, ["run", "--buffer", str(buffer), "--out", str(out), "--ipc", "10", "--iterations",
+                           str(a.iterations), "--syn-steps", "20", "--expert-epochs", "2", "--max-start-epoch", "0",
+                           "--gradient", "full", "--eval-every", "0", "--seed", "0", "--device", "cpu",
+                           "--config", str(work / "no_eval.toml"), *extra], work / f"{out.name}.log")
+            res["run"].append({"arm": name, "rep": rep, **r, "s_per_iteration": seconds_per_iteration(out)})
+            print(json.dumps(res["run"][-1]), flush=True)
+    share = work / "share.h5"
+    cli(new, ["export", str(work / "run_0_new_fp32"), "--out", str(share), "--force"], work / "export.log")
+    for rep in range(a.reps):
+        for name, (repo, extra) in arms_eval.items():
+            r = cli(repo, ["eval", str(share), "--test", "pneumoniamnist", "--baseline", "random-real", "--runs", "2",
+                           "--epochs", "100", "--seed", "0", "--device", "cpu", *extra],
+                    work / f"eval_{rep}_{name.replace(' ', '_')}.log")
+            res["eval"].append({"arm": name, "rep": rep, **r})
+            print(json.dumps(res["eval"][-1]), flush=True)
+    res["machine"]["load_at_end"] = os.getloadavg()
+    res["command"] = "python benchmarks/speed_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    a.out.write_text(json.dumps(res, indent=1))
+    text = render(res, a.memory)
+    print(text)
+    if a.doc:
+        write_section(a.doc, text)
+
+
+BEGIN, END = "<!-- speed_cpu:begin -->", "<!-- speed_cpu:end -->"
+
+
+def write_section(doc: Path, body: str) -> None:
+    """Put ``body`` between the markers in ``doc``, replacing what was there, or at its end."""
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = doc.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+def render(res: dict, memory: Path | None = None) -> str:
+    """The CPU section: the side-by-side table (per stage and arm, the mean over the alternations), then memory."""
+    start, end = res["machine"]["load_at_start"], res["machine"].get("load_at_end", [float("nan")] * 3)
+    lines = ["## The CPU side by side (issue 28)", "",
+             f"Written by `{res.get('command', 'benchmarks/speed_cpu.py')}` against `{res['old_repo']}`; "
+             f"{res['machine']['cores']} logical cores, load average (1, 5, 15 min) "
+             f"{', '.join(f'{x:.1f}' for x in start)} at the start and {', '.join(f'{x:.1f}' for x in end)} at the end. "
+             "The machine was shared with other jobs: wall times are disturbed, both arms alike (alternated); "
+             "CPU seconds count the work.", "",
+             "| stage | arm | measure | mean | wall s | CPU s | load avg (1 min) |", "|---|---|---|---|---|---|---|"]
+    measures = {"buffer": ("images/s", "images_per_s"), "run": ("s / iteration", "s_per_iteration"),
+                "eval": ("wall s", "wall_s")}
+    for stage, (label, key) in measures.items():
+        arms = dict.fromkeys(r["arm"] for r in res[stage])
+        for arm in arms:
+            rows = [r for r in res[stage] if r["arm"] == arm]
+            mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
+            loads = ", ".join(f"{r['load_before']:.1f}" for r in rows)
+            lines.append(f"| {stage} | {arm} | {label} | {mean(key):.2f} | {mean('wall_s'):.1f} | {mean('cpu_s'):.1f} | "
+                         f"{loads} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
