@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     work = a.work
     shutil.rmtree(work, ignore_errors=True)
+    res: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}, "old_repo": str(a.old_repo),
+                 "command": "python benchmarks/speed_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "buffer": [], "run": [], "eval": []}
     work.mkdir(parents=True)
     (work / "no_eval.toml").write_text("eval_models = 0\n")
     old, new = a.old_repo.resolve(), REPO
@@ -88,8 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     arms_run = {"old": (old, []), "new fp32": (new, ["--precision", "fp32"]), "new bf16": (new, ["--precision", "bf16"])}
     arms_eval = {"old": (old, []), "new fp32, 2 workers": (new, ["--workers", "2", "--precision", "fp32"]),
                  "new bf16, 2 workers": (new, ["--workers", "2", "--precision", "bf16"])}
-    res: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}, "old_repo": str(old),
-                 "buffer": [], "run": [], "eval": []}
     shared_data = os.environ.get("DISTILL_DATA", str(REPO.parent / "shared" / "data"))
     os.environ["DISTILL_DATA"] = shared_data
     for rep in range(a.reps):
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             r = cli(repo, ["buffer", *data, "--out", str(out), *extra], work / f"{out.name}.log")
             res["buffer"].append({"arm": name, "rep": rep, **r, "images_per_s": images_per_second(work / f"{out.name}.log")})
             print(json.dumps(res["buffer"][-1]), flush=True)
+            a.out.write_text(json.dumps(res, indent=1))  # after each measurement: a run cut short keeps its numbers
     buffer = work / "buffer_0_old_0_"
     for rep in range(a.reps):
         for name, (repo, extra) in arms_run.items():
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                            "--config", str(work / "no_eval.toml"), *extra], work / f"{out.name}.log")
             res["run"].append({"arm": name, "rep": rep, **r, "s_per_iteration": seconds_per_iteration(out)})
             print(json.dumps(res["run"][-1]), flush=True)
+            a.out.write_text(json.dumps(res, indent=1))
     share = work / "share.h5"
     cli(new, ["export", str(work / "run_0_new_fp32"), "--out", str(share), "--force"], work / "export.log")
     for rep in range(a.reps):
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                     work / f"eval_{rep}_{name.replace(' ', '_')}.log")
             res["eval"].append({"arm": name, "rep": rep, **r})
             print(json.dumps(res["eval"][-1]), flush=True)
+            a.out.write_text(json.dumps(res, indent=1))
     res["machine"]["load_at_end"] = os.getloadavg()
-    res["command"] = "python benchmarks/speed_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     a.out.write_text(json.dumps(res, indent=1))
     text = render(res, a.memory)
     print(text)
