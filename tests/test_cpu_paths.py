@@ -190,3 +190,17 @@ def test_eval_workers_give_the_numbers_of_one_process(tmp_path):
     strip = lambda r: [[{k: v for k, v in run.items() if k != "train_seconds"} for run in row["runs"]]  # noqa: E731
                        for row in r["results"]]
     assert strip(reports[0]) == strip(reports[1])
+
+
+def test_the_quickstart_exports_only_a_share_that_passed_the_audit():
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh").read_text()
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    commands = "\n".join(lines)
+    assert "--force" not in commands
+    audit = next(i for i, line in enumerate(lines) if "$D audit" in line)
+    export = next(i for i, line in enumerate(lines) if "$D export" in line)
+    assert audit < export
+    command = lines[audit] + (lines[audit + 1] if lines[audit].rstrip().endswith("\\") else "")
+    assert "|| true" not in command and "|| status=$?" in command  # the audit's exit status is kept
+    gate = "\n".join(lines[audit:export])
+    assert '"$status" -eq 3' in gate and "exit 3" in gate  # a FAIL stops the script before export
