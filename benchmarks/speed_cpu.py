@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--doc", type=Path, default=None,
                     help="Markdown file whose CPU section (between the markers) to write, e.g. docs/performance.md")
     ap.add_argument("--render", type=Path, default=None, help="only render this JSON of an earlier run into --doc")
+    ap.add_argument("--stages", default="buffer,run,eval", help="which measurements to make (buffer rows of --out are kept)")
+    ap.add_argument("--run-buffer", type=Path, default=None, help="the buffer the runs use (default: the old arm's first)")
     a = ap.parse_args(argv)
     if a.render:
         write_section(a.doc, render(json.loads(a.render.read_text()), a.memory))
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True)
     (work / "no_eval.toml").write_text("eval_models = 0\n")
     old, new = a.old_repo.resolve(), REPO
-    data = ["--data", "pneumoniamnist", "--experts", "2", "--epochs", "1", "--seed", "0", "--device", "cpu"]
+    # A snapshot every 4 of the epoch's 19 optimiser steps: enough snapshots for the runs' targets.
+    data = ["--data", "pneumoniamnist", "--experts", "2", "--epochs", "1", "--snapshot-every", "4", "--seed", "0",
+            "--device", "cpu"]
     arms_buffer = {"old": (old, []), "new fp32, 2 workers": (new, ["--workers", "2", "--precision", "fp32"]),
                    "new bf16, 2 workers": (new, ["--workers", "2", "--precision", "bf16"])}
     arms_run = {"old": (old, []), "new fp32": (new, ["--precision", "fp32"]), "new bf16": (new, ["--precision", "bf16"])}
@@ -93,14 +97,17 @@ def main(argv: list[str] | None = None) -> None:
                  "new bf16, 2 workers": (new, ["--workers", "2", "--precision", "bf16"])}
     shared_data = os.environ.get("DISTILL_DATA", str(REPO.parent / "shared" / "data"))
     os.environ["DISTILL_DATA"] = shared_data
-    for rep in range(a.reps):
+    stages = set(a.stages.split(","))
+    if "buffer" not in stages and a.out.exists():  # keep the buffer rows of an earlier, cut-short run
+        res["buffer"] = json.loads(a.out.read_text()).get("buffer", [])
+    for rep in range(a.reps if "buffer" in stages else 0):
         for name, (repo, extra) in arms_buffer.items():
             out = work / f"buffer_{rep}_{name.split()[0]}_{len(extra)}_{extra[-1] if extra else ''}"
             r = cli(repo, ["buffer", *data, "--out", str(out), *extra], work / f"{out.name}.log")
             res["buffer"].append({"arm": name, "rep": rep, **r, "images_per_s": images_per_second(work / f"{out.name}.log")})
             print(json.dumps(res["buffer"][-1]), flush=True)
             a.out.write_text(json.dumps(res, indent=1))  # after each measurement: a run cut short keeps its numbers
-    buffer = work / "buffer_0_old_0_"
+    buffer = a.run_buffer or work / "buffer_0_old_0_"
     for rep in range(a.reps):
         for name, (repo, extra) in arms_run.items():
             out = work / f"run_{rep}_{name.replace(' ', '_')}"
