@@ -31,7 +31,7 @@ MEMORY_FRACTION = 0.5
 # Peak memory of the engine's full unroll per byte that one oracle step saves for its backward pass,
 # measured with benchmarks/memory_cpu.py at 28 and 64 px (docs/performance.md, "Peak memory of
 # distill run on the CPU"): the torch.func unroll holds more than the oracle's saved tensors (the
-# double backward's own intermediates, the augmentation's grids), about 4x at 64 px.
+# double backward's own intermediates, the augmentation's grids): 4.3x at 64 px, 10 steps (6.5 GiB), and a margin.
 FULL_UNROLL_FACTOR = 4.5
 MEMINFO = Path("/proc/meminfo")
 

@@ -38,10 +38,10 @@ from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
-from ..precision import autocast, resolve_precision
-from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..io import check_writable_dir, output_lock, remove_if_empty, remove_stale_temps, software_versions
+from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..models import ParamSpec, param_spec
+from ..precision import autocast, resolve_precision
 from ..progress import progress
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
@@ -584,8 +584,12 @@ def _choose_gradient(cfg: RunConfig, pool: ExpertPool, model: nn.Module, spec: P
     idx, aug = plan.step(0)
     theta = torch.cat([p.detach().flatten() for p in model.parameters()]).requires_grad_(True)
     x = images[idx].requires_grad_(True)
+    kept = {name: b.clone() for name, b in model.named_buffers()}  # a training-mode pass updates running statistics
     per_step = saved_bytes(lambda: student_step(model, spec, theta, x, labels[idx], torch.tensor(0.01, device=device),
                                                 augment, aug, create_graph=True))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(kept[name])
     mine = -(-cfg.trajectories_per_iter // world.size)
     vmapped = device.type == "cuda" and next(model.buffers(), None) is None  # as MatchingEngine decides
     return choose_gradient(per_step, cfg.syn_steps, mine if vmapped else 1, budget_bytes(cfg.max_memory, device))
