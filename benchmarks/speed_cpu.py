@@ -172,7 +172,7 @@ def render(res: dict, memory: Path | None = None) -> str:
             loads = ", ".join(f"{r['load_before']:.1f}" for r in rows)
             lines.append(f"| {stage} | {arm} | {label} | {mean(key):.2f} | {mean('wall_s'):.1f} | {mean('cpu_s'):.1f} | "
                          f"{loads} |")
-    lines += ["", NOTES]
+    lines += ["", *targets(res, memory), "", NOTES]
     if memory is not None:
         mem = json.loads(memory.read_text())
         lines += ["", "### Peak memory of `distill run` on the CPU against student steps", "",
@@ -188,6 +188,44 @@ def render(res: dict, memory: Path | None = None) -> str:
             lines.append(f"| {r['size']} | {r['syn_steps']} | {r['asked']} | {r['gradient']} | {est} | {bud} | "
                          f"{r['peak_rss_gib']:.2f} | {r['s_per_iteration']:.2f} | {r['load_avg']:.1f} |")
     return "\n".join(lines)
+
+
+def _mean(rows: list[dict], arm: str, key: str) -> float | None:
+    vals = [r[key] for r in rows if r["arm"] == arm]
+    return statistics.mean(vals) if vals else None
+
+
+def targets(res: dict, memory: Path | None) -> list[str]:
+    """Issue 28's targets against what was measured; ratios of wall-based figures and of CPU seconds."""
+    out = ["Targets (issue 28), from the rows above:"]
+    for stage, key, goal, better in (("run", "s_per_iteration", 3.0, "new bf16"), ("buffer", "images_per_s", 2.0,
+                                                                                  "new bf16, 2 workers")):
+        rows = res[stage]
+        old, new, old_cpu, new_cpu = (_mean(rows, "old", key), _mean(rows, better, key), _mean(rows, "old", "cpu_s"),
+                                      _mean(rows, better, "cpu_s"))
+        if old is None or new is None:
+            out.append(f"- {stage}: not measured.")
+            continue
+        ratio = old / new if key == "s_per_iteration" else new / old
+        out.append(f"- {stage}, {better} against old: {ratio:.2f}x by the measure above, {old_cpu / new_cpu:.2f}x by "
+                   f"CPU seconds (target {goal:g}x): {'met' if min(ratio, old_cpu / new_cpu) >= goal else '**missed**'} "
+                   "on this loaded machine; the wall-based figure moves with the other jobs' load.")
+    if not res["eval"]:
+        out.append("- eval wall time: not measured (the run was stopped before its eval stage).")
+    if memory is not None:
+        rows = json.loads(memory.read_text())["rows"]
+        peak = {(r["size"], r["syn_steps"], r["asked"]): r["peak_rss_gib"] for r in rows}
+        p20 = peak.get((64, 20, "auto"))
+        if p20 is not None:
+            out.append(f"- 64 px, 20 steps, --gradient auto: peak {p20:.2f} GiB (target <= 2 GiB): "
+                       f"{'met' if p20 <= 2 else '**missed**'}.")
+        for asked in ("auto", "checkpoint"):
+            for size in (28, 64):
+                p10, p40 = peak.get((size, 10, asked)), peak.get((size, 40, asked))
+                if p10 and p40:
+                    out.append(f"- {size} px, --gradient {asked}: 40 steps peak {p40 / p10:.2f}x the 10-step peak "
+                               f"(target <= 1.2x): {'met' if p40 <= 1.2 * p10 else '**missed**'}.")
+    return out
 
 
 NOTES = """\
