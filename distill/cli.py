@@ -68,8 +68,9 @@ DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
                       help=f"Where to compute; auto picks a GPU when there is one {default_text(RunConfig, 'device')}.")
 SEED = click.option("--seed", type=int, default=None, help="Seed; the same seed gives the same result.")
 WORKERS = click.option("--workers", type=int, default=None,
-                       help="Processes working side by side on a CPU, one thread each; 0 = one per core, "
-                            "1 = one after another (default 0).")
+                       help="Processes training experts or networks side by side on a CPU, one thread each; 0 = one "
+                            "per core where the work repays starting them, 1 = one after another "
+                            f"{default_text(BufferConfig, 'workers')}.")
 PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                          help="Arithmetic of the networks: bf16 autocast where the processor has native bf16, with "
                               "parameters, images, losses and optimiser state in fp32; auto is fp32 until bf16 is "
