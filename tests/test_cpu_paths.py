@@ -13,11 +13,13 @@ from conftest import make_tiny_arrays
 from distill import memory, precision
 from distill.augment import Augment
 from distill.buffer import build_buffer
-from distill.config import BufferConfig, RunConfig, load_toml
+from distill.config import BufferConfig, EvalConfig, RunConfig, load_toml
 from distill.errors import DistillError
+from distill.evaluate import evaluate
+from distill.formats.trajectory import read_expert
 from distill.models import create_model, flatten_params, param_spec
 from distill.mtt import compute_grads, distill_run
-from distill.mtt.unroll import make_plan
+from distill.mtt.unroll import make_plan, student_step
 from distill.seeding import generator, seeded
 
 CPU = torch.device("cpu")
@@ -98,8 +100,6 @@ def test_choose_gradient_keeps_the_full_unroll_only_where_it_fits():
 
 def test_saved_bytes_grow_with_the_batch():
     model, spec, start, _, images, labels, _, _, augment = _problem()
-    from distill.mtt.unroll import student_step
-
     def one(n):
         theta = start.clone().requires_grad_(True)
         x = images[:n].clone().requires_grad_(True)
@@ -155,8 +155,6 @@ def test_run_records_the_precision_it_used(tiny_buffer, tmp_path):
 
 
 def _buffer(root: Path, name: str, **kw) -> list[torch.Tensor]:
-    from distill.formats.trajectory import read_expert
-
     if not (root / "tiny.npz").exists():
         np.savez(root / "tiny.npz", **make_tiny_arrays())
     out = root / name
@@ -168,8 +166,16 @@ def _buffer(root: Path, name: str, **kw) -> list[torch.Tensor]:
     return [e.snapshots() for e in experts]
 
 
-def test_buffer_workers_are_deterministic_and_equal_one_process(tmp_path):
-    torch.set_num_threads(1)  # one thread, as each worker of two on two cores runs
+@pytest.fixture
+def one_thread():
+    """One thread in this process, as each of two workers on two cores runs; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_buffer_workers_are_deterministic_and_equal_one_process(tmp_path, one_thread):
     two = _buffer(tmp_path, "two", workers=2)
     again = _buffer(tmp_path, "again", workers=2)
     one = _buffer(tmp_path, "one", workers=1)
@@ -178,11 +184,7 @@ def test_buffer_workers_are_deterministic_and_equal_one_process(tmp_path):
         assert torch.equal(a, c)  # each expert's randomness is its own: the worker count changes nothing here
 
 
-def test_eval_workers_give_the_numbers_of_one_process(tmp_path):
-    from distill.config import EvalConfig
-    from distill.evaluate import evaluate
-
-    torch.set_num_threads(1)
+def test_eval_workers_give_the_numbers_of_one_process(tmp_path, one_thread):
     np.savez(tmp_path / "tiny.npz", **make_tiny_arrays())
     reports = [evaluate(EvalConfig(train=str(tmp_path / "tiny.npz"), baselines=("random-real",), ipc=2, runs=2,
                                    epochs=3, device="cpu", workers=w)) for w in (2, 1)]
