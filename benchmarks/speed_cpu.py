@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DISTILL_DATA"] = shared_data
     stages = set(a.stages.split(","))
     if "buffer" not in stages and a.out.exists():  # keep the buffer rows of an earlier, cut-short run
-        res["buffer"] = json.loads(a.out.read_text()).get("buffer", [])
+        earlier = json.loads(a.out.read_text())
+        res["buffer"], res["buffer_command"] = earlier.get("buffer", []), earlier.get("command")
     for rep in range(a.reps if "buffer" in stages else 0):
         for name, (repo, extra) in arms_buffer.items():
             out = work / f"buffer_{rep}_{name.split()[0]}_{len(extra)}_{extra[-1] if extra else ''}"
@@ -160,7 +161,9 @@ def render(res: dict, memory: Path | None = None) -> str:
              f"{res['machine']['cores']} logical cores, load average (1, 5, 15 min) "
              f"{', '.join(f'{x:.1f}' for x in start)} at the start and {', '.join(f'{x:.1f}' for x in end)} at the end. "
              "The machine was shared with other jobs: wall times are disturbed, both arms alike (alternated); "
-             "CPU seconds count the work.", "",
+             "CPU seconds count the work." + (f" The buffer rows come from an earlier invocation, `{res['buffer_command']}` "
+                                              "(its buffers had one snapshot per epoch)." if res.get("buffer_command") else ""),
+             "",
              "| stage | arm | measure | mean | each alternation | wall s | CPU s | load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|"]
     measures = {"buffer": ("images/s", "images_per_s"), "run": ("s / iteration", "s_per_iteration"),
