@@ -65,6 +65,7 @@ def seconds_per_iteration(run_dir: Path) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old-repo", type=Path, required=True, help="a checkout of the commit to compare with")
+    ap.add_argument("--old-label", default="", help="what the old checkout is, e.g. its commit (recorded)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/speed-cpu"), help="scratch folder")
     ap.add_argument("--reps", type=int, default=2, help="alternations of every measurement")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     work = a.work
     shutil.rmtree(work, ignore_errors=True)
-    res: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}, "old_repo": str(a.old_repo),
+    res: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}, "old_repo": str(a.old_repo), "old_label": a.old_label,
                  "command": "python benchmarks/speed_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  "buffer": [], "run": [], "eval": []}
     work.mkdir(parents=True)
@@ -157,7 +158,7 @@ def render(res: dict, memory: Path | None = None) -> str:
     """The CPU section: the side-by-side table (per stage and arm, the mean over the alternations), then memory."""
     start, end = res["machine"]["load_at_start"], res["machine"].get("load_at_end", [float("nan")] * 3)
     lines = ["## The CPU side by side (issue 28)", "",
-             f"Written by `{res.get('command', 'benchmarks/speed_cpu.py')}` against `{res['old_repo']}`; "
+             f"Written by `{res.get('command', 'benchmarks/speed_cpu.py')}` against `{res['old_repo']}`{' (' + res['old_label'] + ')' if res.get('old_label') else ''}; "
              f"{res['machine']['cores']} logical cores, load average (1, 5, 15 min) "
              f"{', '.join(f'{x:.1f}' for x in start)} at the start and {', '.join(f'{x:.1f}' for x in end)} at the end. "
              "The machine was shared with other jobs: wall times are disturbed, both arms alike (alternated); "
