@@ -59,6 +59,13 @@ from speed_render import render  # noqa: E402
 from speed_sections import (compile_section, expert_section, iteration_section, mtt_section, opcount_section,  # noqa: E402
                             steps_memory_section)
 
+def _cpu_section(out: Path) -> str:
+    """benchmarks/speed_cpu.py's section of ``out`` (between its markers), kept when this script rewrites the file."""
+    text = out.read_text() if out.exists() else ""
+    i, j = text.find("<!-- speed_cpu:begin -->"), text.find("<!-- speed_cpu:end -->")
+    return "" if i < 0 or j < 0 else "\n" + text[i:j + len("<!-- speed_cpu:end -->")] + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.render} is not a report of this script.")
         out = Path(args.out or Path(args.render).with_suffix(".md"))
         with atomic_path(out) as tmp:
-            tmp.write_text(render(res))
+            tmp.write_text(render(res) + _cpu_section(out))
         log(f"Wrote {out}.")
         return
 
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         res["seconds"] = time.perf_counter() - t0
         write_json(out.with_suffix(".json"), res)
         with atomic_path(out) as tmp:
-            tmp.write_text(render(res))
+            tmp.write_text(render(res) + _cpu_section(out))
 
     if args.keep:
         old = json.loads(Path(args.keep).read_text())

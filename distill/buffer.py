@@ -31,14 +31,20 @@ from .formats.trajectory import (PREPROCESSING_FILE, SHAPING_SETTINGS, Trajector
 from .io import atomic_path, check_writable_dir, output_lock, remove_stale_temps, software_versions
 from .lifecycle import stage
 from .models import create_model, flatten_params, param_spec, resolve_model
+from .precision import autocast, resolve_precision
 from .progress import progress
 from .reference_defaults import NETWORK_LR
 from .seeding import generator, seeded
 from .train import TrainRecipe, accuracy, predict, train_network
+from .workers import resolve_workers, run_jobs
 
 log = logging.getLogger(__name__)
 
 MODEL_SEED_KEY, DATA_SEED_KEY = 0, 1  # sub-streams of one expert's seed
+# workers = 0 (auto) starts worker processes only when each expert has at least this many image
+# passes: a worker's start (importing torch) costs a few CPU seconds, about 500 image passes of a
+# 28 px ConvNet-3 on one core.
+AUTO_WORKERS_MIN_PASSES = 5_000
 
 
 def validate(cfg: BufferConfig) -> None:
@@ -150,6 +156,9 @@ def _expert_done(path: Path, cfg: BufferConfig) -> bool:
     asked = {**{k: getattr(cfg, k) for k in SHAPING_SETTINGS if hasattr(cfg, k)},
              "batched": cfg.batch_experts > 1 or cfg.bf16}
     differs = [k for k, v in made.items() if v is not None and v != asked[k]]  # older files lack some
+    if e.train.get("precision", "fp32") != cfg.precision:  # files from before --precision ran in fp32
+        made["precision"] = e.train.get("precision", "fp32")
+        differs.append("precision")
     if differs:  # its config.toml would no longer describe the finished experts
         raise DistillError(f"{path} was made with other settings ({', '.join(f'{k} {made[k]!r}' for k in differs)}); "
                            "rerun with those or choose another --out folder.")
@@ -186,7 +195,8 @@ def _write_trajectory(index: int, cfg: BufferConfig, data: RealData, pre_sha: st
             train={"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
                    "batch_size": cfg.batch_size, "augment": cfg.augment,
                    # How the experts were computed: batching changes rounding, bf16 changes more.
-                   "batch_experts": cfg.batch_experts, "bf16": cfg.bf16, **(dp_train or {})}),
+                   "batch_experts": cfg.batch_experts, "bf16": cfg.bf16, "precision": cfg.precision,
+                   "workers": cfg.workers, **(dp_train or {})}),
     )
     return path
 
@@ -228,7 +238,8 @@ def train_expert(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessi
         steps_per_epoch = plan.steps_per_epoch
         dp_train = {"dp_noise_multiplier": plan.noise_multiplier, "dp_clip": plan.clip,
                     "dp_sample_rate": plan.sample_rate, "dp_shard": shard, "dp_shards": plan.shards}
-    history = train(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
+    with autocast(cfg.precision, device):  # the parameters and the optimiser's state stay fp32
+        history = train(model, x_train, y_train, _recipe(cfg), gen, after_step=after_step, after_epoch=after_epoch)
     if plan is not None:  # loss and accuracy on the private training batches are not DP: not stored
         history = [{"loss": float("nan"), "acc": float("nan")} for _ in history]
     return _write_trajectory(index, cfg, data, pre_sha, param_spec(model), snaps, steps, history, val_acc,
@@ -277,6 +288,23 @@ def train_experts_batched(indices: list[int], cfg: BufferConfig, data: RealData,
             for j, i in enumerate(indices)]
 
 
+def _workers(cfg: BufferConfig, device: torch.device, world: World, plan: dp.DPPlan | None, jobs: int,
+             n_train: int) -> int:
+    """Worker processes for the one-at-a-time experts: 1 for DP experts, under torchrun and on a GPU;
+    ``cfg.workers`` = 0 (auto) is one per core where each expert repays a process start."""
+    if plan is not None or world.size > 1:
+        return 1
+    if cfg.workers == 0 and cfg.epochs * n_train < AUTO_WORKERS_MIN_PASSES:
+        return 1
+    return resolve_workers(cfg.workers, device, jobs)
+
+
+def _expert_job(index: int, cfg: BufferConfig, data: RealData, pre: Preprocessing, pre_sha: str,
+                x_train: torch.Tensor, x_val: torch.Tensor) -> Path:
+    """One expert in a worker process (module level, so that it can be sent to one)."""
+    return train_expert(index, cfg, data, pre, pre_sha, torch.device("cpu"), x_train, x_val)
+
+
 def build_buffer(cfg: BufferConfig) -> list[Path]:
     """Train the experts of ``cfg`` that are not on disk yet (this rank's share under torchrun)."""
     with stage(check=lambda: validate(cfg), device=cfg.device, tidy=cfg.out) as st:
@@ -303,7 +331,8 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         if cfg.lr is None:  # DP experts' clipped gradients want a longer step (dp.DP_LR); recorded resolved
             cfg = dataclasses.replace(cfg, lr=dp.DP_LR if cfg.dp_epsilon is not None else NETWORK_LR)
         requested = cfg  # config.toml keeps what was asked for (0 = auto), the experts record what ran
-        cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe))
+        cfg = dataclasses.replace(cfg, batch_experts=resolve_batch_experts(cfg, device, probe),
+                                  precision=resolve_precision(cfg.precision, device, dp=plan is not None))
         mine = world.shard(list(range(cfg.experts)))
         todo = [i for i in mine if not _expert_done(expert_path(out, i), cfg)]
         gaps = [i for i in numbering_gaps(out) if i in todo]
@@ -331,19 +360,27 @@ def build_buffer(cfg: BufferConfig) -> list[Path]:
         if record is not None and world.main:
             log.info("DP experts: %s (sigma %.3g, q %.3g, %d steps per expert, %s accountant).", record.sentence(),
                      plan.noise_multiplier, plan.sample_rate, plan.steps, plan.accountant)
+        batched = cfg.batch_experts > 1 or cfg.bf16
+        cfg = dataclasses.replace(cfg, workers=1 if batched else _workers(cfg, device, world, plan, len(todo), len(x_train)))
         written = []
         t0 = time.perf_counter()
         with progress(range(len(todo) * cfg.epochs), label=f"experts (rank {world.rank})" if world.size > 1 else "experts",
                       length=len(todo) * cfg.epochs) as bar:
             tick = (lambda: bar.update(1)) if hasattr(bar, "update") else None
-            if cfg.batch_experts > 1 or cfg.bf16:
+            if batched:
                 for j in range(0, len(todo), cfg.batch_experts):
                     written += train_experts_batched(todo[j:j + cfg.batch_experts], cfg, data, pre_sha, device,
                                                      x_train, x_val, on_epoch=tick)
             else:
-                for i in todo:
-                    written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick,
-                                                plan=plan))
+                if cfg.workers > 1:
+                    log.info("Training %d expert(s) in %d worker processes.", len(todo), cfg.workers)
+                    ticks = (lambda _: [tick() for _ in range(cfg.epochs)]) if tick else None
+                    written += run_jobs(_expert_job, [(i, cfg, data, pre, pre_sha, x_train, x_val) for i in todo],
+                                        cfg.workers, on_done=ticks)
+                else:
+                    for i in todo:
+                        written.append(train_expert(i, cfg, data, pre, pre_sha, device, x_train, x_val, on_epoch=tick,
+                                                    plan=plan))
         dt = time.perf_counter() - t0
         if todo:
             n_img = len(todo) * cfg.epochs * len(x_train)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENTS, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
-                     SNAPSHOT_DTYPES,
+from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS, GRADIENT_MODES, HOLDOUTS, LABEL_PRIORS, SHARE_WEIGHTS,
+                     PRECISIONS, SNAPSHOT_DTYPES,
                      AuditSettings, BufferConfig, EvalConfig, ExportConfig, InspectConfig, ReportConfig, RunConfig, SplitConfig, build,
                      default_text, load_toml)
 from .errors import DistillError
@@ -67,6 +67,14 @@ def cli(verbose: int) -> None:
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                       help=f"Where to compute; auto picks a GPU when there is one {default_text(RunConfig, 'device')}.")
 SEED = click.option("--seed", type=int, default=None, help="Seed; the same seed gives the same result.")
+WORKERS = click.option("--workers", type=int, default=None,
+                       help="Processes training experts or networks side by side on a CPU, one thread each; 0 = one "
+                            "per core where the work repays starting them, 1 = one after another "
+                            f"{default_text(BufferConfig, 'workers')}.")
+PRECISION = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                         help="Arithmetic of the networks: bf16 autocast where the processor has native bf16, with "
+                              "parameters, images, losses and optimiser state in fp32; auto is fp32 until bf16 is "
+                              f"measured to lose no accuracy (docs/performance.md) {default_text(RunConfig, 'precision')}.")
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                       help="TOML file with defaults for this command; flags override it.")
 
@@ -110,8 +118,10 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--dp-init", type=click.Choice(DP_INITS), default=None,
               help="class-means: also release noised per-class mean images for `distill run --init dp-means`, "
                    f"within the same budget {default_text(BufferConfig, 'dp_init')}.")
+@WORKERS
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def buffer(config_file, **flags):
     """Train expert networks on real data and store their trajectories."""
@@ -152,8 +162,10 @@ def buffer(config_file, **flags):
 @click.option("--share-weights", type=click.Choice(SHARE_WEIGHTS), default=None,
               help="How several shares' images of one class weigh against each other: by the real images of that "
                    f"class behind each share, or all alike {default_text(EvalConfig, 'share_weights')}.")
+@WORKERS
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def eval_(config_file, shares, baselines, **flags):
     """Train fresh networks on one or more shares (their union) and test them on real data."""
@@ -187,9 +199,11 @@ def eval_(config_file, shares, baselines, **flags):
               help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
                    f"{default_text(RunConfig, 'trajectories_per_iter')}.")
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
-@click.option("--gradient", type=click.Choice(GRADIENTS), default=None,
-              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps "
-                   f"{default_text(RunConfig, 'gradient')}.")
+@click.option("--gradient", type=click.Choice(GRADIENT_MODES), default=None,
+              help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps; "
+                   f"auto: full where it fits --max-memory, else checkpoint {default_text(RunConfig, 'gradient')}.")
+@click.option("--max-memory", type=float, default=None,
+              help="GiB the matching gradient may take, for --gradient auto (default: half the memory available at the start).")
 @click.option("--fast", type=click.Choice(FAST_MODES), default=None,
               help="auto: each iteration one captured CUDA graph on CUDA, eager elsewhere; "
                    f"compile: torch.compile, then captured; eager: no capture {default_text(RunConfig, 'fast')}.")
@@ -198,6 +212,7 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @SEED
 @DEVICE
+@PRECISION
 @CONFIG
 def run(config_file, resume, **flags):
     """Learn a small synthetic set by matching the buffer's expert trajectories (MTT)."""

@@ -50,6 +50,10 @@ class BufferConfig:
     # bit-for-bit one-at-a-time. The resolved number is what the buffer's files record.
     batch_experts: int = 0
     bf16: bool = False  # bf16 autocast for the experts' forward pass (batched path); changes trajectories
+    precision: str = "auto"  # auto | fp32 | bf16: autocast of the one-at-a-time experts (distill/precision.py)
+    # Experts trained side by side in worker processes on a CPU (distill/workers.py); 0 = auto, one per core
+    # (buffer.AUTO_WORKERS_MIN_PASSES); 1 = one after another in this process. The experts record what ran.
+    workers: int = 0
     seed: int = 0
     device: str = "auto"
     # How DICOM/NIfTI files of a labels table are read (distill/medical.py); recorded in the buffer's split record.
@@ -118,7 +122,11 @@ class RunConfig:
     momentum: float = 0.5  # SGD momentum on images, step size and labels; ref 0.5
     batch_syn: int = 0  # 0 = the whole synthetic set each inner step (ref default)
     augment: str = "expert"  # "expert" = the buffer's own augmentation; or color,crop,... | none
-    gradient: str = "full"  # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps)
+    # full (through the whole unroll; faster on a CPU) | checkpoint (memory independent of syn_steps) | auto:
+    # full where its estimated memory fits max_memory, else checkpoint (distill/memory.py); config.toml records the choice.
+    gradient: str = "auto"
+    max_memory: float | None = None  # GiB the matching gradient may take; None = memory.MEMORY_FRACTION of the available
+    precision: str = "auto"  # auto | fp32 | bf16: autocast of the student unrolls (distill/precision.py); config.toml records the choice
     # How each iteration runs: auto = one captured CUDA graph per iteration on CUDA, eager elsewhere;
     # graphs | compile (torch.compile, then captured) | eager. Same numbers up to rounding (docs/performance.md).
     fast: str = "auto"
@@ -147,6 +155,8 @@ class EvalConfig:
     zca: bool = False  # baselines without a share: fit ZCA on the train split as `distill buffer --zca`
     size: int | None = None  # resize real images (default: the share's geometry, else the source's)
     match_by_position: bool = False  # accept real data whose class names differ from the share's
+    precision: str = "auto"  # auto | fp32 | bf16: autocast of the networks trained here (distill/precision.py)
+    workers: int = 0  # processes training a row's networks side by side on a CPU; 0 = auto (one per core), 1 = in turn
     label_prior: str = "federation"  # LABEL_PRIORS: the class mix a union's soft labels are moved to
     share_weights: str = "real-images"  # SHARE_WEIGHTS: how a union weighs one share's images against another's
     seed: int = 0
@@ -227,6 +237,8 @@ class ReportConfig:
 # ----------------------------------------------------------------------------- allowed values
 
 GRADIENTS = ("full", "checkpoint")  # full: the reference unroll (the oracle); checkpoint: constant memory, exact
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision of buffer, run and eval (distill/precision.py)
+GRADIENT_MODES = ("auto",) + GRADIENTS  # auto: full where it fits --max-memory, else checkpoint (distill/memory.py)
 FAST_MODES = ("auto", "graphs", "compile", "eager")  # auto = graphs on CUDA, eager elsewhere (distill/mtt/engine.py)
 ATTACKS = ("loss", "rmia")  # distill audit --attack
 SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # storage precision of expert snapshots
@@ -298,6 +310,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "batch_experts": Allowed(low=0, zero="auto"),
         "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
         "dp_shards": AT_LEAST_1, "dp_accountant": Allowed(choices=DP_ACCOUNTANTS), "dp_init": Allowed(choices=DP_INITS),
+        "precision": Allowed(choices=PRECISIONS), "workers": Allowed(low=0, zero="one per core"),
     },
     RunConfig: {
         "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
@@ -307,13 +320,14 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "syn_lr_init": Allowed(low=0, strict=True, **KEY_ONLY), "max_log_lr_step": Allowed(low=0, strict=True, **KEY_ONLY),
         "min_syn_lr_fraction": Allowed(low=0, high=1, **KEY_ONLY), "max_start_epoch": Allowed(low=0),
         "momentum": Allowed(low=0, high=1, **KEY_ONLY), "batch_syn": Allowed(low=0, zero="the whole set"),
-        "gradient": Allowed(choices=GRADIENTS), "fast": Allowed(choices=FAST_MODES),
+        "gradient": Allowed(choices=GRADIENT_MODES), "max_memory": POSITIVE, "precision": Allowed(choices=PRECISIONS), "fast": Allowed(choices=FAST_MODES),
         "eval_every": Allowed(low=0, zero="only at the end"), "eval_models": Allowed(low=0, zero="no evaluation", **KEY_ONLY),
         "eval_epochs": Allowed(low=1, **KEY_ONLY), "checkpoint_every": Allowed(low=1, **KEY_ONLY), "seed": SEED,
     },
     EvalConfig: {"epsilon": POSITIVE, "delta": POSITIVE, "runs": AT_LEAST_1, "epochs": EPOCHS, "lr": POSITIVE,
                  "real_per_class": AT_LEAST_1, "size": SIZE, "seed": SEED, "max_hours": POSITIVE,
-                 "label_prior": Allowed(choices=LABEL_PRIORS), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
+                 "label_prior": Allowed(choices=LABEL_PRIORS), "precision": Allowed(choices=PRECISIONS),
+                 "workers": Allowed(low=0, zero="one per core"), "share_weights": Allowed(choices=SHARE_WEIGHTS)},
     AuditSettings: {
         "holdout": Allowed(choices=HOLDOUTS), "networks": AT_LEAST_1, "epochs": EPOCHS, "expert_epochs": AT_LEAST_1,
         "bootstrap": AT_LEAST_1, "pairs": ZERO_OR_MORE, "seed": SEED, "attack": Allowed(choices=ATTACKS),

@@ -35,11 +35,13 @@ from .formats.share_schema import LOSS_HARD, LOSS_SOFT, LR_DECAYS, Attr
 from .io import check_writable_file, software_versions, strict_json, write_json
 from .metrics import auc_ovr, binary_auc, classification_metrics, summarize  # noqa: F401 (re-exported)
 from .models import create_model, list_models
+from .precision import autocast, resolve_precision
 from .progress import progress
 from .reference_defaults import NETWORK_LR, SMALL_SET_EPOCHS
 from .seeding import derive_seed, generator, seeded
 from .train import EVAL_BATCH, EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, TrainRecipe, predict, train_network
 from .testdata import align_test_classes, baselines_for_whole_test
+from .workers import resolve_workers, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ FULL_DOMINATES = 0.5
 # Sub-streams of the user seed. Run r of every arm starts from the same initial weights
 # (MODEL_KEY does not depend on the arm), so arms are compared pairwise, not across inits.
 MODEL_KEY, DATA_KEY, SUBSET_KEY = 0, 1, 2
+# workers = 0 (auto) starts worker processes only for an evaluation estimated to train at least this
+# long: each worker's start (importing torch) costs a few seconds.
+AUTO_WORKERS_MIN_SECONDS = 30.0
 
 
 # ----------------------------------------------------------------------------- training sets
@@ -354,27 +359,44 @@ def _train_recipe(r: Recipe, epochs: int | None) -> tuple[TrainRecipe, dict]:
     return recipe, report
 
 
-def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int, int, int], x_test: torch.Tensor,
-             y_test: torch.Tensor, cfg: EvalConfig, device: torch.device, tick: Callable[[], None] | None) -> dict:
+def _train_run(model_name: str, model_kwargs: dict, geometry: tuple[int, int, int], images: torch.Tensor,
+               targets: torch.Tensor, weights: torch.Tensor | None, recipe: TrainRecipe, seed: int, run: int,
+               x_test: torch.Tensor, y_test: torch.Tensor, precision: str, device: torch.device,
+               train: Callable[..., list[dict]] | None = None, tick: Callable[[], None] | None = None
+               ) -> tuple[float, dict, float]:
+    """One network of one arm: (final training loss, test metrics, training seconds). Its randomness is
+    (seed, run)'s alone, so it can run in a worker process (distill/workers.py)."""
     k, channels, size = geometry
+    with seeded(seed, run, MODEL_KEY):
+        model = create_model(model_name, k, channels, size, **model_kwargs)
+    model.to(device)
+    t0 = time.perf_counter()
+    with autocast(precision, device):  # the network's parameters and optimiser state stay fp32
+        history = (train or train_network)(model, images.to(device), targets.to(device), recipe,
+                                           generator(seed, run, DATA_KEY),
+                                           weights=None if weights is None else weights.to(device),
+                                           after_epoch=(lambda e, s: tick()) if tick else None)
+    seconds = time.perf_counter() - t0
+    return history[-1]["loss"], classification_metrics(predict(model, x_test).cpu(), y_test), seconds
+
+
+def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int, int, int], x_test: torch.Tensor,
+             y_test: torch.Tensor, cfg: EvalConfig, device: torch.device, tick: Callable[[], None] | None,
+             workers: int = 1) -> dict:
     runs = []
     t_arm = time.perf_counter()
-    for run in range(cfg.runs):
-        images, targets, extra = arm.data_for_run(run)
-        with seeded(cfg.seed, run, MODEL_KEY):
-            model = create_model(model_name, k, channels, size, **model_kwargs)
-        model.to(device)
-        t0 = time.perf_counter()
-        history = (arm.train or train_network)(model, images.to(device), targets.to(device), arm.recipe,
-                                generator(cfg.seed, run, DATA_KEY),
-                                weights=None if arm.weights is None else arm.weights.to(device),
-                                after_epoch=(lambda e, s: tick()) if tick else None)
-        seconds = time.perf_counter() - t0
-        final_loss = history[-1]["loss"]
+    data = [arm.data_for_run(run) for run in range(cfg.runs)]
+    jobs = [(model_name, model_kwargs, geometry, images, targets, arm.weights, arm.recipe, cfg.seed, run, x_test, y_test,
+             cfg.precision, device) for run, (images, targets, _) in enumerate(data)]
+    if workers > 1 and arm.train is None:  # a custom trainer (DP-SGD) stays in this process
+        ticks = (lambda _: [tick() for _ in range(arm.recipe.epochs)]) if tick else None
+        trained = run_jobs(_train_run, jobs, workers, on_done=ticks)
+    else:
+        trained = [_train_run(*job, train=arm.train, tick=tick) for job in jobs]
+    for run, ((_, _, extra), (final_loss, metrics, seconds)) in enumerate(zip(data, trained)):
         if not math.isfinite(final_loss):
             raise DivergenceError(f"Training on {arm.name} diverged (loss {final_loss}) in run {run}; "
                                   "try a smaller --lr or fewer --epochs.")
-        metrics = classification_metrics(predict(model, x_test).cpu(), y_test)
         runs.append({"run": run, "model_seed": derive_seed(cfg.seed, run, MODEL_KEY),
                      "data_seed": derive_seed(cfg.seed, run, DATA_KEY), **extra, **metrics,
                      "final_train_loss": final_loss, "train_seconds": seconds})
@@ -384,6 +406,14 @@ def _run_arm(arm: Arm, model_name: str, model_kwargs: dict, geometry: tuple[int,
     return {RowKey.NAME: arm.name, RowKey.KIND: arm.kind, RowKey.TRAINED_ON: arm.trained_on,
             RowKey.RECIPE: arm.recipe_report, RowKey.RUNS: runs, RowKey.MEAN: mean, RowKey.STD: std,
             RowKey.WALL_SECONDS: time.perf_counter() - t_arm}
+
+
+def _workers(cfg: EvalConfig, device: torch.device, estimated_seconds: float) -> int:
+    """Processes for the networks of a row: ``cfg.workers``, or with 0 (auto) one per core where the
+    estimated training repays the workers' start (:data:`AUTO_WORKERS_MIN_SECONDS`)."""
+    if cfg.workers == 0 and estimated_seconds < AUTO_WORKERS_MIN_SECONDS:
+        return 1
+    return resolve_workers(cfg.workers, device, cfg.runs)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -631,8 +661,8 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
     image_bytes = 4 * setup.pre.channels * setup.pre.size ** 2  # float32, network space
     rows = [(int(a.trained_on["images"]), a.recipe.epochs, a.recipe.batch_size) for a in arms]
     data_bytes = image_bytes * (len(test_data.test.labels) + max((n for n, _, _ in rows), default=0))
-    check_eval_budget(estimate_eval(rows, cfg.runs, cost, data_bytes, device_flops(device)), cfg.max_hours,
-                      free_memory(device))
+    estimate = estimate_eval(rows, cfg.runs, cost, data_bytes, device_flops(device))
+    check_eval_budget(estimate, cfg.max_hours, free_memory(device))
     for level, line in plan(arms, cfg.runs):
         log.log(level, "%s", line)
     if baselines:
@@ -641,18 +671,23 @@ def evaluate(cfg: EvalConfig, *, shares: Sequence[tuple[str, Share]] | None = No
                  "without the share (reference recipe, its own preprocessing) gives other numbers" if union else
                  f"the reference recipe, with preprocessing {setup.pre_source}")
     x_test, y_test = setup.pre(test_data.test.images).to(device), test_data.test.labels
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+    workers = _workers(cfg, device, estimate.hours * 3600)
+    if workers > 1:
+        log.info("Training the %d network(s) of each row in %d worker processes.", cfg.runs, workers)
     total = sum(cfg.runs * a.recipe.epochs for a in arms)
     results = []
     with progress(range(total), label="eval", length=total) as bar:
         tick = (lambda: bar.update(1)) if hasattr(bar, "update") else None
         for arm in arms:
             results.append(_run_arm(arm, setup.model_name, setup.model_kwargs, geometry, x_test, y_test, cfg,
-                                    device, tick))
+                                    device, tick, workers))
 
     report = strict_json({
         **eval_header(), EvalKey.CREATED: utc_now(),
         EvalKey.SOFTWARE: software_versions(), EvalKey.DEVICE: str(device), EvalKey.SEED: cfg.seed,
-        EvalKey.RUNS: cfg.runs, EvalKey.MODEL: setup.model_name, EvalKey.MODEL_KWARGS: setup.model_kwargs,
+        EvalKey.RUNS: cfg.runs,
+        EvalKey.PRECISION: cfg.precision, EvalKey.WORKERS: workers, EvalKey.MODEL: setup.model_name, EvalKey.MODEL_KWARGS: setup.model_kwargs,
         EvalKey.PREPROCESSING: {"source": setup.pre_source, "zca": setup.pre.zca, "size": setup.pre.size,
                                 "channels": setup.pre.channels},
         EvalKey.TEST: {ScoredSplitKey.DATA: test_spec, ScoredSplitKey.NAME: test_data.name,

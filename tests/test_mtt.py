@@ -148,7 +148,9 @@ def test_run_writes_a_valid_run_folder(tiny_buffer, tmp_path):
     assert s.method["augment"] == "crop,flip"  # "expert" resolved to the buffer's augmentation
     assert s.experts["count"] == 2 and s.experts["snapshot_every"] == TINY_SNAPSHOT_EVERY
     assert s.fingerprint == ExpertPool(tiny_buffer).fingerprint
-    assert build(RunConfig, load_toml(out / "config.toml")) == dataclasses.replace(cfg, augment="crop,flip")
+    # config.toml records what the "auto" settings resolved to: the tiny unroll fits any budget, and auto is fp32.
+    assert build(RunConfig, load_toml(out / "config.toml")) == dataclasses.replace(cfg, augment="crop,flip",
+                                                                                  gradient="full", precision="fp32")
     rows = read_metrics(out / "metrics.jsonl")
     its = [r for r in rows if r["kind"] == "iteration"]
     evals = [r for r in rows if r["kind"] == "eval"]

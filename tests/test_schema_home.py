@@ -94,6 +94,7 @@ KEY_USERS = {
     "distill/privacy/membership.py": (ATTACK_KEYS,),
     "distill/privacy/rmia.py": (ATTACK_KEYS,),
     "distill/privacy/neighbours.py": (NEIGHBOUR_KEYS,),
+    "distill/mtt/distiller.py": (RUN_METRICS_KEYS,),
 }
 # evaluate.py: its report writer (the row _run_arm returns, the document evaluate assigns to ``report``) and its
 # plain-text table. The rest of the module (the rows' trained_on records, the cost estimate) is left for later: the

@@ -28,6 +28,8 @@ class EvalKey:
     DEVICE = "device"
     SEED = "seed"
     RUNS = "runs"  # networks trained per row
+    PRECISION = "precision"  # fp32 | bf16 | auto, as asked
+    WORKERS = "workers"  # processes that trained a row's networks
     MODEL = "model"
     MODEL_KWARGS = "model_kwargs"
     PREPROCESSING = "preprocessing"

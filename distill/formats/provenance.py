@@ -17,8 +17,10 @@ METHOD_NAME = "mtt"  # Matching Training Trajectories (Cazenavette et al. 2022)
 METHOD_KEYS = ("ipc", "iterations", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch",
                "trajectories_per_iter", "init", "init_correct_only", "hard_labels", "label_temperature",
                "label_snapshot", "lr_img", "lr_lr", "lr_label", "syn_lr_init", "max_log_lr_step", "min_syn_lr_fraction", "momentum", "batch_syn", "augment", "gradient", "eval_every",
-               "eval_models", "eval_epochs", "checkpoint_every", "seed")
-METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast")  # paths, the hospital's data name, its hardware and how it ran there
+               "eval_models", "eval_epochs", "checkpoint_every", "seed",
+               "precision")  # bf16 changes the numbers, as the gradient mode does
+METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast",
+                    "max_memory")  # paths, the hospital's data name, its hardware (its memory) and how it ran there
 EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per_epoch", "snapshots", "model",
                "model_kwargs", "seed", "zca", "train")
 EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")

@@ -37,10 +37,13 @@ from ..distributed import World
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
+from ..formats.run import EVAL, ITERATION, KIND, LOSS, SYN_LR, VAL_ACC_MEAN, VAL_MAJORITY
 from ..formats.synset import SYNSET_FILE, SyntheticSet, write_synset
 from ..io import check_writable_dir, output_lock, remove_stale_temps, software_versions
 from ..lifecycle import stage
+from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..models import ParamSpec, param_spec
+from ..precision import autocast, resolve_precision
 from ..progress import progress
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
@@ -51,11 +54,11 @@ from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, gri
 from .synthetic import (bound_log_step, correctly_classified, floor_log_step, initial_images, initial_logits, list_inits,
                         log_step_size, needs_real_data, soft_targets)
 from .engine import Matched, MatchingEngine
-from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, unroll_student
+from .unroll import UnrollPlan, make_plan, matching_loss, stack_plans, student_step, unroll_student
 
 log = logging.getLogger(__name__)
 
-INIT_KEY, ITER_KEY, EVAL_KEY = 0, 1, 2  # independent sub-streams of the run seed (distill.seeding)
+INIT_KEY, ITER_KEY, EVAL_KEY, MEMORY_KEY = 0, 1, 2, 3  # independent sub-streams of the run seed (distill.seeding)
 # Along the expert's own direction a student that moves r times as far ends at normalised loss
 # (r - 1)^2: at r = 2 it is no closer than where it started, below r = 0.5 it covers under half
 # the way. Outside this range the settings, not the images, dominate the loss.
@@ -214,6 +217,7 @@ class _Run:
     val: tuple[torch.Tensor, torch.Tensor] | None  # preprocessed validation images and labels, on the device
     metrics: MetricsLog
     dp: DPRecord | None = None  # the buffer's DP record: then nothing here has read a private file
+    gradient_choice: GradientChoice | None = None  # what --gradient auto chose, and why
 
 
 @dataclass
@@ -307,8 +311,8 @@ def _resumed_state(run: _Run) -> _State:
     if tuple(ck["images"].shape) != expected or (ck["logits"] is None) != cfg.hard_labels:
         raise DistillError(f"The checkpoint in {run.out} holds {len(ck['images'])} images "
                            f"({'hard' if ck['logits'] is None else 'soft'} labels); resume it with its own --ipc and label setting.")
-    if ck["iteration"] > cfg.iterations:
-        raise DistillError(f"The checkpoint in {run.out} is at iteration {ck['iteration']}, beyond --iterations {cfg.iterations}.")
+    if ck[ITERATION] > cfg.iterations:
+        raise DistillError(f"The checkpoint in {run.out} is at iteration {ck[ITERATION]}, beyond --iterations {cfg.iterations}.")
     ignored = {"iterations", "device", "out", "data", "eval_every", "eval_models", "eval_epochs", "checkpoint_every"}
     changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in ck["config"].items()
                if k not in ignored and hasattr(cfg, k) and getattr(cfg, k) != v]
@@ -321,7 +325,7 @@ def _resumed_state(run: _Run) -> _State:
         for group in opt.param_groups:  # a resumed run follows today's rates, not the checkpoint's
             group["lr"] = rates[name]
             group["momentum"] = cfg.momentum
-    state.iteration = int(ck["iteration"])
+    state.iteration = int(ck[ITERATION])
     run.metrics.truncate(int(ck["metrics_offset"]))
     return state
 
@@ -329,7 +333,7 @@ def _resumed_state(run: _Run) -> _State:
 def _payload(run: _Run, state: _State) -> dict:
     """A checkpoint of ``state``: copies, so later updates cannot change it."""
     return {
-        "iteration": state.iteration,
+        ITERATION: state.iteration,
         "images": state.images.detach().cpu().clone(),
         "labels": state.labels.cpu().clone(),
         "logits": None if state.logits is None else state.logits.detach().cpu().clone(),
@@ -374,8 +378,9 @@ def _iteration(run: _Run, state: _State, it: int) -> dict:
                        size=tuple(state.images.shape[-2:]), device=device) for _ in segments]
     mine = run.world.shard(list(range(len(segments))))
     pairs = [run.pool.pair(segments[j], device) for j in mine]
-    m = match_segments(run.engine, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), state,
-                       stack_plans([plans[j] for j in mine]))
+    with autocast(cfg.precision, device):  # the unrolls' network work; the results and the update stay fp32
+        m = match_segments(run.engine, torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), state,
+                           stack_plans([plans[j] for j in mine]))
     learned = state.learned()
     sums = {"images": m.images, "log_lr": m.log_lr} | ({"logits": m.labels} if m.labels is not None else {})
     # One all-reduce for everything, then the mean over all segments, whichever rank matched them.
@@ -412,7 +417,7 @@ def _iteration(run: _Run, state: _State, it: int) -> dict:
             raise _NonFinite(k)
     state.iteration = it + 1
     return {
-        "kind": "iteration", "iteration": it, "loss": loss, "syn_lr": used_lr, "log_lr_step_clipped": clipped,
+        KIND: ITERATION, ITERATION: it, LOSS: loss, SYN_LR: used_lr, "log_lr_step_clipped": clipped,
         "syn_lr_floored": floored,
         "grad_norm_images": norms["images"], "grad_log_lr": grad_log_lr, "grad_norm_logits": norms.get("logits"),
         "movement_ratio": movement, "segments": [[s.expert, s.start] for s in segments],
@@ -447,7 +452,7 @@ def _evaluate(run: _Run, state: _State) -> None:
     cfg, it = run.cfg, state.iteration
     save_grid(run.out / grid_name(it), state.images, run.pool.preprocessing, cfg.ipc,
               run.pool.fingerprint.get("class_names"))
-    record = {"kind": "eval", "iteration": it, "syn_lr": state.syn_lr, "grid": grid_name(it)}
+    record = {KIND: EVAL, ITERATION: it, SYN_LR: state.syn_lr, "grid": grid_name(it)}
     if run.dp is not None:  # said in every evaluation record, so the metrics show what the run did not do
         record |= {"dp": True, "validation": f"skipped: {NO_PRIVATE_READ}"}
     if run.val is not None and cfg.eval_models > 0:
@@ -463,7 +468,7 @@ def _evaluate(run: _Run, state: _State) -> None:
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
         majority = float(torch.bincount(y_val).max()) / len(y_val)
-        record |= {"val_acc": accs, "val_acc_mean": mean, "val_acc_std": std, "val_majority": majority}
+        record |= {"val_acc": accs, VAL_ACC_MEAN: mean, "val_acc_std": std, VAL_MAJORITY: majority}
         log.info("Iteration %d: validation accuracy %.3f ± %.3f over %d network(s), step size %.4g.",
                  it, mean, std, len(accs), state.syn_lr)
         # Accuracies are multiples of 1/n, computed in float32: within half an image of the majority is at it.
@@ -504,6 +509,9 @@ def _autos_as_before(cfg: RunConfig, out: Path) -> RunConfig:
                               if k in {f.name for f in dataclasses.fields(RunConfig)} | set(FILE_KEYS)})
     autos = {f.name: getattr(saved, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(cfg, f.name) is None and getattr(saved, f.name) is not None}
+    for name in ("gradient", "precision"):  # a run keeps the gradient and precision it chose at its start
+        if getattr(cfg, name) == "auto" and getattr(saved, name) != "auto":
+            autos[name] = getattr(saved, name)
     return dataclasses.replace(cfg, **autos)
 
 
@@ -544,6 +552,13 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     elif cfg.eval_models > 0 and world.main and dp is None:
         log.warning("Validation is skipped: %s.", reason or "the data has an empty validation split")
     augment = Augment.parse(cfg.augment)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded as chosen
+    choice = None
+    if cfg.gradient == "auto":
+        choice = _choose_gradient(cfg, pool, model, spec, augment, device, world)
+        cfg = dataclasses.replace(cfg, gradient=choice.gradient)  # config.toml records what was chosen
+        if world.main:
+            log.info("%s", choice.sentence())
     engine = MatchingEngine(model, spec, augment, gradient=cfg.gradient, temperature=cfg.label_temperature, fast=cfg.fast)
     run = _Run(cfg=cfg, world=world, device=device, out=out, pool=pool, model=model, spec=spec,
                augment=augment, engine=engine, val=val, metrics=MetricsLog(out / METRICS_FILE, enabled=world.main),
@@ -551,7 +566,35 @@ def _setup(cfg: RunConfig, world: World, device: torch.device, resume: bool,
     if start_over and world.main:  # only once every check has passed
         log.info("%s holds a run stopped before its first checkpoint; starting it over.", out)
         clear_run(out)
+    run.gradient_choice = choice
     return run, real, reason
+
+
+def _choose_gradient(cfg: RunConfig, pool: ExpertPool, model: nn.Module, spec: ParamSpec, augment: Augment | None,
+                     device: torch.device, world: World) -> GradientChoice:
+    """``--gradient auto``: the full unroll where its estimated memory fits ``--max-memory``, else checkpoint.
+
+    One student step of the oracle on random images of the run's shape is traced for the bytes autograd
+    keeps (distill/memory.py); the trajectories a rank holds at once multiply it (vmapped on CUDA).
+    """
+    n = cfg.ipc * pool.num_classes
+    batch = n if cfg.batch_syn <= 0 or cfg.batch_syn >= n else cfg.batch_syn
+    gen = generator(cfg.seed, MEMORY_KEY)  # its own stream: the run's draws stay as they were
+    images = torch.randn(n, pool.channels, pool.size, pool.size, generator=gen).to(device)
+    labels = (torch.arange(n) % pool.num_classes).to(device)
+    plan = make_plan(n, 1, batch, gen, augment=augment, size=(pool.size, pool.size), device=device)
+    idx, aug = plan.step(0)
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()]).requires_grad_(True)
+    x = images[idx].requires_grad_(True)
+    kept = {name: b.clone() for name, b in model.named_buffers()}  # a training-mode pass updates running statistics
+    per_step = saved_bytes(lambda: student_step(model, spec, theta, x, labels[idx], torch.tensor(0.01, device=device),
+                                                augment, aug, create_graph=True))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(kept[name])
+    mine = -(-cfg.trajectories_per_iter // world.size)
+    vmapped = device.type == "cuda" and next(model.buffers(), None) is None  # as MatchingEngine decides
+    return choose_gradient(per_step, cfg.syn_steps, mine if vmapped else 1, budget_bytes(cfg.max_memory, device))
 
 
 def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
@@ -581,7 +624,7 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
                 ) from None
             run.metrics.write(record)
             if fresh and it == 0 and world.main:
-                _warn_movement(run, record["movement_ratio"], record["syn_lr"])
+                _warn_movement(run, record["movement_ratio"], record[SYN_LR])
             if record["syn_lr_floored"] and not floored and world.main:
                 floored = True
                 log.warning("At iteration %d the step size reached its floor, %.3g (min_syn_lr_fraction %g of %.3g), and "
@@ -591,7 +634,7 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
             if state.iteration % cfg.checkpoint_every == 0 and world.main:
                 save_checkpoint(run.out / CHECKPOINT_FILE, _payload(run, state))
                 log.info("Iteration %d: matching loss %.4f, step size %.4g, movement ratio %.2f.",
-                         state.iteration, record["loss"], state.syn_lr, record["movement_ratio"])
+                         state.iteration, record[LOSS], state.syn_lr, record["movement_ratio"])
             world.barrier()  # rank 0 may have evaluated or written; the others wait rather than time out later
 
 
@@ -612,6 +655,8 @@ def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
                      len(state.images), run.cfg.ipc, len(run.pool.experts), run.pool.fingerprint.get("name", "?"),
                      device, {"eager": "eager", "graphs": "captured", "compile": "compiled and captured"}[
                          run.engine.mode(device)], run.cfg.gradient)
+            if run.gradient_choice is not None:
+                run.metrics.write(run.gradient_choice.record())
         world.barrier()
         _run_loop(run, state, fresh=not resume)
         if world.main:
