@@ -293,6 +293,10 @@ def _workers(cfg: BufferConfig, device: torch.device, world: World, plan: dp.DPP
     """Worker processes for the one-at-a-time experts: 1 for DP experts, under torchrun and on a GPU;
     ``cfg.workers`` = 0 (auto) is one per core where each expert repays a process start."""
     if plan is not None or world.size > 1:
+        if cfg.workers > 1:  # asked for, so say why it is not used
+            log.info("--workers %d ignored: %s train in one process.", cfg.workers,
+                     "DP experts" if plan is not None
+                     else "experts under torchrun")
         return 1
     if cfg.workers == 0 and cfg.epochs * n_train < AUTO_WORKERS_MIN_PASSES:
         return 1
