@@ -34,6 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from distill.dp import STATS_POOL  # noqa: E402
 from results import NotRun, Runner, _duration, _pm, git_commit, hardware, read_eval, software  # noqa: E402
 
 CHUNK = "all"
@@ -128,8 +129,11 @@ def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, wo
     dp = eps != INF
     if dp and dp_lr is not None:  # the experts' SGD step size, for DP buffers only (default: BufferConfig.lr)
         tag = f"{tag}-lr{dp_lr:g}"
+    if dp and STATS_POOL != 1:  # the class means' release grid: a new grid is a new row, not a reused one
+        tag = f"{tag}-pool{STATS_POOL}"
     d = work / ds / f"eps-{tag}"
-    label = f"DP share (ε = {eps_tag(eps)}{f', experts at lr {dp_lr:g}' if dp and dp_lr is not None else ''})" \
+    grid = f", class means on a 1/{STATS_POOL} grid" if STATS_POOL != 1 else ""
+    label = f"DP share (ε = {eps_tag(eps)}{f', experts at lr {dp_lr:g}' if dp and dp_lr is not None else ''}{grid})" \
         if dp else "share without DP (--init real)"
     row = Row(ds, label, None if not dp else eps)
     common = ["--seed", str(p.seed), "--device", device]
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     with atomic_path(out) as tmp:
-        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "")
+        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "") + (f"-pool{STATS_POOL}" if STATS_POOL != 1 else "")
         tmp.write_text(merge(out.read_text() if out.exists() else "", name, section))
     print(section)
 

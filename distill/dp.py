@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .augment import device_generator
@@ -52,6 +53,12 @@ STATS_FRACTION = 0.1
 # In DP mode images are normalised with these fixed constants, per channel, never with statistics of the
 # private images: x = (pixel / 255 - 0.5) / 0.5 puts every pixel in [-1, 1].
 DP_MEAN, DP_STD = 0.5, 0.5
+# The class means are released at (H / STATS_POOL) x (W / STATS_POOL), block averages, and enlarged back
+# (bilinear, post-processing). The bound B = sqrt(C*h*w) shrinks with the grid, and so does the noise: at 28 px,
+# epsilon 1 and 10 % of it, the smaller class's mean is pure noise at full size (RMS error 0.73 on a [-1, 1]
+# scale, against 0.16 between the classes) and 0.21 at 7 x 7. Chosen with benchmarks/dp_means_pool.py on
+# RetinaMNIST, outside the DP table: of 1, 2 and 4, 4 had the lowest error at epsilon 1 and 8.
+STATS_POOL = 4
 # The SGD step size of DP-SGD networks: the DP experts' default and the dp-sgd baseline's. Clipping shrinks
 # each image's gradient to norm 1 where a fresh ConvNet-3's are ~20-30, so the reference's 0.01 barely moves
 # a DP network (it predicted only the majority class: docs/privacy.md). Chosen by benchmarks/dp_lr.py on
@@ -179,7 +186,9 @@ class DPPlan:
                    "delta_rule": f"1/({DELTA_FACTOR} n) unless given", "normalisation_constants": [DP_MEAN, DP_STD],
                    "noise_source": "operating-system entropy (not the recorded seed)",
                    **({"stats_noise_multiplier": self.stats_noise_multiplier, "stats_fraction": STATS_FRACTION,
-                       "stats_bound": "each image's L2 norm clipped to sqrt(C*H*W), the largest for pixels in [-1, 1]",
+                       "stats_bound": f"each image averaged over {STATS_POOL}x{STATS_POOL} pixel blocks, then its L2 norm "
+                          "clipped to sqrt(C*h*w), the largest for pixels in [-1, 1] on that grid",
+                       "stats_pool": STATS_POOL,
                        "sgd_and_stats_epsilon": "each computed alone; epsilon is their composition"} if stats else {})})
 
 
@@ -325,18 +334,25 @@ def dp_trainer(plan: DPPlan) -> Callable[..., list[dict]]:
 
 
 def noised_class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: int, noise_multiplier: float,
-                       noise_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       noise_generator: torch.Generator | None = None,
+                       pool: int = STATS_POOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean images released by the Gaussian mechanism: ((K, 1, C, H, W) means, (K,) noised counts).
 
-    images: (N, C, H, W) float32 in the fixed DP normalisation, pixels in [-1, 1]. Each image is clipped to
-    L2 norm B = sqrt(C*H*W) (a no-op for such pixels; it guards the bound) and adds B to its class's count
-    (the counts are scaled by B so that one image moves (sums, B * counts) by at most sqrt(2) * B). Noise of
-    std ``noise_multiplier * sqrt(2) * B`` on every sum and scaled count makes it a Gaussian mechanism with
-    that noise multiplier: one full-batch step (q = 1) in the accountant. The division and the clamp to
-    [-1, 1] are post-processing.
+    images: (N, C, H, W) float32 in the fixed DP normalisation, pixels in [-1, 1]. Each image is first
+    averaged over ``pool`` x ``pool`` blocks (a data-independent map: pixels stay in [-1, 1]) to a
+    (C, h, w) grid, h = ceil(H / pool). It is clipped to L2 norm B = sqrt(C*h*w) (a no-op for such
+    pixels; it guards the bound) and adds B to its class's count (the counts are scaled by B so that
+    one image moves (sums, B * counts) by at most sqrt(2) * B). Noise of std ``noise_multiplier *
+    sqrt(2) * B`` on every sum and scaled count makes it a Gaussian mechanism with that noise
+    multiplier: one full-batch step (q = 1) in the accountant. The division, the clamp to [-1, 1] and
+    the bilinear enlargement back to H x W are post-processing.
     """
     gen = noise_generator if noise_generator is not None else secret_generator()
-    x = images.detach().float().cpu().flatten(1)
+    full = images.detach().float().cpu()
+    size = tuple(full.shape[-2:])
+    grid = tuple(-(-d // pool) for d in size)
+    small = F.adaptive_avg_pool2d(full, grid) if grid != size else full
+    x = small.flatten(1)
     bound = math.sqrt(x.shape[1])
     x = x * (bound / x.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1)
     sums = torch.zeros(num_classes, x.shape[1]).index_add_(0, labels.cpu(), x)
@@ -345,8 +361,10 @@ def noised_class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: 
     sums = sums + std * torch.randn(sums.shape, generator=gen)
     counts = counts + std * torch.randn(counts.shape, generator=gen)
     noisy_counts = (counts / bound).clamp_min(1.0)
-    means = (sums / noisy_counts.unsqueeze(1)).clamp(-1.0, 1.0)
-    return means.view(num_classes, 1, *images.shape[1:]), noisy_counts
+    means = (sums / noisy_counts.unsqueeze(1)).clamp(-1.0, 1.0).view(num_classes, *small.shape[1:])
+    if grid != size:
+        means = F.interpolate(means, size=size, mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
+    return means.view(num_classes, 1, *full.shape[1:]), noisy_counts
 
 
 def write_dp_stats(path, means: torch.Tensor, noisy_counts: torch.Tensor, plan: DPPlan) -> None:
@@ -359,5 +377,6 @@ def write_dp_stats(path, means: torch.Tensor, noisy_counts: torch.Tensor, plan: 
             f.attrs["noise_multiplier"] = float(plan.stats_noise_multiplier)
             f.attrs["epsilon"] = epsilon_spent(plan.history()[1:], plan.delta, plan.accountant)
             f.attrs["delta"] = plan.delta
+            f.attrs["released_grid_pool"] = STATS_POOL  # released as block averages over this many pixels a side
             f.create_dataset(DP_STATS_CLASS_MEANS, data=means.numpy())
             f.create_dataset("noised_counts", data=noisy_counts.numpy())

@@ -230,12 +230,32 @@ def test_class_means_are_exact_without_noise_and_noised_per_pixel_as_the_mechani
     x = torch.rand(400, 1, 8, 8, generator=gen) * 2 - 1
     y = torch.arange(400) % 2
     exact = torch.stack([x[y == k].mean(0) for k in range(2)])
-    means, counts = dp.noised_class_means(x, y, 2, 0.0)
+    means, counts = dp.noised_class_means(x, y, 2, 0.0, pool=1)
     assert means.shape == (2, 1, 1, 8, 8) and counts.tolist() == [200.0, 200.0]
     assert torch.allclose(means[:, 0], exact, atol=1e-5)
     sigma = 0.05
-    noisy, _ = dp.noised_class_means(x, y, 2, sigma, noise_generator=torch.Generator().manual_seed(1))
+    noisy, _ = dp.noised_class_means(x, y, 2, sigma, noise_generator=torch.Generator().manual_seed(1), pool=1)
     # Each pixel of a sum gets noise of std sigma * sqrt(2) * B, B = sqrt(64); divided by ~200 images.
     expected = sigma * math.sqrt(2) * 8 / 200
     residual = (noisy[:, 0] - exact).std().item()
     assert 0.7 * expected < residual < 1.3 * expected
+
+
+def test_class_means_released_on_a_coarse_grid_carry_less_noise_and_come_back_full_size():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 1, 8, 8, generator=gen) * 2 - 1
+    y = torch.arange(400) % 2
+    # Without noise: the exact means of the 2 x 2 block averages, enlarged back to 8 x 8.
+    small = torch.stack([torch.nn.functional.avg_pool2d(x[y == k], 4).mean(0) for k in range(2)])
+    want = torch.nn.functional.interpolate(small, size=(8, 8), mode="bilinear", align_corners=False)
+    means, _ = dp.noised_class_means(x, y, 2, 0.0, pool=4)
+    assert means.shape == (2, 1, 1, 8, 8) and torch.allclose(means[:, 0], want, atol=1e-5)
+    # The noise follows the grid's bound, B = sqrt(2 * 2) = 2, a quarter of the full-size release's 8.
+    sigma = 0.5
+    resid = []
+    for pool in (1, 4):
+        noisy, _ = dp.noised_class_means(x, y, 2, sigma, noise_generator=torch.Generator().manual_seed(1), pool=pool)
+        exact, _ = dp.noised_class_means(x, y, 2, 0.0, pool=pool)
+        resid.append((noisy - exact).pow(2).mean().sqrt().item())
+    assert resid[1] < 0.4 * resid[0]
+    assert dp.STATS_POOL == 4
