@@ -101,6 +101,17 @@ def _figures(mia: dict) -> str:
                 f"at 1 % FPR. Each reference pipeline used {_e(ref.get(ReferenceKey.EXPERTS, '?'))} experts of "
                 f"{_e(ref.get(ReferenceKey.EPOCHS, '?'))} epochs and {_e(ref.get(ReferenceKey.ITERATIONS, '?'))} "
                 "iterations, fewer than a full run.</p>")
+        image = rmia.get(RmiaKey.IMAGE)
+        if isinstance(image, dict):
+            pairs = [("the share's images", image.get(RmiaKey.SHARE) or {}),
+                     ("the random subset's images", image.get(RmiaKey.RANDOM_SUBSET) or {})]
+            body += "".join(f"<tr><td>{_e(n)}</td><td>{_auc(m.get(RateKey.AUC))}</td>"
+                            + "".join(f"<td>{_e(_rate(m.get(k)))}</td>" for k in keys) + "</tr>" for n, m in pairs)
+            text += ("<p>The last two rows attack the images themselves, which are public once shared: how closely "
+                     "a patient's scan correlates with the nearest shared image, against the reference pipelines' "
+                     "own shares. A random real subset copies its patients, so it is found at that rate by design; "
+                     f"the share is <b>{'significantly above' if image.get(RmiaKey.SIGNIFICANTLY_ABOVE) else 'not significantly above'}"
+                     "</b> it.</p>")
         table = f"<table><tr><th>attacked network</th><th>AUC</th>{head}</tr>{body}</table>"
         roc = roc_svg({name: m.get(RateKey.ROC) for name, m in rows})
         return text + table + roc

@@ -66,6 +66,21 @@ def _cfg(buffer: Path, out: Path, **kw) -> RunConfig:
 _cli = run_cli  # (monkeypatch, capsys, *args) -> (exit code, stdout, stderr)
 
 
+def _recorded(rundir: Path) -> dict:
+    import tomllib
+
+    from distill.mtt.rundir import CONFIG_FILE
+
+    return tomllib.loads((Path(rundir) / CONFIG_FILE).read_text())
+
+
+def test_the_student_starts_at_the_experts_step_size_unless_told(dp_buffer, tmp_path):
+    # The fixture's experts trained at the reference's 0.01; a given syn_lr_init wins.
+    assert _recorded(distill_run(_cfg(dp_buffer, tmp_path / "a", iterations=1)))["syn_lr_init"] == pytest.approx(0.01)
+    assert _recorded(distill_run(_cfg(dp_buffer, tmp_path / "b", iterations=1, syn_lr_init=0.05)))["syn_lr_init"] \
+        == pytest.approx(0.05)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -232,6 +247,9 @@ def test_a_real_dp_buffer_to_a_dp_share_without_the_private_data(tmp_path, monke
     record = DPRecord.from_json(dp_path(buf).read_text(encoding="utf-8"))
     assert record.epsilon <= 4.0 + 1e-6 and record.stats == "class_means" and record.experts == 2
     out = distill_run(_cfg(buf, tmp_path / "run", init="dp-means", hard_labels=True))
+    # The student starts at the DP experts' step size, not at the reference's 0.01 (docs/privacy.md).
+    from distill.dp import DP_LR
+    assert _recorded(out)["syn_lr_init"] == pytest.approx(DP_LR)
     share_path = export_share(out, tmp_path / "share.h5", force=True)
     write_report(out, tmp_path / "review.html", share=share_path)
     share = load_share(share_path)

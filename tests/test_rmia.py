@@ -16,7 +16,8 @@ from distill.formats.synset import SyntheticSet, write_synset
 from distill.reference_pipeline import train_reference
 from distill.privacy import run_audit
 from distill.privacy.references import ReferenceSettings, pool_halves, reference_signals
-from distill.privacy.rmia import (above_baseline, clopper_pearson, offline_prior, out_mean, rate_metrics, rmia_scores)
+from distill.privacy.rmia import (TEMPERATURES, above_baseline, choose_temperature, clopper_pearson, offline_prior,
+                                  out_mean, rate_metrics, rmia_scores, tempered, true_label)
 
 # A tiny pipeline: 2 experts x 3 epochs, 4 iterations; a few seconds per reference on one CPU thread.
 TINY_REFS = dict(attack="rmia", references=2, reference_experts=2, reference_epochs=3, reference_iterations=0)
@@ -40,6 +41,50 @@ def test_rmia_score_matches_a_hand_computed_example():
     # The OUT mean uses only references that left the point out.
     probs = np.array([[0.2, 0.4], [0.6, 0.8]])
     assert out_mean(probs, np.array([[True, False], [False, True]])).tolist() == [0.6, 0.4]
+
+
+def test_tempered_probabilities_are_softmax_of_scaled_logits():
+    logits = np.array([[4.0, 1.0, -2.0], [0.5, 0.0, 3.0]])
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.allclose(tempered(p, 1.0), p)
+    want = np.exp(logits / 4) / np.exp(logits / 4).sum(1, keepdims=True)
+    assert np.allclose(tempered(p, 4.0), want)
+    assert true_label(want, np.array([0, 2])).tolist() == pytest.approx([want[0, 0], want[1, 2]])
+    # An underflowed probability still ranks below every other instead of producing NaN.
+    assert np.isfinite(tempered(np.array([[1.0, 0.0]]), 2.0)).all()
+
+
+def _saturated_references(r_count: int, shift: float, seed: int = 0):
+    """Reference models on 400 points of 2 classes: a per-point logit margin (difficulty) plus model noise,
+    plus ``shift`` where the model trained on the point; margins are large, so probabilities saturate."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    difficulty = rng.normal(8.0, 3.0, n)
+    ins = np.zeros((r_count, n), bool)
+    for j in range(r_count // 2):
+        perm = rng.permutation(n)
+        ins[2 * j, perm[: n // 2]] = True
+        ins[2 * j + 1] = ~ins[2 * j]
+    margin = difficulty + rng.normal(0.0, 1.0, (r_count, n)) + shift * ins
+    labels = np.zeros(n, int)
+    probs = np.stack([1 / (1 + np.exp(margin)), 1 / (1 + np.exp(-margin))], -1)[..., ::-1]  # label 0 is the true one
+    return probs, ins, labels
+
+
+def test_the_temperature_is_chosen_on_the_references_alone():
+    probs, ins, labels = _saturated_references(6, shift=2.0)
+    population = np.ones(len(labels), bool)
+    t, record = choose_temperature(probs, ins, labels, population)
+    assert t in TEMPERATURES and set(record) == set(TEMPERATURES)
+    # Members do have an edge, so every candidate attacks the references better than chance ...
+    assert min(record.values()) > 0.55
+    # ... and T = 1 is the worst: at margins near 8, p = 0.9997 and the ratios barely move.
+    assert record[1.0] == min(record.values()) and t > 1.0
+    # Without an edge nothing is found, whatever T.
+    _, flat = choose_temperature(*_saturated_references(6, shift=0.0), population)
+    assert max(flat.values()) < 0.56
+    # Two references cannot attack each other: the default stands.
+    assert choose_temperature(probs[:2], ins[:2], labels, population) == (1.0, {})
 
 
 def test_references_are_complementary_pairs():
@@ -135,8 +180,15 @@ def test_a_leaky_share_is_caught_with_tpr_well_above_fpr(leaky):
     # 40 non-members: at '1 % FPR' no non-member may pass, so this is TPR at zero false positives.
     assert share["tpr_at_1pct_fpr"]["value"] >= 0.5 and share["auc"] > 0.9
     assert rmia["references"]["trained_now"] == 2
+    # The same test on the images themselves: every copied member is found (correlation 1 with a share
+    # image, where the references that left it out come less close) and no non-member passes.
+    image = rmia["image"]
+    assert image["share"]["tpr_at_1pct_fpr"]["value"] >= 0.7 and image["share"]["auc"] > 0.85
+    # A random real subset of the members copies three quarters of them too: the leaky share is no worse.
+    assert image["random_subset"]["tpr_at_1pct_fpr"]["value"] >= 0.7
+    assert not image["significantly_above_random_subset"]
     doc = read_audit(rundir)
-    assert doc.format_version == "1.1" and "rmia" in doc.sections().membership
+    assert doc.format_version == "1.2" and "rmia" in doc.sections().membership
     assert any(line.startswith("RMIA") for line in summary_lines(doc.summary))
 
 
@@ -157,6 +209,9 @@ def test_a_random_subset_of_nonmembers_scores_near_chance_and_references_are_reu
     assert 0.3 <= rmia["share"]["auc"] <= 0.7
     assert not rmia["significantly_above_random_subset"]
     assert rmia["share"]["tpr_at_5pct_fpr"]["value"] <= 0.25
+    # Images of other patients single out no member.
+    assert rmia["image"]["share"]["tpr_at_1pct_fpr"]["value"] <= 0.1
+    assert not rmia["image"]["significantly_above_random_subset"]
 
 
 def test_reference_signals_come_back_from_the_cache(tiny, leaky):

@@ -2,7 +2,7 @@
 
 Schema v1 (a JSON object; docs/privacy.md describes every key; 1.1 adds ``summary.membership.rmia``):
 
-- ``format`` = ``"distill-audit"``, ``format_version`` = ``"1.1"`` (``"1.0"`` files still load);
+- ``format`` = ``"distill-audit"``, ``format_version`` = ``"1.2"`` (``"1.0"`` and ``"1.1"`` files still load);
 - ``passed``: bool, the verdict;
 - ``summary``: numbers and short strings only (settings, data counts, nearest
   neighbour, membership inference, verdict reasons); it travels in the share;
@@ -23,7 +23,9 @@ from ..errors import FormatError
 from .common import FORMAT_KEY, VERSION_KEY
 
 AUDIT_FORMAT = "distill-audit"
-AUDIT_VERSION = "1.1"  # 1.1 adds summary.membership.rmia (distill audit --attack rmia); 1.0 files still load
+# 1.1 adds summary.membership.rmia (distill audit --attack rmia); 1.2 adds rmia.image (the same test on the share's
+# images) and the references' temperature; older files still load
+AUDIT_VERSION = "1.2"
 AUDIT_FILE = "audit.json"  # in the run folder
 PAIRS_FILE = "audit_pairs.png"  # in the run folder: each synthetic image beside its nearest real ones; for the local reviewer only
 
@@ -139,6 +141,9 @@ class RmiaKey:
     POPULATION = "population"
     REFERENCES = "references"  # the reference pipelines' settings (ReferenceKey and the rest of ReferenceSettings)
     CANARIES = "canaries"  # only with --canaries: CanaryKey and RateKey metrics
+    # (1.2) The same test on the share's images themselves: SHARE, RANDOM_SUBSET, SIGNIFICANTLY_ABOVE and SIGNAL
+    IMAGE = "image"
+    SIGNAL = "signal"
     N_MEMBERS = "n_members"
     N_NONMEMBERS = "n_nonmembers"
 
@@ -152,6 +157,8 @@ class ReferenceKey:
     ITERATIONS = "iterations"
     OFFLINE_A = "offline_a"
     GAMMA = "gamma"
+    TEMPERATURE = "temperature"  # the softmax temperature the probabilities were read at (1.2)
+    TEMPERATURE_SELF_AUC = "temperature_self_auc"  # {T: mean AUC of RMIA on each reference, the others its references}
     TRAINED_NOW = "trained_now"
     TRAINING_SECONDS = "training_seconds"
 

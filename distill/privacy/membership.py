@@ -112,6 +112,7 @@ class Membership:
     # The attacked networks themselves, for a stronger attack on the same models (not part of the summary).
     share_nets: list = dataclasses.field(default_factory=list, repr=False)
     real_nets: list = dataclasses.field(default_factory=list, repr=False)
+    real_subsets: list = dataclasses.field(default_factory=list, repr=False)  # training-set indices of each
 
 
 def membership_inference(subject: Subject, data: RealData, x_train: torch.Tensor, x_hold: torch.Tensor,
@@ -155,7 +156,7 @@ def membership_inference(subject: Subject, data: RealData, x_train: torch.Tensor
     own_non = torch.cat([example_losses(n, x_hold, hold_y) for n in real_nets])
     return Membership(share=share_attacks, real_subset=metric(-real_mem, -real_non),
                       real_subset_included=metric(-own, -own_non), n_members=len(x_mem), n_nonmembers=len(x_hold),
-                      epochs=recipe.epochs, share_nets=share_nets, real_nets=real_nets)
+                      epochs=recipe.epochs, share_nets=share_nets, real_nets=real_nets, real_subsets=subsets)
 
 
 def _mean_loss(nets: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from ..formats.common import format_header
 from ..io import atomic_path, write_json
 from ..seeding import generator
 from .streams import REFERENCE
+from .subject import load_subject
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,18 @@ def cache_folder(root: str | os.PathLike, key: dict) -> Path:
     return Path(root) / digest
 
 
+def reference_share(ref: Path) -> torch.Tensor | None:
+    """A reference pipeline's synthetic images in display space [0, 1], (N, C, H, W); None if not on disk."""
+    run = ref / "run"
+    if not run.is_dir():
+        return None
+    try:
+        subject = load_subject(run)
+    except DistillError:
+        return None
+    return subject.preprocessing.invert(subject.images)
+
+
 # train(folder, index, pool_u8, pool_y, half, class_names, settings, device) -> (P, K) class probabilities on the pool
 ReferenceTrainer = Callable[..., np.ndarray]
 
@@ -113,7 +126,8 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
     """Every reference's class probabilities on every pool point, training the references not cached yet.
 
     pool_u8: (P, C, H, W) uint8 members then non-members; pool_y: (P,). Returns {"probs": (R, P) float64
-    p(true label), "probs_all": (R, P, K), "members": (R, P) bool, "trained": references trained now,
+    p(true label), "probs_all": (R, P, K), "members": (R, P) bool, "shares": each reference's synthetic
+    images in display space [0, 1] (None where its run folder is gone), "trained": references trained now,
     "seconds": time spent training them, "folder": the cache folder}.
     """
     key = cache_key(fingerprint, pool_u8, pool_y, settings)
@@ -142,6 +156,7 @@ def reference_signals(pool_u8: torch.Tensor, pool_y: torch.Tensor, class_names: 
         probs.append(p)
         trained += 1
     probs_all = np.stack(probs)
+    shares = [reference_share(folder / f"ref_{r:03d}") for r in range(settings.references)]
     true = np.take_along_axis(probs_all, pool_y.numpy()[None, :, None], axis=2)[..., 0]
-    return {"probs": true, "probs_all": probs_all, "members": halves, "trained": trained,
+    return {"probs": true, "probs_all": probs_all, "members": halves, "trained": trained, "shares": shares,
             "seconds": time.perf_counter() - t0 if trained else 0.0, "folder": folder}

@@ -35,6 +35,13 @@ GAMMA = 1.0  # the paper's threshold on the pairwise ratio: x must be more likel
 RMIA_FPRS = {RateKey.TPR_AT_1PCT_FPR: 0.01, RateKey.TPR_AT_5PCT_FPR: 0.05, RateKey.TPR_AT_0P1PCT_FPR: 0.001}
 # At 0.1 % FPR one false positive needs 1,000 non-members; with fewer the figure is left out, not shown as 0.
 MIN_NONMEMBERS = {RateKey.TPR_AT_0P1PCT_FPR: 1000}
+# Softmax temperatures the audit may read probabilities at: p_T(y | x) is softmax(logits / T), computed from the
+# stored probabilities as p^(1/T), renormalised. Networks trained on a few images are confident on almost every
+# point (p of the true label 0.9991 at the median non-member, 0.9999 at the median copied member on the leaky
+# share), so at T = 1 the likelihood ratios p_x / p(x) all sit near 1 and a member's edge lies in the fourth
+# decimal; a higher T spreads them. Which T is chosen by attacking each reference with the others
+# (:func:`choose_temperature`), never by the attacked share's membership.
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 CP_LEVEL = 0.95  # two-sided Clopper-Pearson interval shown; the verdict uses its one-sided halves
 ROC_POINTS = 40  # log-spaced FPRs kept for the review page's ROC curve
 ROC_MIN_FPR = 1e-3
@@ -58,6 +65,60 @@ def true_class_prob(nets: list[nn.Module], images: torch.Tensor, labels: torch.T
                     batch_size: int = 1024) -> torch.Tensor:
     """p(x | theta): each network's softmax probability of the true label, averaged over ``nets``; (N,) float64, CPU."""
     return class_probs(nets, images, batch_size).gather(1, labels.cpu()[:, None])[:, 0]
+
+
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / T) along the last axis: the probabilities a network would give at temperature T."""
+    logp = np.log(np.maximum(np.asarray(probs, np.float64), np.finfo(np.float64).tiny)) / temperature
+    logp -= logp.max(-1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(-1, keepdims=True)
+
+
+def true_label(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(..., P, K) class probabilities -> (..., P) the probability of each point's label."""
+    lab = np.asarray(labels)
+    idx = np.broadcast_to(lab.reshape((1,) * (probs.ndim - 2) + (-1, 1)), probs.shape[:-1] + (1,))
+    return np.take_along_axis(probs, idx, axis=-1)[..., 0]
+
+
+def choose_temperature(ref_probs_all: np.ndarray, ref_in: np.ndarray, labels: np.ndarray,
+                       population: np.ndarray, candidates: tuple[float, ...] = TEMPERATURES) -> tuple[float, dict]:
+    """The temperature at which RMIA best attacks the references themselves; (T, {T: mean AUC}).
+
+    Each reference r in turn plays the attacked model, with the others as its references; its members
+    are the pool points it trained on, and it is scored on the points that some other reference left
+    out. The mean AUC over r decides, as the RMIA paper picks its offline ``a`` from reference models only.
+    ``population`` (bool, P) marks the points RMIA compares against. With fewer than 3 references no
+    other reference leaves out both halves of a pair; T = 1 is returned with an empty record.
+    """
+    probs, ins = np.asarray(ref_probs_all, np.float64), np.asarray(ref_in, bool)
+    r_count = len(probs)
+    if r_count < 3:
+        return 1.0, {}
+    record = {}
+    for t in candidates:
+        p_true = true_label(tempered(probs, t), labels)
+        aucs = []
+        for r in range(r_count):
+            others = [j for j in range(r_count) if j != r]
+            out = ~ins[others]
+            ok = out.any(0)
+            mean_out = np.where(ok, (p_true[others] * out).sum(0) / np.maximum(out.sum(0), 1), np.nan)
+            prior = offline_prior(mean_out)
+            z = ok & population & ~ins[r]
+            if not z.any():
+                continue
+            scores = rmia_scores(p_true[r][ok], prior[ok], p_true[r][z], prior[z])
+            member = ins[r][ok]
+            if member.any() and (~member).any():
+                aucs.append(float(auc(scores[member], scores[~member])))
+        if aucs:
+            record[t] = float(np.mean(aucs))
+    if not record:
+        return 1.0, {}
+    best = max(record, key=lambda t: (record[t], -t))
+    return best, record
 
 
 def offline_prior(p_out: np.ndarray, a: float = OFFLINE_A) -> np.ndarray:
