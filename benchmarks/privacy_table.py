@@ -42,7 +42,9 @@ from distill.metrics import auc  # noqa: E402
 from distill.models import create_model  # noqa: E402
 from distill.privacy.membership import example_losses  # noqa: E402
 from distill.privacy.references import ReferenceSettings, reference_signals  # noqa: E402
-from distill.privacy.rmia import offline_prior, out_mean, rate_metrics, rmia_scores, true_class_prob  # noqa: E402
+from distill.privacy.rmia import (choose_temperature, offline_prior, out_mean, rate_metrics, rmia_scores,  # noqa: E402
+                                  tempered, true_class_prob, true_label)
+from distill.privacy.strong import image_signal  # noqa: E402
 from distill.privacy.subject import holdout_split, load_subject  # noqa: E402
 from distill.train import TrainRecipe, train_network  # noqa: E402
 
@@ -64,7 +66,7 @@ LEAKY_IPC = 50  # copies per class in the leaky share: its power is read on thes
 # from a random half of the pool), in complementary pairs. RMIA calibrates p(x | theta) by p(x) from models
 # trained the way the attacked one was; references trained on distilled shares calibrate a network trained on
 # 100 real images poorly (the first leaky row shows how poorly).
-LEAKY_REFERENCES = 4
+LEAKY_REFERENCES = 8
 
 
 def _child_cpu() -> float:
@@ -153,6 +155,15 @@ def dataset_rows(ds: str, work: Path, device: str) -> tuple[list[dict], dict]:
     first = next(iter(audits.values()))["summary"]["membership"]
     rows.append(_row(f"{ds}, random real subset, 10/class", None, first["rmia"]["random_subset"],
                      first["real_subset"]["auc"]["value"], "the audit's own baseline (same audit commands)"))
+    # Audit format 1.2 adds the test on the share's images: the same audits again, under new names (the
+    # references are cached, so these cost the audit's networks only; the cost lines below keep the first audits').
+    for tag in ("init real", "init noise"):
+        slug = tag.replace(" ", "-")
+        out = work / f"audit-{slug}-images.json"
+        acmd = CLI + ["audit", str(work / f"run-{slug}"), "--data", ds, "--reference-cache", str(refs), "--device",
+                      device, "--json", str(out)] + PROFILE["audit"]
+        step(work, f"audit-{slug}-images", acmd, times, ok=(0, 3))
+        rows += _image_rows(f"{ds}, 10/class, {tag}", accuracy_of(work / f"eval-{slug}.json"), out, shown(acmd))
     rows += _direct_rows(ds, work, refs, first["rmia"]["references"], device)
     costs = {f"{k}_{unit}": seconds(work, step_name, unit) for k, step_name in
              (("buffer", "buffer"), ("run", "run-init-real"), ("audit", "audit-init-real"),
@@ -164,101 +175,152 @@ def dataset_rows(ds: str, work: Path, device: str) -> tuple[list[dict], dict]:
     return rows, costs
 
 
+def _image_rows(name: str, acc, audit_json: Path, command: str) -> list[dict]:
+    """The share and its random-subset baseline under RMIA on the images (audit.json 1.2's ``rmia.image``)."""
+    mia = json.loads(audit_json.read_text())["summary"]["membership"]
+    image = mia["rmia"].get("image")
+    if not image:
+        return []
+    return [_row(f"{name}, attacked on its images", acc, image["share"], None, command),
+            _row(f"{name.split(',')[0]}, random real subset, attacked on its images", None, image["random_subset"],
+                 None, "the same audit's baseline")]
+
+
+def dp_rows(ds: str, work: Path, device: str, runs: list[Path]) -> list[dict]:
+    """DP shares of the DP table (issue 23), each audited with RMIA against DP reference pipelines of its budget."""
+    rows, times = [], {}
+    for run in runs:
+        slug = "dp-" + run.parent.name
+        out = work / f"audit-{slug}.json"
+        acmd = CLI + ["audit", str(run), "--data", ds, "--reference-cache", str(work / "references"), "--device",
+                      device, "--json", str(out)] + PROFILE["audit"]
+        step(work, f"audit-{slug}", acmd, times, ok=(0, 3))
+        doc = json.loads(out.read_text())
+        mia = doc["summary"]["membership"]
+        eps = mia["rmia"]["references"].get("dp_epsilon")
+        acc = accuracy_of(run.parent / "eval.json") if (run.parent / "eval.json").exists() else None
+        name = f"{ds}, 10/class, DP share (ε = {eps:g}, `{run.parent.name}` of the DP table; DP references)"
+        rows.append(_row(name, acc, mia["rmia"]["share"], mia["share"]["loss"]["auc"]["value"], shown(acmd)))
+        rows.append(_row(f"{ds}, random real subset, 10/class (the DP audit's baseline)", None,
+                         mia["rmia"]["random_subset"], mia["real_subset"]["auc"]["value"], "the same audit's baseline"))
+        rows += _image_rows(name, acc, out, "the same audit")
+    return rows
+
+
 def _direct_rows(ds: str, work: Path, refs: Path, ref_record: dict, device: str) -> list[dict]:
     """Full data and the leaky share, attacked with the references the audits cached."""
     out = work / "direct.json"
     cached = json.loads(out.read_text()) if out.exists() else []
-    if len(cached) >= 3:
+    if len(cached) >= 4:
         return cached
     subject = load_subject(work / "run-init-real")
     data = load_data(ds, split=subject.split) if subject.split else load_data(ds)
     hold, hold_y, _ = holdout_split(data, "val")
     pool_u8, pool_y = torch.cat([data.train.images, hold]), torch.cat([data.train.labels, hold_y])
     keep = {k: v for k, v in ref_record.items() if k in ReferenceSettings.__dataclass_fields__}
-    sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(), ReferenceSettings(**keep),
-                            refs, torch.device(device))
-    prior = offline_prior(out_mean(sig["probs"], sig["members"]))
     pre, n_mem = subject.preprocessing, len(data.train)
     x_pool, x_test = pre(pool_u8), pre(data.test.images)
+    leak = draw_random_real(data.train.labels, data.num_classes, LEAKY_IPC, torch.Generator().manual_seed(1))
 
-    attacked_nets: list[torch.nn.Module] = []
-
-    def attacked(idx: torch.Tensor, recipe: TrainRecipe, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            net = create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
-        train_network(net, x_pool[idx], pool_y[idx], recipe, torch.Generator().manual_seed(seed))
-        attacked_nets.append(net)
-        p = true_class_prob([net], x_pool, pool_y).numpy()
-        scores = rmia_scores(p, prior, p[n_mem:], prior[n_mem:])
-        loss = -example_losses(net, x_pool, pool_y).numpy()
-        acc = float((net.eval()(x_test).argmax(1) == data.test.labels).float().mean())
-        return scores, loss, acc
-
-    rows = cached[:1]  # a full-data row from an earlier run is kept (its network is seeded: it would be the same)
+    rows = cached[:2]  # the full-data and first leaky rows of an earlier run are kept (their networks are seeded)
     t0 = time.perf_counter()
-    if not rows:
+    if len(rows) < 2:
+        sig = reference_signals(pool_u8, pool_y, list(data.class_names), data.fingerprint(),
+                                ReferenceSettings(**keep), refs, torch.device(device))
+        prior = offline_prior(out_mean(sig["probs"], sig["members"]))
+
+        def attacked(idx: torch.Tensor, recipe: TrainRecipe, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                net = create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
+            train_network(net, x_pool[idx], pool_y[idx], recipe, torch.Generator().manual_seed(seed))
+            p = true_class_prob([net], x_pool, pool_y).numpy()
+            scores = rmia_scores(p, prior, p[n_mem:], prior[n_mem:])
+            loss = -example_losses(net, x_pool, pool_y).numpy()
+            acc = float((net.eval()(x_test).argmax(1) == data.test.labels).float().mean())
+            return scores, loss, acc
+
         full = torch.arange(n_mem)
         s, loss, acc = attacked(full, TrainRecipe(epochs=FULL_EPOCHS, lr=0.01), 0)
-        rows.append(_row(f"{ds}, full data ({FULL_EPOCHS} epochs)", acc, rate_metrics(s[:n_mem], s[n_mem:]),
-                         auc(loss[:n_mem], loss[n_mem:]), "python benchmarks/privacy_table.py (full-data row)"))
-    leak = draw_random_real(data.train.labels, data.num_classes, LEAKY_IPC, torch.Generator().manual_seed(1))
-    s, loss, acc = attacked(leak, subject.recipe, 1)
-    # A share of copies exposes the patients it copied: power is read on them against the non-members.
-    rows.append(_row(f"{ds}, leaky share ({LEAKY_IPC}/class copies of training images; members = the copies; "
-                     "share-pipeline references)", acc,
-                     rate_metrics(s[leak.numpy()], s[n_mem:]), auc(loss[leak.numpy()], loss[n_mem:]),
-                     "python benchmarks/privacy_table.py (leaky row)"))
-    # The same attacked network, its p(x) now from references trained the way it was.
-    p_target = true_class_prob_of(attacked_nets[-1], x_pool, pool_y)
-    np.savez(work / "leaky-target.npz", p=p_target, leak=leak.numpy(), n_members=n_mem)
-    probs, ins = leaky_references(x_pool, pool_y, data, subject, LEAKY_REFERENCES, work / "leaky-references.npz")
-    prior_k = offline_prior(out_mean(probs, ins))
-    s_k = rmia_scores(p_target, prior_k, p_target[n_mem:], prior_k[n_mem:])
-    rows.append(_row(f"{ds}, the same leaky share; {LEAKY_REFERENCES} references of its own kind", acc,
-                     rate_metrics(s_k[leak.numpy()], s_k[n_mem:]), auc(loss[leak.numpy()], loss[n_mem:]),
+        rows = [_row(f"{ds}, full data ({FULL_EPOCHS} epochs)", acc, rate_metrics(s[:n_mem], s[n_mem:]),
+                     auc(loss[:n_mem], loss[n_mem:]), "python benchmarks/privacy_table.py (full-data row)")]
+        s, loss, acc = attacked(leak, subject.recipe, 1)
+        # A share of copies exposes the patients it copied: power is read on them against the non-members.
+        rows.append(_row(f"{ds}, leaky share ({LEAKY_IPC}/class copies of training images; members = the copies; "
+                         "share-pipeline references)", acc,
+                         rate_metrics(s[leak.numpy()], s[n_mem:]), auc(loss[leak.numpy()], loss[n_mem:]),
+                         "python benchmarks/privacy_table.py (leaky row)"))
+    acc, loss_auc = rows[1]["accuracy"], rows[1]["loss_auc"]
+    # The same attacked network (network 0 of the leaky set, trained as above) against LEAKY_REFERENCES networks
+    # of its own kind, at the temperature that attacks those references best (chosen on them alone).
+    folder = work / "leaky"
+    y = pool_y.numpy()
+    nets = [leaky_network(x_pool, pool_y, data, subject, j, folder) for j in range(LEAKY_REFERENCES + 1)]
+    assert np.array_equal(nets[0][1], np.isin(np.arange(len(y)), leak.numpy())), "network 0 is not the leaky share's"
+    probs = np.stack([p for p, _ in nets[1:]])
+    ins = np.stack([i for _, i in nets[1:]])
+    population = np.arange(len(y)) >= n_mem
+    t, self_auc = choose_temperature(probs, ins, y, population)
+    prior_k = offline_prior(out_mean(true_label(tempered(probs, t), y), ins))
+    p_t = true_label(tempered(nets[0][0], t), y)
+    s_k = rmia_scores(p_t, prior_k, p_t[n_mem:], prior_k[n_mem:])
+    aucs = ", ".join(f"{k:g}: {v:.3f}" for k, v in self_auc.items())
+    rows.append(_row(f"{ds}, the same leaky share; {LEAKY_REFERENCES} references of its own kind, temperature {t:g} "
+                     f"(chosen on the references, their mean self-attack AUC {aucs})", acc,
+                     rate_metrics(s_k[leak.numpy()], s_k[n_mem:]), loss_auc,
                      "python benchmarks/privacy_table.py (leaky row, matched references)"))
-    log_s = time.perf_counter() - t0
-    (work / "direct-seconds.txt").write_text(f"{log_s:.1f}\n")
+    # The released images themselves, against the references' images (each reference's copies).
+    pixels = pool_u8.float() / 255.0
+    sig_img = np.stack([image_signal(pixels[torch.from_numpy(i)], pixels) for i in ins])
+    prior_i = offline_prior(out_mean(sig_img, ins))
+    p_i = image_signal(pixels[leak], pixels)
+    s_i = rmia_scores(p_i, prior_i, p_i[n_mem:], prior_i[n_mem:])
+    rows.append(_row(f"{ds}, the same leaky share, attacked on its images (nearest correlation; the same "
+                     f"{LEAKY_REFERENCES} references' images)", acc,
+                     rate_metrics(s_i[leak.numpy()], s_i[n_mem:]), loss_auc,
+                     "python benchmarks/privacy_table.py (leaky row, images)"))
+    (work / "direct-seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     out.write_text(json.dumps(rows))
     return rows
 
 
-def true_class_prob_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    return true_class_prob([net], x, y).numpy()
+def leaky_network(x_pool: torch.Tensor, pool_y: torch.Tensor, data, subject, j: int,
+                  folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Network ``j`` of the leaky experiment: (P, K) class probabilities on the pool and (P,) bool trained-on.
 
-
-def leaky_references(x_pool: torch.Tensor, pool_y: torch.Tensor, data, subject, count: int,
-                     cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` networks trained like the leaky share, each on LEAKY_IPC copies per class from a random half.
-
-    Halves come in complementary pairs (as the audit's references do). Returns (probs, ins), each (count, P):
-    every network's probability of each pool point's true label, and whether it trained on the point.
-    Cached in ``cache``; a cache made with another count is recomputed.
+    j = 0 is the attacked leaky share's network (LEAKY_IPC copies per class of training images, seed 1);
+    j >= 1 a reference of its kind, trained on LEAKY_IPC per class drawn from one half of the pool (pairs
+    (2i+1, 2i+2) split it in complementary halves). Cached as ``folder/net_JJJ.npz`` (logits (P, A, K), the
+    first query the image itself; ins (P,)), so a longer list of references reuses the first ones.
     """
-    if cache.exists():
-        z = np.load(cache)
-        if len(z["probs"]) == count:
-            return z["probs"], z["ins"]
-    n_pool, g = len(pool_y), torch.Generator().manual_seed(7)
-    probs, ins = [], []
-    for pair in range(count // 2):
-        perm = torch.randperm(n_pool, generator=g)
-        for j, half in enumerate((perm[:n_pool // 2], perm[n_pool // 2:])):
-            seed = 100 + 2 * pair + j
+    path = folder / f"net_{j:03d}.npz"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        n_pool = len(pool_y)
+        if j == 0:
+            idx, seed = draw_random_real(data.train.labels, data.num_classes, LEAKY_IPC, torch.Generator().manual_seed(1)), 1
+        else:
+            pair, side = divmod(j - 1, 2)
+            perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(1000 + pair))
+            half = perm[:n_pool // 2] if side == 0 else perm[n_pool // 2:]
+            seed = 100 + j
             idx = half[draw_random_real(pool_y[half], data.num_classes, LEAKY_IPC, torch.Generator().manual_seed(seed))]
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                net = create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
-            train_network(net, x_pool[idx], pool_y[idx], subject.recipe, torch.Generator().manual_seed(seed))
-            probs.append(true_class_prob_of(net, x_pool, pool_y))
-            member = np.zeros(n_pool, dtype=bool)
-            member[idx.numpy()] = True
-            ins.append(member)
-            print(f"leaky reference {len(probs)}/{count} trained", flush=True)
-    probs_a, ins_a = np.stack(probs), np.stack(ins)
-    np.savez(cache, probs=probs_a, ins=ins_a)
-    return probs_a, ins_a
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = create_model(subject.model, data.num_classes, data.channels, data.size, **subject.model_kwargs)
+        train_network(net, x_pool[idx], pool_y[idx], subject.recipe, torch.Generator().manual_seed(seed))
+        net.eval()
+        with torch.no_grad():
+            logits = torch.cat([net(x_pool[i:i + 1024]) for i in range(0, n_pool, 1024)]).double()
+        ins = np.zeros(n_pool, dtype=bool)
+        ins[idx.numpy()] = True
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, logits=logits[:, None].numpy().astype(np.float32), ins=ins)
+        os.replace(tmp, path)
+        print(f"leaky network {j} trained", flush=True)
+    z = np.load(path)
+    logits = torch.from_numpy(z["logits"][:, 0].astype(np.float64))
+    return torch.softmax(logits, 1).numpy(), z["ins"]
 
 
 def _f(v, d=3) -> str:
@@ -297,11 +359,15 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-doc", action="store_true", help="Print the table instead of writing docs/privacy.md.")
+    ap.add_argument("--dp-run", action="append", type=Path, default=[],
+                    help="A DP table run folder (benchmarks/dp_table.py) of the first dataset, audited with RMIA too.")
     a = ap.parse_args()
     rows, costs = [], {}
     for ds in a.datasets:
         r, c = dataset_rows(ds, a.work / ds, a.device)
         rows += r
+        if ds == a.datasets[0] and a.dp_run:
+            rows += dp_rows(ds, a.work / ds, a.device, a.dp_run)
         costs[ds] = c
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s) per process, torch {torch.__version__}"
     table = render(rows, costs, machine)

@@ -42,8 +42,10 @@ def train_reference(ref: Path, r: int, pool_u8: torch.Tensor, pool_y: torch.Tens
                                  .astype(np.uint8) for k, v in arrays.items()})
     seed = derive_seed(s.seed, REFERENCE, 1000 + r) % (2 ** 31)
     dev = str(device)
+    dp = {} if s.dp_epsilon is None else {"dp_epsilon": s.dp_epsilon,
+                                          "dp_init": "class-means" if s.init == "dp-means" else "none"}
     build_buffer(BufferConfig(data=str(npz), out=str(ref / "buffer"), model=s.model, experts=s.experts,
-                              epochs=s.epochs, augment=s.augment, seed=seed, device=dev))
+                              epochs=s.epochs, augment=s.augment, seed=seed, device=dev, **dp))
     run = ref / "run"
     if not (run / SYNSET_FILE).exists():
         cfg = RunConfig(buffer=str(ref / "buffer"), out=str(run), ipc=s.ipc, iterations=s.iterations,

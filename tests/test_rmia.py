@@ -272,3 +272,28 @@ def test_canaries_are_scored_against_the_other_nonmembers(tiny, leaky):
     # Mislabeled images the experts memorised stand out from the non-members.
     assert c["auc"] > 0.7
     assert any("canaries" in line for line in report.text().splitlines())
+
+
+def test_a_dp_share_is_attacked_with_references_made_the_dp_way(tmp_path):
+    """A share from a DP buffer (DP-SGD experts, DP class means, --init dp-means): its references are DP
+    pipelines of the same budget, since a non-DP buffer has no class means to start from."""
+    from distill.buffer import build_buffer
+    from distill.config import BufferConfig, RunConfig
+    from distill.formats.dp_record import read_dp_record
+    from distill.mtt import distill_run
+
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, **make_tiny_arrays(per_class={"train": 20, "val": 20, "test": 15}))
+    buf = tmp_path / "buffer"
+    build_buffer(BufferConfig(data=str(npz), out=str(buf), experts=1, epochs=2, batch_size=8, snapshot_every=2,
+                              augment="none", dp_epsilon=4.0, dp_init="class-means", device="cpu"))
+    run = distill_run(RunConfig(buffer=str(buf), out=str(tmp_path / "run"), ipc=2, iterations=2, syn_steps=2,
+                                expert_epochs=1, max_start_epoch=0, hard_labels=True, eval_models=0, init="dp-means",
+                                augment="none", device="cpu"))
+    report = run_audit(run, npz, device="cpu", reference_cache=tmp_path / "refs", train_reference=train_reference,
+                       **{**FAST, **TINY_REFS, "reference_iterations": 2})
+    rmia = report.summary["membership"]["rmia"]
+    assert rmia["references"]["dp_epsilon"] == pytest.approx(4.0) and rmia["references"]["init"] == "dp-means"
+    ref_buffers = sorted((tmp_path / "refs").glob("*/ref_*/buffer"))
+    assert len(ref_buffers) == 2
+    assert all(read_dp_record(b) is not None and (b / "dp_stats.h5").exists() for b in ref_buffers)

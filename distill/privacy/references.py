@@ -70,6 +70,9 @@ class ReferenceSettings:
     model: str = "convnet3"
     augment: str = "color,crop,cutout,flip,scale,rotate"
     seed: int = 0
+    # The attacked share came from a DP buffer of this epsilon budget: each reference's buffer is DP too, at the
+    # same budget (and releases DP class means where the share started from them), so it is made the same way.
+    dp_epsilon: float | None = None
 
     def __post_init__(self):
         if self.references < 2 or self.references % 2:
@@ -94,6 +97,8 @@ def cache_key(fingerprint: dict, pool_u8: torch.Tensor, pool_y: torch.Tensor, se
     h.update(pool_y.contiguous().numpy().tobytes())
     settings_d = dataclasses.asdict(settings)
     settings_d.pop("references")  # more references reuse the first ones
+    if settings_d.get("dp_epsilon") is None:
+        settings_d.pop("dp_epsilon")  # caches made before DP references keep their key
     return {**format_header(CACHE_FORMAT, CACHE_VERSION), "data_sha256": fingerprint.get("sha256"),
             "split": fingerprint.get("split"), "pool_sha256": h.hexdigest(), "pool_size": len(pool_y),
             "settings": settings_d}

@@ -46,7 +46,8 @@ def reference_settings(subject: Subject, ipc: int, references: int, experts: int
     # A run records the augmentation it used, which is its buffer's unless it chose another.
     augment = method.get("augment") if isinstance(method.get("augment"), str) else ReferenceSettings.augment
     return ReferenceSettings(references=references, experts=experts, epochs=epochs, iterations=iterations,
-                             ipc=ipc, init=init, hard_labels=hard, model=subject.model, augment=augment, seed=seed)
+                             ipc=ipc, init=init, hard_labels=hard, model=subject.model, augment=augment, seed=seed,
+                             dp_epsilon=subject.dp_epsilon)
 
 
 def rmia_membership(subject: Subject, data: RealData, x_train: torch.Tensor, x_hold: torch.Tensor,

@@ -18,6 +18,7 @@ from ..data import SPLIT_CARVED, Preprocessing, RealData, describe_split, load_d
 from ..errors import DataError, DistillError, FormatError
 from ..formats.buffer_config import read_buffer_config
 from ..formats.common import FORMAT_KEY
+from ..formats.dp_record import DPRecord, read_dp_record
 from ..formats.share import load_share, share_targets
 from ..formats.share_schema import Attr
 from ..formats.synset import SYNSET_FILE, SYNSET_FORMAT, read_synset
@@ -55,6 +56,8 @@ class Subject:
     # Where it does not (a share, an older run): the experts' seed, which was the carve seed, and per-split counts.
     split_hint: dict | None = None
     method: dict | None = None  # the run's settings (RunConfig fields), where the source keeps them
+    # The epsilon budget of the DP buffer that made it (its experts and DP statistics), or None without DP.
+    dp_epsilon: float | None = None
 
 
 def load_subject(source: str | os.PathLike) -> Subject:
@@ -81,7 +84,12 @@ def _from_synset(path: Path, rundir: Path) -> Subject:
     share = share_from_synset(s, {}, license="", description="", citation="")
     fp = s.fingerprint or {}
     hint = {"seed": _buffer_seed(s.method or {}), "counts": fp.get("counts"), "what": "run"}
-    return _subject(share, sha256_file(path), rundir, fp.get("sha256"), str(path), fp.get("split"), hint)
+    buffer = (s.method or {}).get("buffer")
+    try:
+        record = read_dp_record(buffer) if isinstance(buffer, str) and buffer and Path(buffer).is_dir() else None
+    except DistillError:
+        record = None
+    return _subject(share, sha256_file(path), rundir, fp.get("sha256"), str(path), fp.get("split"), hint, record)
 
 
 def _buffer_seed(method: dict) -> int | None:
@@ -101,11 +109,18 @@ def _from_share(path: Path) -> Subject:
     split = dataset.get("split") if isinstance(dataset.get("split"), dict) else {}
     hint = {"seed": split.get("seed", experts.get("seed")), "counts": dataset.get("counts"), "what": "share",
             "record": split or None}
-    return _subject(share, sha256_file(path), None, None, str(path), None, hint)
+    return _subject(share, sha256_file(path), None, None, str(path), None, hint, share.dp_record())
+
+
+def _dp_budget(record: DPRecord | None) -> float | None:
+    if record is None:
+        return None
+    asked = record.extra.get("epsilon_budget") if isinstance(record.extra, dict) else None
+    return float(asked) if isinstance(asked, (int, float)) and not isinstance(asked, bool) else float(record.epsilon)
 
 
 def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str, split: dict | None = None,
-             split_hint: dict | None = None) -> Subject:
+             split_hint: dict | None = None, dp: DPRecord | None = None) -> Subject:
     try:
         recipe = TrainRecipe.following(share.recipe)
     except ValueError as e:
@@ -118,7 +133,7 @@ def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, wh
                    preprocessing=share.preprocessing, class_names=tuple(share.class_names), model=share.recipe.model,
                    model_kwargs=dict(share.recipe.model_kwargs or {}), recipe=recipe, data_sha256=data_sha,
                    file_sha256=file_sha, rundir=rundir, split=split, split_hint=split_hint,
-                   method=method if isinstance(method, dict) else None)
+                   method=method if isinstance(method, dict) else None, dp_epsilon=_dp_budget(dp))
 
 
 def load_matching_data(subject: Subject, data_spec: str | os.PathLike) -> tuple[RealData, str]:
