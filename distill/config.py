@@ -113,9 +113,10 @@ class RunConfig:
     # Soft-label MTT (Li et al. 2022) uses 2 to 10; on BreastMNIST (K = 2) at 1 image per class
     # 2 drove the matching loss from 1.1 up to 5 in 30 iterations, 0.2 brought it down.
     lr_label: float = 0.2
-    # Initial student step size; None = the experts' own (the reference's lr_teacher is its lr_net). DP experts
-    # train at 0.3 (dp.DP_LR): a student starting at 0.01 moved 0.03x as far as they did in its first iteration.
-    syn_lr_init: float | None = None
+    # Initial student step size; ref lr_teacher. Not the DP experts' 0.3 (dp.DP_LR): clipping shrinks their per-image
+    # gradients about 30-fold, and a student starting at 0.3 without clipping overshot (first move 1.7x the
+    # expert's) and learned images that teach one class only (PneumoniaMNIST, epsilon 1: docs/privacy.md).
+    syn_lr_init: float = NETWORK_LR
     max_log_lr_step: float = 0.1  # bound on |change of log step size| per iteration (~10 %)
     # Floor on the step size, as a fraction of syn_lr_init; 0 = none. At 1 image per class the step
     # size fell from 0.01 to 0.0007 (0.07) on PneumoniaMNIST and to 3e-5 on BreastMNIST, where the

@@ -18,9 +18,9 @@ HOME = "distill/reference_defaults.py"
 # (module, "NAME" or "Class.field") -> the reference_defaults constant it must be. These all once spelled the number.
 SITES = {
     # BufferConfig.lr is None (resolved in buffer.py: NETWORK_LR, or dp.DP_LR for DP experts); the
-    # resolution is covered by the no-spelling check below and by tests/test_dp.py. RunConfig.syn_lr_init is
-    # None too: the experts' own step size (resolve_config in mtt/distiller.py; tests/test_dp_run.py).
+    # resolution is covered by the no-spelling check below and by tests/test_dp.py.
     ("distill/config.py", "BufferConfig.batch_size"): "BATCH",
+    ("distill/config.py", "RunConfig.syn_lr_init"): "NETWORK_LR",
     ("distill/config.py", "RunConfig.eval_epochs"): "SMALL_SET_EPOCHS",
     ("distill/evaluate.py", "REAL_LR"): "NETWORK_LR",
     ("distill/evaluate.py", "REAL_EPOCHS"): "SMALL_SET_EPOCHS",

@@ -45,7 +45,6 @@ from ..memory import GradientChoice, budget_bytes, choose_gradient, saved_bytes
 from ..models import ParamSpec, param_spec
 from ..precision import autocast, resolve_precision
 from ..progress import progress
-from ..reference_defaults import NETWORK_LR
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
 from .dpmode import NO_PRIVATE_READ, check_dp_init, dp_buffer, public_record
@@ -170,9 +169,6 @@ def resolve_config(cfg: RunConfig, pool: ExpertPool) -> RunConfig:
     pool.check_span(cfg.min_start_epoch, cfg.max_start_epoch, cfg.expert_epochs)
     if cfg.hard_labels is None:
         cfg = dataclasses.replace(cfg, hard_labels=auto_hard_labels(cfg.ipc))
-    if cfg.syn_lr_init is None:
-        expert_lr = pool.train_recipe.get("lr")
-        cfg = dataclasses.replace(cfg, syn_lr_init=float(expert_lr) if isinstance(expert_lr, (int, float)) else NETWORK_LR)
     if cfg.label_snapshot >= pool.num_snapshots:
         raise DistillError(f"label_snapshot {cfg.label_snapshot} does not exist: the experts in {pool.folder} hold "
                            f"{pool.num_snapshots} snapshots (0 to {pool.num_snapshots - 1}); use -1 for the last.")
