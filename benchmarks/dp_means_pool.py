@@ -7,6 +7,9 @@ bound B = sqrt(C*h*w) shrinks) and adds blur; the lowest error wins. RetinaMNIST
 
     OMP_NUM_THREADS=1 python benchmarks/dp_means_pool.py --data retinamnist --epsilons 1,8
 
+``--compare BUFFER`` instead reads the class means a DP buffer released (dp_stats.h5) and prints their RMS
+error per class against the exact means of --data, and the RMS difference between the exact class means.
+
 A benchmark, not a test: it reads the named dataset's training split, as the buffer would.
 """
 from __future__ import annotations
@@ -30,11 +33,25 @@ def main() -> None:
     ap.add_argument("--epsilons", default="1,8")
     ap.add_argument("--pools", default="1,2,4")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--compare", action="append", default=[], help="a DP buffer folder whose released means to score")
     args = ap.parse_args()
     data = load_data(args.data)
     x = data.train.images.float() / 255 * 2 - 1  # the fixed DP normalisation, pixels in [-1, 1]
     y, k = data.train.labels, data.num_classes
     exact, _ = dp.noised_class_means(x, y, k, 0.0, pool=1)
+    if args.compare:
+        import h5py
+
+        from distill.formats.dp_record import DP_STATS_CLASS_MEANS, DP_STATS_FILE
+
+        rms = lambda a, b: (a - b).pow(2).flatten(1).mean(1).sqrt()  # noqa: E731
+        print(f"{args.data}: RMS difference between the exact means of classes 0 and 1: "
+              f"{rms(exact[:1, 0], exact[1:2, 0]).item():.3f}")
+        for folder in args.compare:
+            with h5py.File(Path(folder) / DP_STATS_FILE, "r") as f:
+                released = torch.from_numpy(f[DP_STATS_CLASS_MEANS][:])
+            print(f"{folder}: RMS error per class {[round(v, 3) for v in rms(released[:, 0], exact[:, 0]).tolist()]}")
+        return
     delta = dp.default_delta(len(y))
     print(f"{args.data}: {len(y)} training images, per class {torch.bincount(y, minlength=k).tolist()}")
     print("| epsilon | pool | grid | RMS error per pixel (mean over classes) |\n|---|---|---|---|")

@@ -54,9 +54,10 @@ STATS_FRACTION = 0.1
 # private images: x = (pixel / 255 - 0.5) / 0.5 puts every pixel in [-1, 1].
 DP_MEAN, DP_STD = 0.5, 0.5
 # The class means are released at (H / STATS_POOL) x (W / STATS_POOL), block averages, and enlarged back
-# (bilinear, post-processing). The bound B = sqrt(C*h*w) shrinks with the grid, and so does the noise: at 28 px,
-# epsilon 1 and 10 % of it, the smaller class's mean is pure noise at full size (RMS error 0.73 on a [-1, 1]
-# scale, against 0.16 between the classes) and 0.21 at 7 x 7. Chosen with benchmarks/dp_means_pool.py on
+# (bilinear, post-processing). The bound B = sqrt(C*h*w) shrinks with the grid, and so does the noise: on the
+# PneumoniaMNIST epsilon-1 buffers of docs/privacy.md the smaller class's mean had RMS error 0.70 on a [-1, 1]
+# scale at full size (the classes' means differ by 0.16: pure noise) and 0.23 at 7 x 7 (measured by
+# benchmarks/dp_means_pool.py --compare BUFFER). Chosen with benchmarks/dp_means_pool.py on
 # RetinaMNIST, outside the DP table: of 1, 2 and 4, 4 had the lowest error at epsilon 1 and 8.
 STATS_POOL = 4
 # The SGD step size of DP-SGD networks: the DP experts' default and the dp-sgd baseline's. Clipping shrinks

@@ -276,3 +276,15 @@ def test_a_hostile_dp_record_is_refused_not_printed(dp_share, tmp_path, monkeypa
         load_share(bad)
     code, _, err = _cli(monkeypatch, capsys, "inspect", str(bad))
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("asked", [float("inf"), float("nan"), -3.0, True, "8", None])
+def test_the_audit_reads_a_dp_budget_from_elsewhere_only_when_it_is_a_positive_number(asked):
+    import dataclasses
+
+    from distill.privacy.subject import _dp_budget
+
+    odd = dataclasses.replace(RECORD, extra={**RECORD.extra, "epsilon_budget": asked})
+    assert _dp_budget(odd) == pytest.approx(RECORD.epsilon)  # the accountant's figure, not the odd one
+    fine = dataclasses.replace(RECORD, extra={**RECORD.extra, "epsilon_budget": 8})
+    assert _dp_budget(fine) == 8.0 and _dp_budget(None) is None

@@ -7,6 +7,7 @@ the subject's; :func:`holdout_split` picks the real non-members.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,8 @@ def _dp_budget(record: DPRecord | None) -> float | None:
     if record is None:
         return None
     asked = record.extra.get("epsilon_budget") if isinstance(record.extra, dict) else None
-    return float(asked) if isinstance(asked, (int, float)) and not isinstance(asked, bool) else float(record.epsilon)
+    ok = isinstance(asked, (int, float)) and not isinstance(asked, bool) and math.isfinite(asked) and asked > 0
+    return float(asked) if ok else float(record.epsilon)  # a record from elsewhere may carry anything in extra
 
 
 def _subject(share, file_sha: str, rundir: Path | None, data_sha: str | None, where: str, split: dict | None = None,
