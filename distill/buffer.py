@@ -60,7 +60,8 @@ def validate_dp(cfg: BufferConfig) -> None:
     """DP settings that make sense only together; the budget against n is checked once the data is loaded."""
     defaults = BufferConfig()
     if cfg.dp_epsilon is None:
-        given = [f"--{k.replace('_', '-')}" for k in ("dp_delta", "dp_clip", "dp_shards", "dp_accountant", "dp_init")
+        given = [f"--{k.replace('_', '-')}" for k in ("dp_delta", "dp_clip", "dp_shards", "dp_accountant", "dp_init",
+                                                            "dp_stats_fraction")
                  if getattr(cfg, k) != getattr(defaults, k)]
         if given:
             raise DistillError(f"{given[0]} applies to DP experts only; add --dp-epsilon E or leave it out.")
@@ -70,6 +71,9 @@ def validate_dp(cfg: BufferConfig) -> None:
                            "(--dp-epsilon) need --no-zca.")
     if cfg.batch_experts > 1 or cfg.bf16:
         raise DistillError("DP experts train one at a time in float32; leave out --batch-experts and --bf16.")
+    if cfg.dp_init != "class-means" and cfg.dp_stats_fraction != defaults.dp_stats_fraction:
+        raise DistillError("--dp-stats-fraction is the class means' part of the budget; add --dp-init class-means "
+                           "or leave it out.")
 
 
 def _check_dp_mixture(cfg: BufferConfig, out: Path) -> None:
@@ -90,7 +94,7 @@ def dp_plan(cfg: BufferConfig, n: int, out: Path) -> tuple[dp.DPPlan, DPRecord]:
     delta = dp.check_budget(cfg.dp_epsilon, cfg.dp_delta, n)
     plan = dp.plan_budget(epsilon=cfg.dp_epsilon, delta=delta, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs,
                           experts=cfg.experts, shards=cfg.dp_shards, clip=cfg.dp_clip, accountant=cfg.dp_accountant,
-                          stats=cfg.dp_init == "class-means")
+                          stats=cfg.dp_init == "class-means", stats_fraction=cfg.dp_stats_fraction)
     old = read_dp_record(out)
     if old is None:
         return plan, plan.record(opacus.__version__)
@@ -98,6 +102,7 @@ def dp_plan(cfg: BufferConfig, n: int, out: Path) -> tuple[dp.DPPlan, DPRecord]:
     same = (old.experts, old.shards, old.steps, old.clip, old.accountant, old.delta, old.extra.get("epsilon_budget"),
             old.stats) == (plan.experts, plan.shards, plan.steps, plan.clip, plan.accountant, plan.delta,
                            plan.epsilon, "class_means" if plan.stats_noise_multiplier is not None else None)
+    same = same and old.extra.get("stats_fraction") == plan.stats_fraction
     if not same or abs(old.noise_multiplier - plan.noise_multiplier) > 1e-9:
         raise DistillError(f"{out} holds DP experts planned as {old.experts} expert(s) at epsilon "
                            f"{old.extra.get('epsilon_budget')} ({dp_path(out).name}); resume with the settings it "

@@ -118,6 +118,9 @@ def _layers(config_file: str | None, **flags) -> list[dict]:
 @click.option("--dp-init", type=click.Choice(DP_INITS), default=None,
               help="class-means: also release noised per-class mean images for `distill run --init dp-means`, "
                    f"within the same budget {default_text(BufferConfig, 'dp_init')}.")
+@click.option("--dp-stats-fraction", type=float, default=None,
+              help="With --dp-init class-means: the part of --dp-epsilon planned for the class means, the rest for "
+                   f"DP-SGD {default_text(BufferConfig, 'dp_stats_fraction')}.")
 @WORKERS
 @SEED
 @DEVICE

@@ -68,6 +68,7 @@ class BufferConfig:
     dp_shards: int = 1  # experts train on this many disjoint shards of the data (parallel composition)
     dp_accountant: str = "prv"  # prv | rdp (Opacus)
     dp_init: str = "none"  # none | class-means: also release per-class mean images (a part of the budget)
+    dp_stats_fraction: float = 0.1  # with class-means: the part of dp_epsilon planned for the means (dp.STATS_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "batch_experts": Allowed(low=0, zero="auto"),
         "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
         "dp_shards": AT_LEAST_1, "dp_accountant": Allowed(choices=DP_ACCOUNTANTS), "dp_init": Allowed(choices=DP_INITS),
+        "dp_stats_fraction": Allowed(low=0.01, high=0.99),
         "precision": Allowed(choices=PRECISIONS), "workers": Allowed(low=0, zero="one per core"),
     },
     RunConfig: {

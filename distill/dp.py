@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import device_generator
-from .config import DP_ACCOUNTANTS as ACCOUNTANTS
+from .config import DP_ACCOUNTANTS as ACCOUNTANTS, BufferConfig
 from .data import Preprocessing
 from .errors import DistillError
 from .io import atomic_path, new_h5
@@ -46,10 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIP = 1.0  # per-image gradient L2 bound; 1 is the common DP-SGD choice (Abadi et al. 2016; De et al. 2022)
 # delta defaults to 1 / (DELTA_FACTOR * n): well below 1/n, the level at which "publish one image" is (0, delta)-DP.
 DELTA_FACTOR = 10
-# With --dp-init class-means, this fraction of epsilon is planned for the class means, the rest for DP-SGD.
-# The means are one full-batch Gaussian release: a small part of the budget already gives them little
-# noise when a class has hundreds of images, and DP-SGD (many steps) needs the rest.
-STATS_FRACTION = 0.1
+# With --dp-init class-means, this fraction of epsilon is planned for the class means, the rest for DP-SGD
+# (`distill buffer --dp-stats-fraction`, whose default is this).
+STATS_FRACTION = BufferConfig.dp_stats_fraction
 # In DP mode images are normalised with these fixed constants, per channel, never with statistics of the
 # private images: x = (pixel / 255 - 0.5) / 0.5 puts every pixel in [-1, 1].
 DP_MEAN, DP_STD = 0.5, 0.5
@@ -165,6 +164,7 @@ class DPPlan:
     train_size: int
     shard_size: int  # the smallest shard's images
     stats_noise_multiplier: float | None = None  # the class means' Gaussian release, or None
+    stats_fraction: float | None = None  # the part of epsilon planned for the class means
 
     def history(self, stats: bool = True) -> list[tuple[float, float, int]]:
         h = [(self.noise_multiplier, self.sample_rate, self.experts_per_shard * self.steps)]
@@ -186,7 +186,7 @@ class DPPlan:
                    "experts_per_shard": self.experts_per_shard, "shard_size": self.shard_size,
                    "delta_rule": f"1/({DELTA_FACTOR} n) unless given", "normalisation_constants": [DP_MEAN, DP_STD],
                    "noise_source": "operating-system entropy (not the recorded seed)",
-                   **({"stats_noise_multiplier": self.stats_noise_multiplier, "stats_fraction": STATS_FRACTION,
+                   **({"stats_noise_multiplier": self.stats_noise_multiplier, "stats_fraction": self.stats_fraction,
                        "stats_bound": f"each image averaged over {STATS_POOL}x{STATS_POOL} pixel blocks, then its L2 norm "
                           "clipped to sqrt(C*h*w), the largest for pixels in [-1, 1] on that grid",
                        "stats_pool": STATS_POOL,
@@ -195,7 +195,7 @@ class DPPlan:
 
 def plan_budget(*, epsilon: float, delta: float, n: int, batch_size: int, epochs: int, experts: int = 1,
                 shards: int = 1, clip: float = DEFAULT_CLIP, accountant: str = "prv",
-                stats: bool = False) -> DPPlan:
+                stats: bool = False, stats_fraction: float = STATS_FRACTION) -> DPPlan:
     """Solve the noise so that the whole buffer (all experts, and the class means if ``stats``) spends at most epsilon."""
     if accountant not in ACCOUNTANTS:
         raise DistillError(f"--dp-accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}.")
@@ -210,15 +210,17 @@ def plan_budget(*, epsilon: float, delta: float, n: int, batch_size: int, epochs
     sample_rate = min(1.0, batch_size / n)
     steps_per_epoch = -(-n // batch_size)
     steps = epochs * steps_per_epoch
-    stats_sigma = solve_sigma(STATS_FRACTION * epsilon, delta, 1.0, 1, accountant) if stats else None
-    target = (1 - STATS_FRACTION) * epsilon if stats else epsilon
+    if stats and not 0 < stats_fraction < 1:
+        raise DistillError(f"--dp-stats-fraction must lie strictly between 0 and 1; got {stats_fraction:g}.")
+    stats_sigma = solve_sigma(stats_fraction * epsilon, delta, 1.0, 1, accountant) if stats else None
+    target = (1 - stats_fraction) * epsilon if stats else epsilon
     best = None
     # Composed, the two parts spend other than the sum of their parts: move DP-SGD's share until the
     # total is just under epsilon (a few solves; the best plan within budget is kept).
     for _ in range(4 if stats else 1):
         sigma = solve_sigma(target, delta, sample_rate, per_shard * steps, accountant)
         plan = DPPlan(epsilon, delta, accountant, clip, sigma, sample_rate, steps, steps_per_epoch, experts, shards,
-                      per_shard, n, shard_size, stats_sigma)
+                      per_shard, n, shard_size, stats_sigma, stats_fraction if stats else None)
         total = epsilon_spent(plan.history(), delta, accountant)
         if total <= epsilon and (best is None or plan.noise_multiplier < best.noise_multiplier):
             best = plan
