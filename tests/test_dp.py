@@ -22,6 +22,7 @@ from distill import dp
 from distill.buffer import build_buffer
 from distill.cli import main
 from distill.config import BufferConfig
+from distill.errors import DistillError
 from distill.formats.dp_record import DP_STATS_CLASS_MEANS, DP_STATS_FILE, DPRecord, read_dp_record
 from distill.formats.trajectory import expert_path, read_buffer_preprocessing, read_expert
 from distill.train import TrainRecipe
@@ -71,6 +72,20 @@ def test_whole_buffer_composes_experts_and_shards_compose_in_parallel():
     rec = with_stats.record("x")
     assert rec.epsilon <= 4.0 and 0 < rec.stats_epsilon < rec.epsilon and rec.sgd_epsilon < rec.epsilon
     assert with_stats.noise_multiplier > dp.plan_budget(experts=2, **kw).noise_multiplier
+
+
+def test_stats_fraction_moves_the_budget_between_means_and_dp_sgd():
+    kw = dict(epsilon=2.0, delta=1e-5, n=2000, batch_size=100, epochs=2, experts=2, accountant="rdp", stats=True)
+    small, large = dp.plan_budget(stats_fraction=0.1, **kw), dp.plan_budget(stats_fraction=0.6, **kw)
+    # A larger part for the means: less noise on them, more on DP-SGD, and the whole still within epsilon.
+    assert large.stats_noise_multiplier < small.stats_noise_multiplier
+    assert large.noise_multiplier > small.noise_multiplier
+    for plan, fraction in ((small, 0.1), (large, 0.6)):
+        rec = plan.record("x")
+        assert rec.epsilon <= 2.0 and rec.extra["stats_fraction"] == fraction
+    assert large.record("x").stats_epsilon > small.record("x").stats_epsilon
+    with pytest.raises(DistillError, match="between 0 and 1"):
+        dp.plan_budget(stats_fraction=0.0, **kw)
 
 
 def test_dp_record_round_trips():
@@ -195,6 +210,8 @@ def test_dp_and_non_dp_experts_never_share_a_folder(tiny_npz, tmp_path):
     (["--dp-delta", "0.05"], "below 1/n"),
     (["--dp-epsilon", "0"], "--dp-epsilon must be positive"),
     (["--dp-epsilon", "-1"], "--dp-epsilon must be positive"),
+    (["--dp-stats-fraction", "0.5"], "--dp-init class-means"),
+    (["--dp-init", "class-means", "--dp-stats-fraction", "1"], "--dp-stats-fraction"),
 ])
 def test_dp_buffer_refuses_with_one_sentence(tiny_npz, tmp_path, monkeypatch, capsys, extra, fragment):
     args = ["buffer", "--data", str(tiny_npz), "--out", str(tmp_path / "buf"), "--experts", "1", "--epochs", "1",
