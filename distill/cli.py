@@ -21,7 +21,7 @@ from .config import (ATTACKS, DP_ACCOUNTANTS, DP_INITS, FAST_MODES, FULL_EPOCHS,
                      default_text, load_toml)
 from .errors import DistillError
 from .io import fs_error
-from .text import printable, printable_lines
+from .text import LOG_FORMAT, printable, printable_lines
 
 log = logging.getLogger("distill")
 
@@ -37,7 +37,7 @@ class _PrintableFormatter(logging.Formatter):
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose if verbose else logging.INFO
-    fmt = "%(levelname)s %(name)s: %(message)s"
+    fmt = LOG_FORMAT
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:  # basicConfig's own, not a test harness's
@@ -201,6 +201,10 @@ def eval_(config_file, shares, baselines, **flags):
 @click.option("--trajectories-per-iter", type=int, default=None,
               help="Expert trajectories matched and averaged per iteration, split across torchrun ranks "
                    f"{default_text(RunConfig, 'trajectories_per_iter')}.")
+@click.option("--workers", type=int, default=None,
+              help="Processes matching an iteration's trajectories side by side on a CPU (one thread each); 0 = one "
+                   "per core, but no more than --trajectories-per-iter; 1 = this process alone "
+                   f"{default_text(RunConfig, 'workers')}.")
 @click.option("--data", default=None, help="Real data for --init real and validation (default: the buffer's).")
 @click.option("--gradient", type=click.Choice(GRADIENT_MODES), default=None,
               help="full: keep the whole unroll (reference math); checkpoint: exact, memory independent of --syn-steps; "

@@ -94,6 +94,9 @@ class RunConfig:
     # latest legal start that grows with ipc (distiller.auto_max_start; docs/method.md, "the start window").
     max_start_epoch: int | None = None
     trajectories_per_iter: int = 1  # expert segments matched (and averaged) per iteration; ref 1
+    # Processes matching an iteration's segments side by side on a CPU (one gloo group, distill/workers.py):
+    # 0 = auto, one per core but never more than trajectories_per_iter; 1 = this process. GPUs: torchrun.
+    workers: int = 0
     # real | real-or-noise | noise | dp-means | public:PATH; ref default noise (the paper starts from real images).
     # A DP buffer refuses the real ones (distill/mtt/dpmode.py).
     init: str = "real"
@@ -320,6 +323,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
     RunConfig: {
         "ipc": AT_LEAST_1, "iterations": ZERO_OR_MORE, "syn_steps": AT_LEAST_1, "expert_epochs": AT_LEAST_1,
         "min_start_epoch": Allowed(low=0, **KEY_ONLY), "trajectories_per_iter": AT_LEAST_1,
+        "workers": Allowed(low=0, zero="one per core, at most one per trajectory"),
         "label_temperature": Allowed(low=0, strict=True, **KEY_ONLY), "lr_img": Allowed(low=0, strict=True, **KEY_ONLY),
         "lr_lr": Allowed(low=0, zero="fixed step size", **KEY_ONLY), "lr_label": Allowed(low=0, zero="fixed labels", **KEY_ONLY),
         "syn_lr_init": Allowed(low=0, strict=True, **KEY_ONLY), "max_log_lr_step": Allowed(low=0, strict=True, **KEY_ONLY),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # every log line, in the command and in its worker processes
+
 # Bidirectional embeddings, overrides and isolates, and the marks; Unicode's line and paragraph
 # separators. The C0/C1 controls and DEL are found by category (Cc).
 _INVISIBLE = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"

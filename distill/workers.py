@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 import torch
+
+from .text import LOG_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +75,87 @@ def run_jobs(fn: Callable[..., T], jobs: Sequence[tuple], workers: int,
             if on_done is not None:
                 on_done(out[-1])
         return out
+
+
+# ----------------------------------------------------------------------------- ranks of one process group
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, args: tuple, rank: int, size: int, port: int, threads: int, level: int, results) -> None:
+    """One rank: torchrun's variables set, its share of the cores, then ``fn(*args)``; the outcome to ``results``."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format=LOG_FORMAT)
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        results.put((rank, "interrupted", None))
+    except BaseException as e:  # noqa: BLE001 -- every failure goes back to the parent, which re-raises it
+        import pickle
+
+        try:
+            pickle.dumps(e)
+            results.put((rank, "error", e))
+        except Exception:  # noqa: BLE001 -- an exception that cannot travel goes as its text
+            results.put((rank, "error", RuntimeError(f"{type(e).__name__}: {e}")))
+    else:
+        results.put((rank, "done", None))
+
+
+def run_ranks(fn: Callable, args: tuple, workers: int) -> None:
+    """``fn(*args)`` in ``workers`` spawned processes that form one gloo process group on this machine, as
+    torchrun would start them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...), each with its share of the cores.
+
+    The first rank to fail stops the others (a rank left waiting in a collective would wait for ever), and its
+    exception is raised here; Ctrl-C reaches every rank (they handle it: rank 0 keeps a checkpoint), and is
+    raised here once they have stopped.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's thread pools
+    results = ctx.SimpleQueue()
+    port, threads = _free_port(), threads_per_worker(workers)
+    level = logging.getLogger().getEffectiveLevel()
+    procs = [ctx.Process(target=_rank_main, args=(fn, args, r, workers, port, threads, level, results), daemon=True)
+             for r in range(workers)]
+    for p in procs:
+        p.start()
+    failure: BaseException | None = None
+    interrupted = False
+    try:
+        for _ in range(workers):
+            while results.empty():
+                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                    dead = next(p for p in procs if p.exitcode not in (None, 0))
+                    failure = RuntimeError(f"A worker process stopped with exit code {dead.exitcode} "
+                                           "(killed, or out of memory?).")
+                    break
+                time.sleep(0.05)
+            if failure is not None:
+                break
+            rank, what, err = results.get()
+            if what == "error":
+                failure = err
+                break
+            interrupted |= what == "interrupted"
+    except KeyboardInterrupt:
+        interrupted = True
+        for p in procs:  # the ranks got the same Ctrl-C; let rank 0 keep its checkpoint
+            p.join(timeout=60)
+    finally:
+        if failure is not None:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        for p in procs:
+            p.join()
+    if failure is not None:
+        raise failure
+    if interrupted:
+        raise KeyboardInterrupt

@@ -194,6 +194,40 @@ def test_eval_workers_give_the_numbers_of_one_process(tmp_path, one_thread):
     assert strip(reports[0]) == strip(reports[1])
 
 
+def _fail_on_rank_1(tmp: str) -> None:
+    import os
+    import time
+
+    if os.environ["RANK"] == "1":
+        raise DistillError("rank 1 found a bad input.")
+    time.sleep(120)  # rank 0 would wait for rank 1 in a collective: it must be stopped, not waited for
+    Path(tmp, "rank0-finished").write_text("")
+
+
+def test_run_ranks_stop_at_the_first_failure_and_raise_it(tmp_path):
+    import time
+
+    from distill.workers import run_ranks
+
+    t0 = time.perf_counter()
+    with pytest.raises(DistillError, match="rank 1 found a bad input"):
+        run_ranks(_fail_on_rank_1, (str(tmp_path),), 2)
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "rank0-finished").exists()
+
+
+def test_run_workers_default_to_one_per_trajectory_and_core(tiny_buffer, tmp_path, monkeypatch):
+    from distill.mtt import distiller
+
+    cfg = RunConfig(buffer=str(tiny_buffer), out=str(tmp_path / "r"), device="cpu")
+    monkeypatch.setattr("distill.workers.usable_cores", lambda: 4)
+    assert distiller._rank_count(cfg) == 1  # one trajectory per iteration: nothing to split
+    assert distiller._rank_count(RunConfig(**{**cfg.__dict__, "trajectories_per_iter": 3})) == 3
+    assert distiller._rank_count(RunConfig(**{**cfg.__dict__, "trajectories_per_iter": 8})) == 4
+    assert distiller._rank_count(RunConfig(**{**cfg.__dict__, "trajectories_per_iter": 8, "workers": 1})) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the ranks exist already
+    assert distiller._rank_count(RunConfig(**{**cfg.__dict__, "trajectories_per_iter": 8})) == 1
+
+
 def test_the_quickstart_exports_only_a_share_that_passed_the_audit():
     script = (Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh").read_text()
     lines = [line for line in script.splitlines() if not line.lstrip().startswith("#")]

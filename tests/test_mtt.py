@@ -28,6 +28,7 @@ from distill.formats.run import CHECKPOINT_FILE, read_metrics
 from distill.mtt.synthetic import bound_log_step
 from distill.mtt.unroll import make_plan
 from distill.seeding import generator, seeded
+from distill.workers import threads_per_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SNAPSHOT_EVERY = 2  # optimiser steps per snapshot interval in the tiny buffer
@@ -317,20 +318,29 @@ def test_two_ranks_equal_one_process_matching_both_trajectories(tiny_buffer, tmp
             "--max-start-epoch", "3", "--trajectories-per-iter", "2", "--soft-labels", "--device", "cpu"]  # as _cfg below
     config = tmp_path / "run.toml"
     config.write_text("eval_models = 0\n")
-    two = _torchrun([*args, "--out", str(tmp_path / "two"), "--config", str(config)])
+    two = _torchrun([*args, "--out", str(tmp_path / "two"), "--config", str(config), "--workers", "1"])
     assert two.returncode == 0, two.stderr
+    # --workers 2 on a CPU starts the two ranks itself, no torchrun; the config records the count.
+    spawned = subprocess.run([sys.executable, "-m", "distill.cli", *args, "--out", str(tmp_path / "spawned"),
+                              "--config", str(config), "--workers", "2"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert spawned.returncode == 0, spawned.stderr
+    assert load_toml(tmp_path / "spawned" / "config.toml")["workers"] == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1), so the float sums are the same
     try:
         distill_run(_cfg(tiny_buffer, tmp_path / "one", ipc=1, iterations=3, syn_steps=2, max_start_epoch=3,
-                         trajectories_per_iter=2))
+                         trajectories_per_iter=2, workers=1))
     finally:
         torch.set_num_threads(threads)
-    a, b = read_synset(tmp_path / "one"), read_synset(tmp_path / "two")
+    a, b, c = read_synset(tmp_path / "one"), read_synset(tmp_path / "two"), read_synset(tmp_path / "spawned")
     print("max |two ranks - one process|:", float((b.images - a.images).abs().max()))
     torch.testing.assert_close(b.images, a.images, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.label_logits, a.label_logits, rtol=1e-5, atol=1e-6)
     assert math.isclose(a.syn_lr, b.syn_lr, rel_tol=1e-5)
+    if threads_per_worker(2) == 1:  # each spawned rank has one thread, as torchrun's: the same sums
+        assert torch.equal(c.images, b.images) and torch.equal(c.label_logits, b.label_logits)
+    torch.testing.assert_close(c.images, a.images, rtol=1e-5, atol=1e-6)
     rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "iteration"]
     assert all(len(r["segments"]) == 2 for r in rows)
     assert any(r["segments"][0] != r["segments"][1] for r in rows)  # two different trajectories were matched

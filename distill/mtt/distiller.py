@@ -33,7 +33,7 @@ from torch import nn
 from ..augment import Augment
 from ..config import FILE_KEYS, GRADIENTS, RunConfig, build, check_ranges, load_toml, save_toml
 from ..data import RealData, load_data
-from ..distributed import World
+from ..distributed import World, resolve_device, world_from_env
 from ..errors import DistillError, DivergenceError, FormatError
 from ..formats.buffer_config import read_buffer_config, read_buffer_split
 from ..formats.dp_record import DPRecord
@@ -47,6 +47,7 @@ from ..precision import autocast, resolve_precision
 from ..progress import progress
 from ..seeding import generator, seeded
 from ..train import TrainRecipe, accuracy, predict, train_network
+from ..workers import resolve_workers, run_ranks
 from .dpmode import NO_PRIVATE_READ, check_dp_init, dp_buffer, public_record
 from .experts import ExpertPool, Segment
 from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MetricsLog, grid_name, has_run, load_checkpoint,
@@ -638,12 +639,35 @@ def _run_loop(run: _Run, state: _State, fresh: bool) -> None:
             world.barrier()  # rank 0 may have evaluated or written; the others wait rather than time out later
 
 
+def _rank_count(cfg: RunConfig) -> int:
+    """Processes for this run: ``cfg.workers`` made concrete on a CPU (see RunConfig.workers); 1 under torchrun,
+    which has started the ranks already, and on a GPU."""
+    validate(cfg)
+    if world_from_env().size > 1:
+        return 1
+    device = resolve_device(cfg.device)
+    n = resolve_workers(cfg.workers, device, cfg.trajectories_per_iter)
+    if device.type == "cpu" and cfg.workers > n:
+        log.info("%d workers asked for, %d used: one per trajectory matched each iteration (--trajectories-per-iter %d).",
+                 cfg.workers, n, cfg.trajectories_per_iter)
+    return n
+
+
+def _distill_rank(cfg: RunConfig, resume: bool) -> None:
+    distill_run(cfg, resume=resume)
+
+
 def distill_run(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Distill a synthetic set from the buffer ``cfg.buffer`` into the run folder ``cfg.out``; returns that folder.
 
     With ``resume`` the run continues from ``RUNDIR/checkpoint.pt`` exactly where it stopped.
     Under torchrun every rank matches its share of each iteration's trajectories.
     """
+    workers = _rank_count(cfg)
+    if workers > 1:
+        # Every core: the iteration's segments split across processes of one gloo group, as under torchrun.
+        run_ranks(_distill_rank, (dataclasses.replace(cfg, workers=workers), resume), workers)
+        return Path(cfg.out)
     with stage(check=lambda: validate(cfg), device=cfg.device, tidy=cfg.out) as st:
         world, device = st.world, st.device
         run, real, reason = _setup(cfg, world, device, resume, st.locks)
