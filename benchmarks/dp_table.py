@@ -34,7 +34,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from distill.dp import STATS_POOL  # noqa: E402
+from distill.dp import STATS_FRACTION, STATS_POOL  # noqa: E402
+
+FIRST_STATS_FRACTION = 0.1  # the class means' part before --dp-stats-fraction; rows made with it keep their names
 from results import NotRun, Runner, _duration, _pm, git_commit, hardware, read_eval, software  # noqa: E402
 
 CHUNK = "all"
@@ -131,8 +133,12 @@ def share_pipeline(run: Runner, p: Profile, ds: str, eps: float, device: str, wo
         tag = f"{tag}-lr{dp_lr:g}"
     if dp and STATS_POOL != 1:  # the class means' release grid: a new grid is a new row, not a reused one
         tag = f"{tag}-pool{STATS_POOL}"
+    if dp and STATS_FRACTION != FIRST_STATS_FRACTION:  # so is a new part of the budget for the means
+        tag = f"{tag}-frac{STATS_FRACTION:g}"
     d = work / ds / f"eps-{tag}"
     grid = f", class means on a 1/{STATS_POOL} grid" if STATS_POOL != 1 else ""
+    if STATS_FRACTION != FIRST_STATS_FRACTION:
+        grid += f", {STATS_FRACTION:g} of ε for them"
     label = f"DP share (ε = {eps_tag(eps)}{f', experts at lr {dp_lr:g}' if dp and dp_lr is not None else ''}{grid})" \
         if dp else "share without DP (--init real)"
     row = Row(ds, label, None if not dp else eps)
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     with atomic_path(out) as tmp:
-        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "") + (f"-pool{STATS_POOL}" if STATS_POOL != 1 else "")
+        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "") + (f"-pool{STATS_POOL}" if STATS_POOL != 1 else "") \
+            + (f"-frac{STATS_FRACTION:g}" if STATS_FRACTION != FIRST_STATS_FRACTION else "")
         tmp.write_text(merge(out.read_text() if out.exists() else "", name, section))
     print(section)
 

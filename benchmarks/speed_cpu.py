@@ -238,8 +238,8 @@ NOTES = """\
 What the rows are: *old* is the other checkout run as it was (one process after another, fp32). *new* is this
 checkout with `--workers 2` (experts and evaluation networks in two processes, one thread each) and
 `--precision fp32` or `bf16` (autocast; parameters, synthetic images, losses and optimiser state stay fp32).
-`distill run` has no `--workers`: its iterations run in one process (several trajectories per iteration
-across processes was not built in this session). *old* and *new fp32* run the same fp32 code in `distill
+These `distill run` rows match 1 trajectory per iteration, so they run in one process whatever
+`--workers` says (its cores for several trajectories: "`distill run` across cores" below). *old* and *new fp32* run the same fp32 code in `distill
 run`, so any difference between them is the machine's load (compare their alternations); bf16 against fp32
 in the same checkout is the comparison that says what bf16 buys at this shape (10 images per class, 28 px):
 little, by these rows, against the 1.8x the issue measured for one conv double-backward at width 128. The
