@@ -100,6 +100,12 @@ def _rank_main(fn: Callable, args: tuple, rank: int, size: int, port: int, threa
         results.put((rank, "interrupted", None))
     except BaseException as e:  # noqa: BLE001 -- every failure goes back to the parent, which re-raises it
         import pickle
+        import traceback
+
+        from .errors import DistillError
+
+        if not isinstance(e, DistillError):  # a bug: its traceback is this process's to show
+            traceback.print_exc()
 
         try:
             pickle.dumps(e)
