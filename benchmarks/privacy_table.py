@@ -125,18 +125,27 @@ def _row(name: str, acc, rmia: dict, loss_auc, command: str) -> dict:
             "command": command}
 
 
-def dataset_rows(ds: str, work: Path, device: str) -> tuple[list[dict], dict]:
+# The shares of the table: (--more key, images per class, row name, `distill run` flags). The first two (key "")
+# are always made; the others when --more names their key (each trains its own reference pipelines: the cache key
+# holds the images per class and the labels).
+VARIANTS = [("", 10, "init real, hard labels", ["--init", "real", "--hard-labels"]),
+            ("", 10, "init noise, hard labels", ["--init", "noise", "--hard-labels"]),
+            ("soft", 10, "init real, soft labels", ["--init", "real", "--soft-labels"]),
+            ("ipc1", 1, "init real, hard labels", ["--init", "real", "--hard-labels"]),
+            ("ipc1", 1, "init noise, hard labels", ["--init", "noise", "--hard-labels"])]
+
+
+def dataset_rows(ds: str, work: Path, device: str, more: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     work.mkdir(parents=True, exist_ok=True)
     times: dict = {}
     buf, refs = work / "buffer", work / "references"
     bcmd = CLI + ["buffer", "--data", ds, "--out", str(buf), "--device", device] + PROFILE["buffer"]
     step(work, "buffer", bcmd, times)
     rows, audits = [], {}
-    for tag, extra in (("init real, hard labels", ["--init", "real", "--hard-labels"]),
-                       ("init noise, hard labels", ["--init", "noise", "--hard-labels"])):
-        slug = tag.split(",")[0].replace(" ", "-")
+    for key, ipc, tag, extra in [v for v in VARIANTS if v[0] in ("", *more)]:
+        slug = tag.split(",")[0].replace(" ", "-") if not key else f"{key}-{tag.split(',')[0].replace(' ', '-')}"
         run, share = work / f"run-{slug}", work / f"{slug}.h5"
-        rcmd = CLI + ["run", "--buffer", str(buf), "--out", str(run), "--ipc", "10", "--device", device] \
+        rcmd = CLI + ["run", "--buffer", str(buf), "--out", str(run), "--ipc", str(ipc), "--device", device] \
             + PROFILE["run"] + extra
         acmd = CLI + ["audit", str(run), "--data", ds, "--reference-cache", str(refs), "--device", device,
                       "--json", str(work / f"audit-{slug}.json")] + PROFILE["audit"]
@@ -149,9 +158,15 @@ def dataset_rows(ds: str, work: Path, device: str) -> tuple[list[dict], dict]:
         doc = json.loads((work / f"audit-{slug}.json").read_text())
         audits[slug] = doc
         mia = doc["summary"]["membership"]
-        rows.append(_row(f"{ds}, 10/class, {tag}", accuracy_of(work / f"eval-{slug}.json"), mia["rmia"]["share"],
+        rows.append(_row(f"{ds}, {ipc}/class, {tag}", accuracy_of(work / f"eval-{slug}.json"), mia["rmia"]["share"],
                          mia["share"]["loss"]["auc"]["value"],
                          " && ".join(shown(c) for c in (rcmd, acmd, ecmd))))
+        if key:  # its own baseline: a random subset of its size, same references
+            rows.append(_row(f"{ds}, random real subset, {ipc}/class (the baseline of the row above)", None,
+                             mia["rmia"]["random_subset"], mia["real_subset"]["auc"]["value"],
+                             "the same audit's baseline"))
+            rows += _image_rows(f"{ds}, {ipc}/class, {tag}", accuracy_of(work / f"eval-{slug}.json"),
+                                work / f"audit-{slug}.json", "the same audit")
     first = next(iter(audits.values()))["summary"]["membership"]
     rows.append(_row(f"{ds}, random real subset, 10/class", None, first["rmia"]["random_subset"],
                      first["real_subset"]["auc"]["value"], "the audit's own baseline (same audit commands)"))
@@ -361,10 +376,13 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="Print the table instead of writing docs/privacy.md.")
     ap.add_argument("--dp-run", action="append", type=Path, default=[],
                     help="A DP table run folder (benchmarks/dp_table.py) of the first dataset, audited with RMIA too.")
+    ap.add_argument("--more", default="", help="comma list of more shares: soft (10/class, soft labels), ipc1 "
+                                               "(1/class, init real and init noise)")
     a = ap.parse_args()
+    more = tuple(k for k in a.more.split(",") if k)
     rows, costs = [], {}
     for ds in a.datasets:
-        r, c = dataset_rows(ds, a.work / ds, a.device)
+        r, c = dataset_rows(ds, a.work / ds, a.device, more)
         rows += r
         if ds == a.datasets[0] and a.dp_run:
             rows += dp_rows(ds, a.work / ds, a.device, a.dp_run)
