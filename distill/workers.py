@@ -18,6 +18,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from .errors import DistillError
 from .text import LOG_FORMAT
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def _rank_main(fn: Callable, args: tuple, rank: int, size: int, port: int, threa
         import pickle
         import traceback
 
-        from .errors import DistillError
-
         if not isinstance(e, DistillError):  # a bug: its traceback is this process's to show
             traceback.print_exc()
 
@@ -139,8 +138,8 @@ def run_ranks(fn: Callable, args: tuple, workers: int) -> None:
             while results.empty():
                 if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
                     dead = next(p for p in procs if p.exitcode not in (None, 0))
-                    failure = RuntimeError(f"A worker process stopped with exit code {dead.exitcode} "
-                                           "(killed, or out of memory?).")
+                    failure = DistillError(f"A worker process stopped with exit code {dead.exitcode} (killed, or "
+                                           "out of memory?); run again with --resume, or with --workers 1.")
                     break
                 time.sleep(0.05)
             if failure is not None:
@@ -152,15 +151,17 @@ def run_ranks(fn: Callable, args: tuple, workers: int) -> None:
             interrupted |= what == "interrupted"
     except KeyboardInterrupt:
         interrupted = True
+        deadline = time.monotonic() + 60
         for p in procs:  # the ranks got the same Ctrl-C; let rank 0 keep its checkpoint
-            p.join(timeout=60)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     finally:
-        if failure is not None:
+        if failure is not None or interrupted:  # none is left waiting for a rank that has gone
             for p in procs:
                 if p.is_alive():
                     p.terminate()
         for p in procs:
             p.join()
+        results.close()
     if failure is not None:
         raise failure
     if interrupted:
