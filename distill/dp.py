@@ -47,7 +47,8 @@ DEFAULT_CLIP = 1.0  # per-image gradient L2 bound; 1 is the common DP-SGD choice
 # delta defaults to 1 / (DELTA_FACTOR * n): well below 1/n, the level at which "publish one image" is (0, delta)-DP.
 DELTA_FACTOR = 10
 # With --dp-init class-means, this fraction of epsilon is planned for the class means, the rest for DP-SGD
-# (`distill buffer --dp-stats-fraction`, whose default is this).
+# (`distill buffer --dp-stats-fraction`, whose default is this). Under DP the matching barely moves the images,
+# so a DP share is about its DP class means (docs/privacy.md); RetinaMNIST's validation AUC picked 0.3 over 0.1.
 STATS_FRACTION = BufferConfig.dp_stats_fraction
 # In DP mode images are normalised with these fixed constants, per channel, never with statistics of the
 # private images: x = (pixel / 255 - 0.5) / 0.5 puts every pixel in [-1, 1].
