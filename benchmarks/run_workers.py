@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed_cpu import REPO, cli, seconds_per_iteration  # noqa: E402
+from speed_cpu import REPO, cli, seconds_per_iteration, write_section  # noqa: E402
 
 ARMS = {"1 trajectory, 1 process": ["--trajectories-per-iter", "1", "--workers", "1"],
         "2 trajectories, 1 process": ["--trajectories-per-iter", "2", "--workers", "1"],
@@ -60,18 +60,6 @@ def render(res: dict) -> str:
                       + (f"; an iteration of 2 trajectories on 2 processes takes {c / a:.2f}x the time of today's "
                          "1-trajectory iteration." if a else ".")]
     return "\n".join(lines)
-
-
-def write_section(doc: Path, body: str) -> None:
-    text = doc.read_text()
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = doc.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(res)
     print(text)
     if a.doc:
-        write_section(a.doc, text)
+        write_section(a.doc, text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> None:
 BEGIN, END = "<!-- speed_cpu:begin -->", "<!-- speed_cpu:end -->"
 
 
-def write_section(doc: Path, body: str) -> None:
+def write_section(doc: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
     """Put ``body`` between the markers in ``doc``, replacing what was there, or at its end."""
     text = doc.read_text() if doc.exists() else ""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     tmp = doc.with_suffix(".tmp")
