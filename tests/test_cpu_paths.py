@@ -215,6 +215,22 @@ def test_run_ranks_stop_at_the_first_failure_and_raise_it(tmp_path):
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "rank0-finished").exists()
 
 
+def _exit_on_rank_1() -> None:
+    import os
+    import time
+
+    if os.environ["RANK"] == "1":
+        os._exit(3)  # as a process the kernel kills: no exception, no message
+    time.sleep(120)
+
+
+def test_run_ranks_notice_a_rank_that_died_without_a_word():
+    from distill.workers import run_ranks
+
+    with pytest.raises(DistillError, match="exit code 3"):
+        run_ranks(_exit_on_rank_1, (), 2)
+
+
 def test_run_workers_default_to_one_per_trajectory_and_core(tiny_buffer, tmp_path, monkeypatch):
     from distill.mtt import distiller
 

@@ -164,6 +164,10 @@ def test_dp_buffer_writes_its_record_fixed_normalisation_and_noised_class_means(
         torch.as_tensor(np.load(tiny_npz)["train_labels"][:, 0]) == k].mean(0) for k in range(2)]).numpy()
     assert not np.allclose(means[:, 0], exact, atol=1e-3)  # noised
     assert np.all(np.abs(means) <= 1.0)
+    assert rec.extra["stats_fraction"] == BufferConfig().dp_stats_fraction
+    # The split is part of the plan: resuming the buffer with another one is refused, not silently re-planned.
+    with pytest.raises(DistillError, match="holds DP experts planned"):
+        build_buffer(dataclasses.replace(cfg, dp_stats_fraction=0.6))
 
 
 def test_dp_buffer_resumed_after_a_kill_reports_the_same_epsilon(tiny_npz, tmp_path, monkeypatch):
