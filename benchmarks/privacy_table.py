@@ -142,7 +142,7 @@ def dataset_rows(ds: str, work: Path, device: str, more: tuple[str, ...] = ()) -
     bcmd = CLI + ["buffer", "--data", ds, "--out", str(buf), "--device", device] + PROFILE["buffer"]
     step(work, "buffer", bcmd, times)
     rows, audits = [], {}
-    for key, ipc, tag, extra in [v for v in VARIANTS if v[0] in ("", *more)]:
+    for key, ipc, tag, extra in [v for v in VARIANTS if v[0] in ("", *more) or f"{ds}:{v[0]}" in more]:
         slug = tag.split(",")[0].replace(" ", "-") if not key else f"{key}-{tag.split(',')[0].replace(' ', '-')}"
         run, share = work / f"run-{slug}", work / f"{slug}.h5"
         rcmd = CLI + ["run", "--buffer", str(buf), "--out", str(run), "--ipc", str(ipc), "--device", device] \
@@ -377,7 +377,7 @@ def main() -> None:
     ap.add_argument("--dp-run", action="append", type=Path, default=[],
                     help="A DP table run folder (benchmarks/dp_table.py) of the first dataset, audited with RMIA too.")
     ap.add_argument("--more", default="", help="comma list of more shares: soft (10/class, soft labels), ipc1 "
-                                               "(1/class, init real and init noise)")
+                                               "(1/class, init real and init noise); DATASET:KEY for one dataset only")
     a = ap.parse_args()
     more = tuple(k for k in a.more.split(",") if k)
     rows, costs = [], {}
