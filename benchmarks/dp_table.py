@@ -222,6 +222,13 @@ def baseline(run: Runner, p: Profile, ds: str, which: str, device: str, work: Pa
     return eval_row(run, f"{ds}-{which}", row, args, out)
 
 
+def section_name(profile: str, dp_lr: float | None) -> str:
+    """The docs section's name: the profile, and what makes its rows differ from older sections' (the experts'
+    step size, the class means' grid and their part of the budget), so that older sections stay apart."""
+    return profile + (f"-dplr{dp_lr:g}" if dp_lr else "") + (f"-pool{STATS_POOL}" if STATS_POOL != 1 else "") \
+        + (f"-frac{STATS_FRACTION:g}" if STATS_FRACTION != FIRST_STATS_FRACTION else "")
+
+
 def render(meta: dict, rows: list[Row], commands: list[str]) -> str:
     p = meta["profile"]
     lines = [f"### DP table, profile `{p['name']}`", "",
@@ -289,8 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     with atomic_path(out) as tmp:
-        name = p.name + (f"-dplr{args.dp_lr:g}" if args.dp_lr else "") + (f"-pool{STATS_POOL}" if STATS_POOL != 1 else "") \
-            + (f"-frac{STATS_FRACTION:g}" if STATS_FRACTION != FIRST_STATS_FRACTION else "")
+        name = section_name(p.name, args.dp_lr)
         tmp.write_text(merge(out.read_text() if out.exists() else "", name, section))
     print(section)
 

@@ -21,8 +21,8 @@ def _eval_json(path, acc, auc):
 
 def test_render_only_fills_finished_rows_and_marks_the_rest(dp_table, tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "privacy.md"
-    # The section is named for the class means' release grid too (dp.STATS_POOL), so older sections stay apart.
-    name = f"smoke-pool{dp_table.STATS_POOL}"
+    # The section is named for the class means' grid and budget part too, so older sections stay apart.
+    name = dp_table.section_name("smoke", None)
     out.write_text(f"# page\n\n<!-- dp-table:{name}:begin -->\nold\n<!-- dp-table:{name}:end -->\n\nafter\n")
     monkeypatch.setattr(dp_table, "snapshot_every", lambda p, ds: 1)  # no real data needed
     # A finished random-real step, recorded with exactly the command the script would run.

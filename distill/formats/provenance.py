@@ -19,8 +19,8 @@ METHOD_KEYS = ("ipc", "iterations", "syn_steps", "expert_epochs", "min_start_epo
                "label_snapshot", "lr_img", "lr_lr", "lr_label", "syn_lr_init", "max_log_lr_step", "min_syn_lr_fraction", "momentum", "batch_syn", "augment", "gradient", "eval_every",
                "eval_models", "eval_epochs", "checkpoint_every", "seed",
                "precision")  # bf16 changes the numbers, as the gradient mode does
-METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast",
-                    "max_memory")  # paths, the hospital's data name, its hardware (its memory) and how it ran there
+METHOD_HOME_ONLY = ("buffer", "out", "data", "device", "fast", "max_memory",
+                    "workers")  # paths, the hospital's data name, its hardware (memory, cores) and how it ran there
 EXPERT_KEYS = ("count", "epochs", "snapshot_every", "snapshot_dtype", "steps_per_epoch", "snapshots", "model",
                "model_kwargs", "seed", "zca", "train")
 EXPERT_TRAIN_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "decay_at_half")
