@@ -127,7 +127,7 @@ def run_ranks(fn: Callable, args: tuple, workers: int) -> None:
     results = ctx.SimpleQueue()
     port, threads = _free_port(), threads_per_worker(workers)
     level = logging.getLogger().getEffectiveLevel()
-    procs = [ctx.Process(target=_rank_main, args=(fn, args, r, workers, port, threads, level, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(fn, args, r, workers, port, threads, level, results))
              for r in range(workers)]
     for p in procs:
         p.start()
